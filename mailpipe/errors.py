@@ -1,0 +1,66 @@
+"""mailpipe's own exceptions: one root, split by what the caller should do next.
+
+TransientError: try again later (the broker, Redis or an SMTP server is unreachable, a 4xx).
+PermanentError: trying again cannot help (bad input, a 5xx, a wrong configuration).
+Library errors are translated into these where they enter our code, with ``from exc``.
+"""
+
+from __future__ import annotations
+
+
+class MailpipeError(Exception):
+    """Root of every error mailpipe raises on purpose."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TransientError(MailpipeError):
+    """The same action may succeed later."""
+
+
+class PermanentError(MailpipeError):
+    """The same action will fail again: do not retry, report the reason."""
+
+
+class ConfigError(PermanentError, ValueError):
+    """A setting or the servers file is wrong; the reason names the field."""
+
+
+class InvalidMessage(PermanentError, ValueError):
+    """Bytes that do not decode, or a job that does not validate; the reason names the field."""
+
+
+class BrokerUnavailable(TransientError, ConnectionError):
+    """RabbitMQ cannot be reached, or the connection was lost mid-operation."""
+
+
+class PublishRejected(TransientError):
+    """The broker nacked a publish more times than we retry it."""
+
+
+class Unroutable(PermanentError):
+    """The broker returned a mandatory publish: the target queue does not exist."""
+
+
+class LimiterUnavailable(TransientError, ConnectionError):
+    """Redis cannot be reached: the limiter fails closed and releases nothing."""
+
+
+class SmtpError(MailpipeError):
+    """An SMTP exchange went wrong; carries the reply so the tenant learns why."""
+
+    def __init__(self, reason: str, *, code: int = 0, text: str = "", category: str = "") -> None:
+        super().__init__(reason)
+        self.code = code
+        self.text = text
+        self.category = category
+
+
+class SmtpTransient(SmtpError, TransientError):
+    """A 4xx reply or a connection-level failure: retry later."""
+
+
+class SmtpPermanent(SmtpError, PermanentError):
+    """A 5xx reply: the mail fails with the server's reply."""

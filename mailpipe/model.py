@@ -1,0 +1,117 @@
+"""What travels between stages: intake requests, jobs, batches and events.
+
+The wire form of each is in ``mailpipe/codec.py`` and documented in ``docs/wire-format.md``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+SCHEMA_VERSION = 1
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class IntakeRequest:
+    """What an upstream service publishes: a mail to compose, or a ready RFC 5322 message."""
+
+    id: str
+    tenant: str
+    sender: str
+    created_ms: int
+    to: tuple[str, ...] = ()
+    cc: tuple[str, ...] = ()
+    bcc: tuple[str, ...] = ()
+    subject: str | None = None
+    text: str | None = None
+    html: str | None = None
+    attachments: tuple[Attachment, ...] = ()
+    headers: dict[str, str] = field(default_factory=dict)
+    server: str | None = None
+    idempotency_key: str | None = None
+    # A raw request carries its own message and envelope recipients instead of the fields above.
+    message: bytes | None = field(default=None, repr=False)
+    recipients: tuple[str, ...] = ()
+
+    @property
+    def is_raw(self) -> bool:
+        return self.message is not None
+
+
+@dataclass(frozen=True)
+class Job:
+    """One rendered mail, ready to send: the envelope and the exact bytes to transmit."""
+
+    id: str
+    tenant: str
+    server: str
+    sender: str
+    recipients: tuple[str, ...]
+    message: bytes = field(repr=False)
+    created_ms: int = 0
+    enqueued_ms: int = 0
+    attempt: int = 0
+    idempotency_key: str | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.message)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Jobs for one SMTP server. ``jobs`` holds each job's encoded bytes, forwarded untouched.
+
+    ``refund`` is the number of tokens the sender returns with mail it did not attempt;
+    ``grant_id`` and ``deadline_ms`` are stamped by the limiter when the batch is released.
+    """
+
+    id: str
+    server: str
+    jobs: tuple[bytes, ...] = field(repr=False)
+    mails: int
+    bytes: int
+    created_ms: int
+    grant_id: str | None = None
+    granted_ms: int | None = None
+    deadline_ms: int | None = None
+    refund: int = 0
+    tenants: dict[str, int] = field(default_factory=dict)
+
+
+OUTCOMES = ("sent", "deferred", "failed", "expired")
+
+
+@dataclass(frozen=True)
+class Event:
+    """What happened to (some recipients of) a mail; published to the events exchange."""
+
+    job_id: str
+    tenant: str
+    server: str
+    outcome: str
+    recipients: tuple[str, ...]
+    attempt: int
+    created_ms: int
+    at_ms: int
+    code: int = 0
+    text: str = ""
+    category: str = ""
+    advice: str = ""
+    batch_id: str = ""

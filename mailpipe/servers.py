@@ -1,0 +1,318 @@
+"""SMTP servers and tenants, from a TOML file (``MAILPIPE_SERVERS_FILE``).
+
+    [servers.platform]
+    address = "[smtp.example.com]:587"     # every form of the seeds: host, [host], [host]:port
+    credentials_env = "PLATFORM_SMTP"      # "username password", one space between
+    bulk = false                           # true: "accepts large amounts of email", 6,000/h
+
+    [tenants.acme]
+    server = "platform"
+    daily_limit = 10000
+
+Validated on load; an error names the file, the table and the field. ``ConfigWatcher``
+re-reads the file when it changes, so a new rate applies without a restart.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from mailpipe.errors import ConfigError
+
+DEFAULT_RATE_PER_HOUR = 1200
+BULK_RATE_PER_HOUR = 6000
+DEFAULT_DAILY_LIMIT = 10_000
+TLS_MODES = ("implicit", "starttls", "opportunistic", "none")
+_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where to connect. ``mx_lookup`` is False for ``[host]``: that host, no MX lookup."""
+
+    host: str
+    port: int
+    mx_lookup: bool
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if not self.mx_lookup or ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_address(text: str, default_port: int = 25) -> Address:
+    """Parse the seeds' server forms: ``host``, ``[host]``, ``host:port``, ``[host]:port``,
+    ``[192.0.2.1]:587``, ``[2001:db8::1]:465`` and RFC 5321's ``[IPv6:2001:db8::1]``."""
+    raw = text.strip()
+    if not raw:
+        raise ConfigError("address is empty")
+    port = default_port
+    if raw.startswith("["):
+        close = raw.find("]")
+        if close < 0:
+            raise ConfigError(f"address {text!r}: '[' without ']'")
+        host, rest = raw[1:close], raw[close + 1:]
+        mx_lookup = False
+        if host.lower().startswith("ipv6:"):
+            host = host[5:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(f"address {text!r}: unexpected {rest!r} after ']'")
+            port = _parse_port(rest[1:], text)
+    else:
+        mx_lookup = True
+        host = raw
+        if raw.count(":") == 1:
+            host, port_text = raw.split(":")
+            port = _parse_port(port_text, text)
+        elif raw.count(":") > 1:  # a bare IPv6 address: no port can follow without brackets
+            mx_lookup = False
+    host = host.strip()
+    if _is_ip(host):
+        return Address(host=host, port=port, mx_lookup=False)
+    if ":" in host or not _HOSTNAME.match(host):
+        raise ConfigError(f"address {text!r}: {host!r} is not a host name or IP address")
+    return Address(host=host.rstrip(".").lower(), port=port, mx_lookup=mx_lookup)
+
+
+def _parse_port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ConfigError(f"address {whole!r}: port {text!r} is not a number from 1 to 65535")
+    return int(text)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def tls_mode_for_port(port: int) -> str:
+    """465 is implicit TLS (the seeds' "SSL"), 587 requires STARTTLS ("TLS"), others opportunistic."""
+    return {465: "implicit", 587: "starttls"}.get(port, "opportunistic")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str = field(repr=False)
+
+    def __repr__(self) -> str:  # never show the password, even in a traceback
+        return f"Credentials(username={self.username!r}, password='***')"
+
+
+def parse_credentials(text: str, where: str) -> Credentials:
+    """The seeds' "username password" form: one space between, the password may hold spaces."""
+    username, sep, password = text.strip("\r\n").partition(" ")
+    if not sep or not username or not password:
+        raise ConfigError(f"{where}: expected \"username password\" separated by one space")
+    return Credentials(username=username, password=password)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    name: str
+    address: Address
+    tls: str
+    credentials: Credentials | None = None
+    bulk: bool = False
+    rate_per_hour: int = DEFAULT_RATE_PER_HOUR
+    per_minute: int | None = None
+    unlimited: bool = False
+    concurrency: int | None = None
+    tls_verify: bool = True
+    ca_file: str | None = None
+    max_mails_per_connection: int = 1000
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    name: str
+    server: str
+    daily_limit: int = DEFAULT_DAILY_LIMIT
+    timezone: str = "UTC"
+
+
+@dataclass(frozen=True)
+class Config:
+    servers: dict[str, ServerConfig] = field(default_factory=dict)
+    tenants: dict[str, TenantConfig] = field(default_factory=dict)
+
+    def server(self, name: str) -> ServerConfig:
+        try:
+            return self.servers[name]
+        except KeyError:
+            raise ConfigError(f"unknown server {name!r}") from None
+
+    def tenant(self, name: str) -> TenantConfig:
+        try:
+            return self.tenants[name]
+        except KeyError:
+            raise ConfigError(f"unknown tenant {name!r}") from None
+
+
+_SERVER_KEYS = {"address", "credentials_env", "credentials_file", "bulk", "rate_per_hour",
+                "per_minute", "unlimited", "concurrency", "tls", "tls_verify", "ca_file",
+                "max_mails_per_connection"}
+_TENANT_KEYS = {"server", "daily_limit", "timezone"}
+
+
+def load_config(path: Path | None, environ: dict[str, str] | None = None) -> Config:
+    """Read and validate the servers file; no file means no servers and no tenants."""
+    if path is None:
+        return Config()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: servers file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, str(path), os.environ if environ is None else environ)
+
+
+def parse_config(data: dict[str, Any], source: str, environ: Any) -> Config:
+    unknown = set(data) - {"servers", "tenants"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown table(s) {sorted(unknown)}; expected servers, tenants")
+    servers = {name: _server(name, table, f"{source}: servers.{name}", environ)
+               for name, table in _tables(data, "servers", source).items()}
+    tenants = {name: _tenant(name, table, f"{source}: tenants.{name}")
+               for name, table in _tables(data, "tenants", source).items()}
+    for tenant in tenants.values():
+        if tenant.server not in servers:
+            raise ConfigError(f"{source}: tenants.{tenant.name}.server: unknown server {tenant.server!r}")
+    return Config(servers=servers, tenants=tenants)
+
+
+def _tables(data: dict[str, Any], key: str, source: str) -> dict[str, dict[str, Any]]:
+    tables = data.get(key, {})
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError(f"{source}: [{key}] must hold one table per name, like [{key}.NAME]")
+    return tables
+
+
+def _server(name: str, table: dict[str, Any], where: str, environ: Any) -> ServerConfig:
+    _no_unknown_keys(table, _SERVER_KEYS, where)
+    address = _typed(table, "address", str, where, required=True)
+    try:
+        parsed = parse_address(address)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.address: {exc.reason}") from None
+    tls = _typed(table, "tls", str, where) or tls_mode_for_port(parsed.port)
+    if tls not in TLS_MODES:
+        raise ConfigError(f"{where}.tls: {tls!r} is not one of {', '.join(TLS_MODES)}")
+    bulk = _typed(table, "bulk", bool, where) or False
+    rate = _typed(table, "rate_per_hour", int, where)
+    rate = rate if rate is not None else (BULK_RATE_PER_HOUR if bulk else DEFAULT_RATE_PER_HOUR)
+    per_minute = _typed(table, "per_minute", int, where)
+    concurrency = _typed(table, "concurrency", int, where)
+    max_per_conn = _typed(table, "max_mails_per_connection", int, where) or 1000
+    for key, value in (("rate_per_hour", rate), ("per_minute", per_minute),
+                       ("concurrency", concurrency), ("max_mails_per_connection", max_per_conn)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{where}.{key}: must be > 0, got {value}")
+    ca_file = _typed(table, "ca_file", str, where)
+    if ca_file is not None and not Path(ca_file).is_file():
+        raise ConfigError(f"{where}.ca_file: {ca_file!r} is not a file")
+    tls_verify = _typed(table, "tls_verify", bool, where)
+    return ServerConfig(
+        name=name, address=parsed, tls=tls, credentials=_credentials(table, where, environ),
+        bulk=bulk, rate_per_hour=rate, per_minute=per_minute,
+        unlimited=_typed(table, "unlimited", bool, where) or False, concurrency=concurrency,
+        tls_verify=True if tls_verify is None else tls_verify, ca_file=ca_file,
+        max_mails_per_connection=max_per_conn,
+    )
+
+
+def _credentials(table: dict[str, Any], where: str, environ: Any) -> Credentials | None:
+    env_name = _typed(table, "credentials_env", str, where)
+    file_name = _typed(table, "credentials_file", str, where)
+    if env_name and file_name:
+        raise ConfigError(f"{where}: give credentials_env or credentials_file, not both")
+    if env_name:
+        if env_name not in environ:
+            raise ConfigError(f"{where}.credentials_env: environment variable {env_name} is not set")
+        return parse_credentials(environ[env_name], f"{where}.credentials_env ({env_name})")
+    if file_name:
+        try:
+            text = Path(file_name).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"{where}.credentials_file: cannot read {file_name!r}: {exc.strerror}") from None
+        return parse_credentials(text, f"{where}.credentials_file")
+    return None
+
+
+def _tenant(name: str, table: dict[str, Any], where: str) -> TenantConfig:
+    _no_unknown_keys(table, _TENANT_KEYS, where)
+    server = _typed(table, "server", str, where) or "platform"
+    daily_limit = _typed(table, "daily_limit", int, where)
+    daily_limit = DEFAULT_DAILY_LIMIT if daily_limit is None else daily_limit
+    if daily_limit <= 0:
+        raise ConfigError(f"{where}.daily_limit: must be > 0, got {daily_limit}")
+    timezone = _typed(table, "timezone", str, where) or "UTC"
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{where}.timezone: unknown time zone {timezone!r}") from None
+    return TenantConfig(name=name, server=server, daily_limit=daily_limit, timezone=timezone)
+
+
+def _no_unknown_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = set(table) - allowed
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+
+
+def _typed(table: dict[str, Any], key: str, kind: type, where: str, required: bool = False) -> Any:
+    if key not in table:
+        if required:
+            raise ConfigError(f"{where}.{key}: missing")
+        return None
+    value = table[key]
+    # bool is an int in Python; a rate of `true` is a mistake, not 1.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}.{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+class ConfigWatcher:
+    """Holds the current config and re-reads the file when its mtime changes.
+
+    A file that becomes invalid is reported once and the last good config is kept,
+    so a typo in production does not stop the pipeline.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._mtime = self._stat()
+        self.config = load_config(path)
+        self.last_error: str | None = None
+
+    def _stat(self) -> float | None:
+        if self.path is None:
+            return None
+        try:
+            return self.path.stat().st_mtime_ns
+        except OSError:
+            return None
+
+    def current(self) -> Config:
+        mtime = self._stat()
+        if mtime != self._mtime:
+            self._mtime = mtime
+            try:
+                self.config = load_config(self.path)
+                self.last_error = None
+            except ConfigError as exc:
+                self.last_error = exc.reason
+        return self.config

@@ -1,0 +1,113 @@
+"""Process settings, read from ``MAILPIPE_*`` environment variables in ``main()``, never at import.
+
+Every field has a working local default; units are in the names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from mailpipe.errors import ConfigError
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = "mailpipe"
+    servers_file: str = ""
+
+    # Broker behaviour.
+    prefetch: int = 500
+    delivery_limit: int = 20
+    reconnect_max_s: float = 10.0
+
+    # Intake.
+    max_message_bytes: int = 25 * MIB
+    max_recipients: int = 100
+
+    # Packing.
+    max_batch_mails: int = 500
+    max_batch_bytes: int = 80 * MIB
+    linger_ms: int = 500
+
+    # Release and delivery.
+    window_s: float = 60.0
+    burst_mails: int = 0  # 0: one whole batch (max_batch_mails)
+    send_concurrency: int = 4
+    smtp_timeout_s: float = 30.0
+    sent_mark_ttl_s: int = 7 * 24 * 3600
+
+    # Retries of 4xx replies: delay doubles from base to max; a mail older than max_age fails.
+    retry_base_s: float = 60.0
+    retry_max_s: float = 3600.0
+    retry_max_age_s: float = 4 * 24 * 3600.0
+
+    # Process.
+    shutdown_timeout_s: float = 30.0
+    log_format: str = "text"
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Build settings from ``MAILPIPE_<FIELD>`` variables; a bad value names the variable."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for field in fields(cls):
+            name = f"MAILPIPE_{field.name.upper()}"
+            if name not in env:
+                continue
+            raw = env[name]
+            kind: type = type(field.default)
+            try:
+                values[field.name] = kind(raw)
+            except ValueError:
+                raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+        values.update(overrides)
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        positive = ("prefetch", "delivery_limit", "max_message_bytes", "max_recipients",
+                    "max_batch_mails", "max_batch_bytes", "window_s", "send_concurrency",
+                    "smtp_timeout_s", "retry_base_s", "retry_max_s", "shutdown_timeout_s")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"MAILPIPE_{name.upper()} must be > 0, got {getattr(self, name)}")
+        if self.max_message_bytes > self.max_batch_bytes:
+            raise ConfigError("MAILPIPE_MAX_MESSAGE_BYTES must not exceed MAILPIPE_MAX_BATCH_BYTES")
+        if not self.namespace.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"MAILPIPE_NAMESPACE={self.namespace!r}: letters, digits, - and _ only")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"MAILPIPE_LOG_FORMAT={self.log_format!r}: expected text or json")
+
+    @property
+    def burst(self) -> int:
+        return self.burst_mails or self.max_batch_mails
+
+    @property
+    def servers_path(self) -> Path | None:
+        return Path(self.servers_file) if self.servers_file else None
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs and status output."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))

@@ -1,0 +1,169 @@
+"""What every stage process shares: connect, consume, hand deliveries to the stage, reconnect
+with a capped backoff, serve metrics and health, and stop cleanly on SIGTERM.
+
+A stage subclasses ``Stage`` and reads top to bottom in its ``handle``: decide, publish
+(confirmed), then ack. The runner never acks for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, ClassVar
+
+from mailpipe import metrics
+from mailpipe.amqp import Broker, Delivery, Outgoing
+from mailpipe.errors import MailpipeError, TransientError
+from mailpipe.settings import Settings
+from mailpipe.topology import DEAD_REASON, DEAD_STAGE, Topology
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.05
+
+
+class Stage(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topology = Topology.from_settings(settings)
+
+    @property
+    @abstractmethod
+    def input_queue(self) -> str: ...
+
+    @property
+    def prefetch(self) -> int:
+        return self.settings.prefetch
+
+    def start(self, broker: Broker) -> None:
+        """Called after every (re)connect. Whatever was unacked before is redelivered: forget it."""
+
+    @abstractmethod
+    def handle(self, broker: Broker, deliveries: list[Delivery]) -> None:
+        """Process deliveries: publish outputs (confirmed), then ack the inputs."""
+
+    def tick(self, broker: Broker) -> None:
+        """Called about every 50 ms, for timers (a batch's linger, a grant's wait)."""
+
+    def drain(self, broker: Broker, deadline: float) -> None:
+        """Consuming has stopped: finish or give back in-flight work before ``deadline`` (monotonic)."""
+
+    def busy(self) -> bool:
+        """True while the stage holds unacked work (burst mode waits for it)."""
+        return False
+
+    def ready(self) -> bool:
+        """Extra readiness beyond the broker connection (Redis, for example)."""
+        return True
+
+    def close(self) -> None:
+        """Release what the stage opened itself (Redis, SMTP connections)."""
+
+    def dead_letter(self, body: bytes, reason: str, category: str, **headers: Any) -> Outgoing:
+        """The message for the dead-letter queue: the original bytes and why they are there."""
+        metrics.DEAD_LETTERS.labels(self.name, category).inc()
+        log.warning("dead-lettered: %s", reason, extra={"stage": self.name, "category": category, **headers})
+        return Outgoing(self.topology.dead, body, headers={
+            DEAD_REASON: reason, DEAD_STAGE: self.name, "x-mailpipe-category": category,
+            "x-mailpipe-at-ms": int(time.time() * 1000), **headers})
+
+
+class _StopFlag:
+    def __init__(self) -> None:
+        self.stopping = False
+
+    def __call__(self, signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: draining in-flight work, then exiting", signal.Signals(signum).name)
+        self.stopping = True
+
+
+def run(stage: Stage, *, burst: bool = False, metrics_port: int | None = None,
+        idle_exit_s: float = 1.0, stop: Callable[[], bool] | None = None) -> int:
+    """Run ``stage`` until SIGTERM/SIGINT (or, in burst mode, until its queue is drained).
+
+    Returns the process exit code: 0 after a clean stop.
+    """
+    settings = stage.settings
+    flag = _StopFlag()
+    signal.signal(signal.SIGTERM, flag)
+    signal.signal(signal.SIGINT, flag)
+    should_stop = stop or (lambda: flag.stopping)
+
+    broker = Broker(settings.amqp_url, client_name=f"mailpipe-{stage.name}")
+    connected = False
+
+    def ready() -> bool:
+        return connected and broker.is_open and stage.ready()
+
+    if metrics_port is not None:
+        metrics.serve(metrics_port, ready)
+    backoff_s = 0.2
+    attempts = 0
+    idle_since = time.monotonic()
+    try:
+        while not should_stop():
+            try:
+                broker.connect()
+                stage.topology.declare(broker.channel())
+                stage.start(broker)
+                broker.consume(stage.input_queue, stage.prefetch)
+                connected = True
+                metrics.READY.labels(stage.name).set(1)
+                if attempts:
+                    metrics.RECONNECTS.labels(stage.name, "rabbitmq").inc()
+                    log.info("reconnected to RabbitMQ after %d attempt(s)", attempts)
+                attempts, backoff_s = 0, 0.2
+                log.info("%s consuming %s (prefetch %d)", stage.name, stage.input_queue, stage.prefetch)
+                while not should_stop():
+                    deliveries = broker.poll(POLL_S)
+                    if deliveries:
+                        metrics.MESSAGES_IN.labels(stage.name).inc(len(deliveries))
+                        with metrics.HANDLE_SECONDS.labels(stage.name).time():
+                            stage.handle(broker, deliveries)
+                        idle_since = time.monotonic()
+                    stage.tick(broker)
+                    if stage.busy():
+                        idle_since = time.monotonic()
+                    elif burst and time.monotonic() - idle_since > idle_exit_s:
+                        log.info("burst mode: %s is drained, exiting", stage.input_queue)
+                        flag.stopping = True
+                        break
+                broker.stop_consuming()
+                stage.drain(broker, time.monotonic() + settings.shutdown_timeout_s)
+            except (TransientError, Exception) as exc:
+                # A bug of ours must not stop the stage either: what it held unacked is
+                # redelivered, and a message that fails every time ends in the dead-letter
+                # queue once it reaches the delivery limit.
+                if isinstance(exc, MailpipeError) and not isinstance(exc, TransientError):
+                    raise
+                connected = False
+                metrics.READY.labels(stage.name).set(0)
+                attempts += 1
+                if isinstance(exc, TransientError):
+                    log.warning("%s (retrying in %.1f s)", exc.reason, backoff_s)
+                else:
+                    log.exception("%s failed unexpectedly (retrying in %.1f s)", stage.name, backoff_s)
+                broker.close()
+                _sleep_unless(should_stop, backoff_s)
+                backoff_s = min(backoff_s * 2, settings.reconnect_max_s)
+    except MailpipeError as exc:
+        log.error("%s stopped: %s", stage.name, exc.reason)
+        return 2
+    finally:
+        metrics.READY.labels(stage.name).set(0)
+        stage.close()
+        broker.close()
+    log.info("%s stopped cleanly", stage.name)
+    return 0
+
+
+def _sleep_unless(should_stop: Callable[[], bool], seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while not should_stop() and time.monotonic() < end:
+        time.sleep(min(0.05, end - time.monotonic()))

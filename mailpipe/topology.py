@@ -1,0 +1,109 @@
+"""Every queue and exchange of one pipeline, named under its namespace, declared idempotently.
+
+All queues are durable quorum queues. The work queues dead-letter to ``<ns>.dead`` after
+``delivery_limit`` deliveries (a poison message cannot loop forever), at least once (the
+dead-lettered copy is confirmed before the original goes). Retry queues hold a 4xx-deferred
+job for their TTL and then dead-letter it back to ``<ns>.jobs``. Each retry queue is named by
+its delay, so changing the delays declares new queues rather than clashing with old ones.
+
+Prefetch and delivery limit go together: a stage that crashes gets its whole unacked window
+redelivered, and each message in it counts one delivery. With a limit of 20, a message must
+be in the window of 20 crashes before it is dead-lettered, so a poison message is caught
+after 20 crashes while its innocent neighbours, redelivered far fewer times, are not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pika.adapters.blocking_connection import BlockingChannel
+
+from mailpipe.settings import Settings
+
+DEAD_REASON = "x-mailpipe-reason"
+DEAD_STAGE = "x-mailpipe-stage"
+
+
+@dataclass(frozen=True)
+class Topology:
+    namespace: str
+    delivery_limit: int = 20
+    retry_delays_s: tuple[int, ...] = (60,)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Topology:
+        return cls(namespace=settings.namespace, delivery_limit=settings.delivery_limit,
+                   retry_delays_s=retry_delays(settings.retry_base_s, settings.retry_max_s))
+
+    def _q(self, name: str) -> str:
+        return f"{self.namespace}.{name}"
+
+    @property
+    def intake(self) -> str:
+        return self._q("intake")
+
+    @property
+    def jobs(self) -> str:
+        return self._q("jobs")
+
+    @property
+    def batches(self) -> str:
+        return self._q("batches")
+
+    @property
+    def send(self) -> str:
+        return self._q("send")
+
+    @property
+    def dead(self) -> str:
+        return self._q("dead")
+
+    @property
+    def events(self) -> str:
+        """A topic exchange; routing key ``<outcome>.<tenant>``."""
+        return self._q("events")
+
+    def retry_queue(self, attempt: int) -> str:
+        """The delay queue for a job's ``attempt``-th retry (1-based): the delay doubles each time."""
+        delay = self.retry_delays_s[min(max(attempt, 1), len(self.retry_delays_s)) - 1]
+        return self._q(f"retry.{delay}s")
+
+    @property
+    def work_queues(self) -> tuple[str, ...]:
+        return (self.intake, self.jobs, self.batches, self.send)
+
+    def declare(self, channel: BlockingChannel) -> None:
+        dead_letter = {
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": self.dead,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+        channel.queue_declare(self.dead, durable=True, arguments=_quorum())
+        for queue in self.work_queues:
+            channel.queue_declare(queue, durable=True, arguments={
+                **_quorum(), **dead_letter, "x-delivery-limit": self.delivery_limit})
+        for delay in self.retry_delays_s:
+            channel.queue_declare(self._q(f"retry.{delay}s"), durable=True, arguments={
+                **_quorum(), "x-message-ttl": delay * 1000, "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": self.jobs, "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish"})
+        channel.exchange_declare(self.events, exchange_type="topic", durable=True)
+
+
+def _quorum() -> dict[str, Any]:
+    return {"x-queue-type": "quorum"}
+
+
+def retry_delays(base_s: float, max_s: float) -> tuple[int, ...]:
+    """base, 2 x base, 4 x base ... up to max, in whole seconds."""
+    delays: list[int] = []
+    delay = max(1.0, base_s)
+    while True:
+        step = int(min(delay, max_s))
+        if step not in delays:
+            delays.append(step)
+        if delay >= max_s:
+            return tuple(delays)
+        delay *= 2
