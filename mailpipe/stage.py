@@ -167,3 +167,30 @@ def _sleep_unless(should_stop: Callable[[], bool], seconds: float) -> None:
     end = time.monotonic() + seconds
     while not should_stop() and time.monotonic() < end:
         time.sleep(min(0.05, end - time.monotonic()))
+
+
+def main(stage_class: Callable[[Settings], Stage], argv: list[str] | None = None) -> int:
+    """``python -m STAGE [--burst] [--metrics-port N]``: settings from the environment, then run."""
+    import argparse
+
+    from mailpipe import logs
+    from mailpipe.errors import ConfigError
+
+    parser = argparse.ArgumentParser(prog=getattr(stage_class, "name", "stage"))
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve /metrics, /healthz and /readyz on this port")
+    parser.add_argument("--burst", action="store_true",
+                        help="exit once the input queue is drained and nothing is in flight")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"mailpipe: {exc.reason}")
+        return 2
+    logs.setup(settings.log_format, settings.log_level, getattr(stage_class, "name", ""))
+    try:
+        stage = stage_class(settings)
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc.reason)
+        return 2
+    return run(stage, burst=args.burst, metrics_port=args.metrics_port)
