@@ -1,0 +1,6 @@
+import sys
+
+from mailpipe.stage import main
+from packer.stage import PackerStage
+
+sys.exit(main(PackerStage))

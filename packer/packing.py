@@ -1,0 +1,69 @@
+"""Packing jobs into batches: pure decisions, no I/O.
+
+One open batch per SMTP server. A batch closes when the next job would take it over
+``max_mails`` or ``max_bytes`` (the rendered messages' bytes: the seeds' 500 mails and 80 MB),
+when it reaches either exactly, or when its first job has waited ``linger_s``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class OpenBatch:
+    server: str
+    opened_at: float
+    jobs: list[bytes] = field(default_factory=list)
+    tags: list[int] = field(default_factory=list)  # the deliveries to ack once it is confirmed
+    bytes: int = 0
+    tenants: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def mails(self) -> int:
+        return len(self.jobs)
+
+
+class Packer:
+    def __init__(self, max_mails: int, max_bytes: int, linger_s: float) -> None:
+        self.max_mails = max_mails
+        self.max_bytes = max_bytes
+        self.linger_s = linger_s
+        self.open: dict[str, OpenBatch] = {}
+
+    def fits_alone(self, size: int) -> bool:
+        return size <= self.max_bytes
+
+    def add(self, server: str, tenant: str, job: bytes, size: int, tag: int, now: float) -> list[OpenBatch]:
+        """Add a job; return the batches this closes (zero, one or two)."""
+        if not self.fits_alone(size):
+            raise ValueError(f"a {size}-byte job can never fit a {self.max_bytes}-byte batch")
+        closed: list[OpenBatch] = []
+        batch = self.open.get(server)
+        if batch is not None and (batch.mails + 1 > self.max_mails or batch.bytes + size > self.max_bytes):
+            closed.append(self.open.pop(server))
+            batch = None
+        if batch is None:
+            batch = self.open[server] = OpenBatch(server=server, opened_at=now)
+        batch.jobs.append(job)
+        batch.tags.append(tag)
+        batch.bytes += size
+        batch.tenants[tenant] += 1
+        if batch.mails == self.max_mails or batch.bytes == self.max_bytes:
+            closed.append(self.open.pop(server))
+        return closed
+
+    def due(self, now: float) -> list[OpenBatch]:
+        """Batches whose first job has waited ``linger_s``."""
+        servers = [s for s, b in self.open.items() if now - b.opened_at >= self.linger_s]
+        return [self.open.pop(s) for s in servers]
+
+    def close_all(self) -> list[OpenBatch]:
+        closed = list(self.open.values())
+        self.open.clear()
+        return closed
+
+    @property
+    def held(self) -> int:
+        return sum(b.mails for b in self.open.values())

@@ -1,0 +1,97 @@
+"""The packer stage: jobs -> batches.
+
+Consume jobs; group them per SMTP server; when a batch closes (500 mails, 80 MB, or its
+linger), publish it, confirmed, and only then ack the jobs it holds. The jobs' bytes are
+forwarded as they came, never re-encoded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from prometheus_client import Histogram
+
+from mailpipe import metrics
+from mailpipe.amqp import Broker, Delivery, Outgoing
+from mailpipe.codec import decode_job, encode_batch
+from mailpipe.errors import InvalidMessage
+from mailpipe.model import Batch, new_id, now_ms
+from mailpipe.settings import Settings
+from mailpipe.stage import Stage
+from packer.packing import OpenBatch, Packer
+
+log = logging.getLogger(__name__)
+
+BATCH_MAILS = Histogram("mailpipe_batch_mails", "Mails per batch the packer closed.", ["server"],
+                        buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000))
+BATCH_BYTES = Histogram("mailpipe_batch_bytes", "Bytes per batch the packer closed.", ["server"],
+                        buckets=(1e4, 1e5, 1e6, 5e6, 1e7, 2e7, 4e7, 6e7, 8e7, 1e8))
+
+
+class PackerStage(Stage):
+    name = "packer"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.packer = self._new_packer()
+
+    def _new_packer(self) -> Packer:
+        s = self.settings
+        return Packer(s.max_batch_mails, s.max_batch_bytes, s.linger_ms / 1000)
+
+    @property
+    def input_queue(self) -> str:
+        return self.topology.jobs
+
+    @property
+    def prefetch(self) -> int:
+        # A batch can only fill if its jobs fit the unacked window at once.
+        return max(self.settings.prefetch, 2 * self.settings.max_batch_mails)
+
+    def start(self, broker: Broker) -> None:
+        self.packer = self._new_packer()  # what it held is being redelivered
+
+    def handle(self, broker: Broker, deliveries: list[Delivery]) -> None:
+        now = time.monotonic()
+        closed: list[OpenBatch] = []
+        rejected: list[tuple[Delivery, Outgoing]] = []
+        for delivery in deliveries:
+            try:
+                job = decode_job(delivery.body)
+                if not self.packer.fits_alone(job.size):
+                    raise InvalidMessage(f"job.message: {job.size} bytes can never fit a "
+                                         f"{self.settings.max_batch_bytes}-byte batch")
+            except InvalidMessage as exc:
+                rejected.append((delivery, self.dead_letter(delivery.body, exc.reason, "invalid")))
+                continue
+            closed += self.packer.add(job.server, job.tenant, delivery.body, job.size, delivery.tag, now)
+        if rejected:
+            broker.publish([out for _, out in rejected])
+            for delivery, _ in rejected:
+                broker.ack(delivery.tag)
+        self.ship(broker, closed)
+
+    def tick(self, broker: Broker) -> None:
+        self.ship(broker, self.packer.due(time.monotonic()))
+
+    def drain(self, broker: Broker, deadline: float) -> None:
+        self.ship(broker, self.packer.close_all())
+
+    def busy(self) -> bool:
+        return self.packer.held > 0
+
+    def ship(self, broker: Broker, closed: list[OpenBatch]) -> None:
+        if not closed:
+            return
+        batches = [Batch(id=new_id(), server=b.server, jobs=tuple(b.jobs), mails=b.mails, bytes=b.bytes,
+                         created_ms=now_ms(), tenants=dict(b.tenants)) for b in closed]
+        broker.publish([Outgoing(self.topology.batches, encode_batch(b), message_id=b.id) for b in batches])
+        for batch, open_batch in zip(batches, closed, strict=True):
+            for tag in open_batch.tags:
+                broker.ack(tag)
+            BATCH_MAILS.labels(batch.server).observe(batch.mails)
+            BATCH_BYTES.labels(batch.server).observe(batch.bytes)
+            log.debug("batch %s: %d mails, %d bytes for %s", batch.id, batch.mails, batch.bytes,
+                      batch.server)
+        metrics.MESSAGES_OUT.labels(self.name, self.topology.batches).inc(len(batches))

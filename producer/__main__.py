@@ -1,0 +1,6 @@
+import sys
+
+from mailpipe.stage import main
+from producer.stage import EnqueueStage
+
+sys.exit(main(EnqueueStage))

@@ -1,0 +1,109 @@
+"""The client library upstream services publish mail with.
+
+    from producer import Producer
+
+    with Producer(amqp_url="amqp://guest:guest@127.0.0.1:5672/") as mail:
+        job_id = mail.publish(tenant="acme", sender="jobs@acme.example", to=["ann@example.com"],
+                              subject="Your interview", text="See you on Monday.")
+
+``publish`` validates first (a bad address, CR/LF in a header, a mail too large: raised at
+once as ``InvalidMessage`` naming the field), then waits for RabbitMQ's confirm before it
+returns: a returned job id is durably queued. If the broker cannot be reached the call raises
+``BrokerUnavailable``; it never returns without the confirm. One Producer per thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+
+from mailpipe.amqp import Broker, Outgoing
+from mailpipe.codec import encode_intake
+from mailpipe.errors import BrokerUnavailable, InvalidMessage
+from mailpipe.model import Attachment, IntakeRequest, new_id, now_ms
+from mailpipe.settings import Settings
+from mailpipe.topology import Topology
+from producer.compose import validate
+
+_DEFAULTS = Settings()
+
+
+class Producer:
+    def __init__(self, amqp_url: str = _DEFAULTS.amqp_url, namespace: str = _DEFAULTS.namespace, *,
+                 max_message_bytes: int = _DEFAULTS.max_message_bytes,
+                 max_recipients: int = _DEFAULTS.max_recipients, reconnect_s: float = 10.0) -> None:
+        self._broker = Broker(amqp_url, client_name="mailpipe-producer-client")
+        self._intake = Topology(namespace).intake
+        self._max_message_bytes = max_message_bytes
+        self._max_recipients = max_recipients
+        self._reconnect_s = reconnect_s
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *_exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._broker.close()
+
+    def publish(self, *, tenant: str, sender: str, to: Sequence[str], cc: Sequence[str] = (),
+                bcc: Sequence[str] = (), subject: str | None = None, text: str | None = None,
+                html: str | None = None, attachments: Iterable[tuple[str, str, bytes]] = (),
+                headers: dict[str, str] | None = None, server: str | None = None,
+                idempotency_key: str | None = None) -> str:
+        """Queue one mail to compose; returns its job id once RabbitMQ has confirmed it."""
+        req = IntakeRequest(
+            id=new_id(), tenant=tenant, sender=sender, created_ms=now_ms(), to=_strings(to, "to"),
+            cc=_strings(cc, "cc"), bcc=_strings(bcc, "bcc"), subject=subject, text=text, html=html,
+            attachments=tuple(Attachment(f, c, d) for f, c, d in attachments),
+            headers=dict(headers or {}), server=server, idempotency_key=idempotency_key,
+        )
+        return self.publish_requests([req])[0]
+
+    def publish_raw(self, *, tenant: str, sender: str, recipients: Sequence[str], message: bytes,
+                    server: str | None = None, idempotency_key: str | None = None) -> str:
+        """Queue a ready RFC 5322 message (CRLF line endings) for the given envelope."""
+        req = IntakeRequest(
+            id=new_id(), tenant=tenant, sender=sender, created_ms=now_ms(), message=bytes(message),
+            recipients=_strings(recipients, "recipients"), server=server,
+            idempotency_key=idempotency_key,
+        )
+        return self.publish_requests([req])[0]
+
+    def publish_requests(self, requests: Sequence[IntakeRequest]) -> list[str]:
+        """Queue many at once (one confirm round trip for all); returns their job ids."""
+        for req in requests:
+            validate(req, self._max_message_bytes, self._max_recipients)
+        messages = [Outgoing(self._intake, encode_intake(r), message_id=r.id) for r in requests]
+        with self._lock:
+            self._publish_until_confirmed(messages)
+        return [r.id for r in requests]
+
+    def _publish_until_confirmed(self, messages: list[Outgoing]) -> None:
+        # The payloads stay in `messages` until confirmed: after a lost connection, all of them
+        # are published again (the intake dedupes by idempotency key where one is given).
+        give_up = time.monotonic() + self._reconnect_s
+        delay_s = 0.1
+        while True:
+            try:
+                if not self._broker.is_open:
+                    self._broker.connect()
+                self._broker.publish(messages)
+                return
+            except BrokerUnavailable:
+                self._broker.close()
+                if time.monotonic() + delay_s > give_up:
+                    raise
+                time.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)
+
+
+def _strings(values: Sequence[str] | str, field: str) -> tuple[str, ...]:
+    if isinstance(values, str):  # to="a@b.c" would otherwise become one recipient per letter
+        raise InvalidMessage(f"{field}: expected a list of addresses, got a string")
+    return tuple(values)

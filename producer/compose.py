@@ -1,0 +1,149 @@
+"""Validate an intake request and render its RFC 5322 message, once.
+
+Everything here is pure and raises ``InvalidMessage`` with a reason that names the field, so
+the client library can refuse bad input before it is published and the enqueue stage can
+dead-letter what an upstream in another language sent anyway.
+"""
+
+from __future__ import annotations
+
+import re
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import formatdate
+
+from mailpipe.errors import InvalidMessage
+from mailpipe.model import IntakeRequest
+
+# A deliberately strict address: what SMTP servers accept without surprises. No display
+# names here (the envelope needs the bare address), no quoted local parts, no comments.
+_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
+_DOMAIN_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # printable ASCII, no colon, no space
+_FORBIDDEN_CHARS = ("\r", "\n", "\0")
+# Headers the renderer owns: a caller setting them would break the envelope or the MIME tree.
+RESERVED_HEADERS = frozenset({
+    "from", "to", "cc", "bcc", "subject", "date", "message-id", "mime-version",
+    "content-type", "content-transfer-encoding", "content-disposition", "return-path",
+    "received", "dkim-signature",
+})
+
+
+def check_address(address: str, field: str) -> str:
+    """The address, stripped, or ``InvalidMessage`` naming the field and what is wrong."""
+    if any(c in address for c in _FORBIDDEN_CHARS):
+        raise InvalidMessage(f"{field}: {address!r} contains CR, LF or NUL")
+    address = address.strip()
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        raise InvalidMessage(f"{field}: {address!r} is not an address like name@example.com")
+    if len(address) > 254:
+        raise InvalidMessage(f"{field}: {address[:40]!r}... is longer than 254 characters")
+    if not _LOCAL.match(local) or local.startswith(".") or local.endswith(".") or ".." in local:
+        raise InvalidMessage(f"{field}: {address!r} has an invalid local part {local!r}")
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise InvalidMessage(f"{field}: {address!r} has an invalid domain {domain!r}") from None
+    labels = ascii_domain.rstrip(".").split(".")
+    if len(labels) < 2 or not all(_DOMAIN_LABEL.match(label) for label in labels):
+        raise InvalidMessage(f"{field}: {address!r} has an invalid domain {domain!r}")
+    return f"{local}@{ascii_domain.lower()}"
+
+
+def check_header(name: str, value: str) -> None:
+    if not _HEADER_NAME.match(name):
+        raise InvalidMessage(f"headers[{name!r}]: not a valid header name")
+    if name.lower() in RESERVED_HEADERS:
+        raise InvalidMessage(f"headers[{name!r}]: set by mailpipe; use the matching argument instead")
+    if any(c in value for c in _FORBIDDEN_CHARS):
+        raise InvalidMessage(f"headers[{name!r}]: value contains CR, LF or NUL")
+
+
+def _check_text(value: str | None, field: str) -> None:
+    if value is not None and any(c in value for c in _FORBIDDEN_CHARS):
+        raise InvalidMessage(f"{field}: contains CR, LF or NUL")
+
+
+def envelope_recipients(req: IntakeRequest, max_recipients: int) -> tuple[str, ...]:
+    """Every recipient once (to, cc, bcc; or a raw request's recipients), validated."""
+    named: list[tuple[str, str]] = []
+    if req.is_raw:
+        named += [(f"recipients[{i}]", a) for i, a in enumerate(req.recipients)]
+    else:
+        for field in ("to", "cc", "bcc"):
+            named += [(f"{field}[{i}]", a) for i, a in enumerate(getattr(req, field))]
+    if not named:
+        raise InvalidMessage("recipients: none given (to, cc, bcc or recipients)")
+    if len(named) > max_recipients:
+        raise InvalidMessage(f"recipients: {len(named)} given, at most {max_recipients} per mail")
+    seen: dict[str, str] = {}
+    for field, address in named:
+        checked = check_address(address, field)
+        seen.setdefault(checked.lower(), checked)
+    return tuple(seen.values())
+
+
+def validate(req: IntakeRequest, max_message_bytes: int, max_recipients: int) -> tuple[str, ...]:
+    """Check a request; return its envelope recipients."""
+    if not req.tenant or any(c in req.tenant for c in _FORBIDDEN_CHARS):
+        raise InvalidMessage("tenant: empty or contains CR, LF or NUL")
+    check_address(req.sender, "sender")
+    recipients = envelope_recipients(req, max_recipients)
+    if req.is_raw:
+        assert req.message is not None
+        if not req.message:
+            raise InvalidMessage("message: empty")
+        if len(req.message) > max_message_bytes:
+            raise InvalidMessage(f"message: {len(req.message)} bytes, "
+                                 f"over the {max_message_bytes}-byte limit")
+        return recipients
+    _check_text(req.subject, "subject")
+    for name, value in req.headers.items():
+        check_header(name, value)
+    if req.text is None and req.html is None:
+        raise InvalidMessage("text, html: give at least one body part")
+    size = sum(len(a.data) for a in req.attachments) + len(req.text or "") + len(req.html or "")
+    if size > max_message_bytes:
+        raise InvalidMessage(f"message: {size} bytes of content, over the {max_message_bytes}-byte limit")
+    for i, attachment in enumerate(req.attachments):
+        _check_text(attachment.filename, f"attachments[{i}].filename")
+        maintype, slash, subtype = attachment.content_type.partition("/")
+        if not slash or not _HEADER_NAME.match(maintype) or not _HEADER_NAME.match(subtype):
+            raise InvalidMessage(f"attachments[{i}].content_type: {attachment.content_type!r} "
+                                 f"is not like type/subtype")
+    return recipients
+
+
+def render(req: IntakeRequest, job_id: str) -> bytes:
+    """The RFC 5322 message, CRLF line endings (the SMTP policy), ready to send as is."""
+    if req.is_raw:
+        assert req.message is not None
+        return req.message
+    msg = EmailMessage(policy=SMTP)
+    msg["From"] = req.sender
+    if req.to:
+        msg["To"] = ", ".join(req.to)
+    if req.cc:
+        msg["Cc"] = ", ".join(req.cc)
+    if req.subject is not None:
+        msg["Subject"] = req.subject
+    msg["Date"] = formatdate(req.created_ms / 1000, localtime=False, usegmt=True)
+    domain = req.sender.rpartition("@")[2]
+    msg["Message-ID"] = f"<{job_id}@{domain}>"
+    for name, value in req.headers.items():
+        msg[name] = value
+    if req.text is not None:
+        msg.set_content(req.text)
+        if req.html is not None:
+            msg.add_alternative(req.html, subtype="html")
+    elif req.html is not None:
+        msg.set_content(req.html, subtype="html")
+    for attachment in req.attachments:
+        maintype, _, subtype = attachment.content_type.partition("/")
+        msg.add_attachment(attachment.data, maintype=maintype, subtype=subtype,
+                           filename=attachment.filename)
+    try:
+        return msg.as_bytes()
+    except (ValueError, TypeError, UnicodeError) as exc:
+        raise InvalidMessage(f"message: cannot be rendered: {exc}") from None
