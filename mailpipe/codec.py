@@ -42,7 +42,8 @@ def _unpack(data: bytes, kind: str, max_bin: int) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise InvalidMessage(f"{kind}: expected a map at the top level, got {type(obj).__name__}")
     version = obj.get("v")
-    if version != SCHEMA_VERSION:
+    # type() and not ==: True and 1.0 compare equal to 1 but are not a schema version.
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise InvalidMessage(f"{kind}.v: unsupported schema version {version!r} (expected {SCHEMA_VERSION})")
     if obj.get("kind") != kind:
         raise InvalidMessage(f"{kind}.kind: expected {kind!r}, got {obj.get('kind')!r}")
@@ -95,13 +96,18 @@ class _Fields:
         return tuple(value)
 
     def text_map(self, name: str) -> dict[str, str]:
-        value = self._get(name, lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
-                          "a map of strings to strings", {}, False)
+        # Keys too: msgpack's strict_map_key lets binary keys through, not only strings.
+        value = self._get(name, lambda v: isinstance(v, dict) and all(
+            isinstance(k, str) and isinstance(x, str) for k, x in v.items()),
+            "a map of strings to strings", {}, False)
+        if any(len(k) > MAX_STR or len(x) > MAX_STR for k, x in value.items()):
+            raise InvalidMessage(f"{self.kind}.{name}: an entry is longer than {MAX_STR} characters")
         return dict(value)
 
     def count_map(self, name: str) -> dict[str, int]:
         value = self._get(name, lambda v: isinstance(v, dict) and all(
-            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v.values()),
+            isinstance(k, str) and isinstance(x, int) and not isinstance(x, bool) and x >= 0
+            for k, x in v.items()),
             "a map of strings to counts", {}, False)
         return dict(value)
 

@@ -62,6 +62,8 @@ def parse_address(text: str, default_port: int = 25) -> Address:
         mx_lookup = False
         if host.lower().startswith("ipv6:"):
             host = host[5:]
+            if ":" not in host or not _is_ip(host.strip()):  # RFC 5321: the tag is for IPv6 only
+                raise ConfigError(f"address {text!r}: {host!r} after 'IPv6:' is not an IPv6 address")
         if rest:
             if not rest.startswith(":"):
                 raise ConfigError(f"address {text!r}: unexpected {rest!r} after ']'")
@@ -83,7 +85,8 @@ def parse_address(text: str, default_port: int = 25) -> Address:
 
 
 def _parse_port(text: str, whole: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    # isascii(): str.isdigit() is also true of "²" and other digits int() refuses or misreads.
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise ConfigError(f"address {whole!r}: port {text!r} is not a number from 1 to 65535")
     return int(text)
 
@@ -215,7 +218,8 @@ def _server(name: str, table: dict[str, Any], where: str, environ: Any) -> Serve
     rate = rate if rate is not None else (BULK_RATE_PER_HOUR if bulk else DEFAULT_RATE_PER_HOUR)
     per_minute = _typed(table, "per_minute", int, where)
     concurrency = _typed(table, "concurrency", int, where)
-    max_per_conn = _typed(table, "max_mails_per_connection", int, where) or 1000
+    max_per_conn = _typed(table, "max_mails_per_connection", int, where)
+    max_per_conn = 1000 if max_per_conn is None else max_per_conn  # 0 is an error below, not 1000
     for key, value in (("rate_per_hour", rate), ("per_minute", per_minute),
                        ("concurrency", concurrency), ("max_mails_per_connection", max_per_conn)):
         if value is not None and value <= 0:

@@ -44,6 +44,11 @@ class Settings:
     send_concurrency: int = 4
     smtp_timeout_s: float = 30.0
     sent_mark_ttl_s: int = 7 * 24 * 3600
+    # Sender: batches in flight per process, no mail started this close to a batch's deadline,
+    # an SMTP connection unused this long is closed.
+    send_prefetch: int = 4
+    send_margin_s: float = 1.0
+    smtp_idle_timeout_s: float = 60.0
 
     # Retries of 4xx replies: delay doubles from base to max; a mail older than max_age fails.
     retry_base_s: float = 60.0

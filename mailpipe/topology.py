@@ -73,6 +73,10 @@ class Topology:
     def work_queues(self) -> tuple[str, ...]:
         return (self.intake, self.jobs, self.batches, self.send)
 
+    @property
+    def all_queues(self) -> tuple[str, ...]:
+        return (*self.work_queues, self.dead, *(self._q(f"retry.{d}s") for d in self.retry_delays_s))
+
     def declare(self, channel: BlockingChannel) -> None:
         dead_letter = {
             "x-dead-letter-exchange": "",

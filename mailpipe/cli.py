@@ -1,0 +1,141 @@
+"""The ``mailpipe`` command: the only place that reaches into every stage, to start it."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+
+from mailpipe.errors import ConfigError, MailpipeError
+from mailpipe.settings import Settings
+
+STAGES = {
+    "producer": ("producer.stage", "EnqueueStage"),
+    "packer": ("packer.stage", "PackerStage"),
+    "limiter": ("limiter.stage", "LimiterStage"),
+    "sender": ("sender.stage", "SenderStage"),
+}
+
+
+def stage_class(name: str) -> Callable[[Settings], object]:
+    module, cls = STAGES[name]
+    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mailpipe.stage import main as stage_main
+
+    argv = ["--metrics-port", str(args.metrics_port)] if args.metrics_port else []
+    if args.burst:
+        argv.append("--burst")
+    return stage_main(stage_class(args.stage), argv)  # type: ignore[arg-type]
+
+
+def cmd_topology(args: argparse.Namespace) -> int:
+    from mailpipe.amqp import Broker
+    from mailpipe.topology import Topology
+
+    settings = Settings.from_env()
+    topology = Topology.from_settings(settings)
+    broker = Broker(settings.amqp_url, client_name="mailpipe-topology").connect()
+    try:
+        topology.declare(broker.channel())
+    finally:
+        broker.close()
+    print(f"declared {len(topology.all_queues)} queues and the {topology.events} exchange")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mailpipe.demo import run_demo
+
+    return run_demo(args.mails, args.size, args.rate, args.json)
+
+
+def cmd_servers_check(args: argparse.Namespace) -> int:
+    from mailpipe.servers import load_config
+
+    config = load_config(Settings.from_env().servers_path)
+    check = importlib.import_module("sender.check")
+    return check.check_servers(config, args.names)  # type: ignore[no-any-return]
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import redis
+
+    from mailpipe.servers import load_config
+    from mailpipe.status import show_status
+
+    settings = Settings.from_env()
+    snapshot = importlib.import_module("limiter.status").snapshot
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        limits = snapshot(client, settings.namespace, load_config(settings.servers_path))
+    except redis.RedisError as exc:
+        limits = [{"limiter": f"Redis unreachable: {type(exc).__name__}"}]
+    finally:
+        client.close()
+    return show_status(settings, limits, as_json=args.json)
+
+
+def cmd_dead(args: argparse.Namespace) -> int:
+    from mailpipe import dead
+
+    settings = Settings.from_env()
+    if args.action == "list":
+        return dead.list_dead(settings, limit=args.limit)
+    return dead.replay(settings, reason=args.reason, tenant=args.tenant)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailpipe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one stage (any number of replicas may run)")
+    run.add_argument("stage", choices=sorted(STAGES))
+    run.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz on this port")
+    run.add_argument("--burst", action="store_true", help="exit once the input queue is drained")
+    run.set_defaults(func=cmd_run)
+
+    sub.add_parser("topology", help="declare every queue and exchange (idempotent)").set_defaults(
+        func=cmd_topology)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline locally, end to end")
+    demo.add_argument("--mails", type=int, default=1000, help="how many mails to send (default 1000)")
+    demo.add_argument("--size", type=int, default=2048, help="body size of each mail in bytes")
+    demo.add_argument("--rate", type=int, default=None, metavar="PER_HOUR",
+                      help="enforce this rate (default: lifted for the demo)")
+    demo.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    demo.set_defaults(func=cmd_demo)
+
+    servers = sub.add_parser("servers", help="SMTP servers of the servers file")
+    servers_sub = servers.add_subparsers(dest="servers_command", required=True)
+    check = servers_sub.add_parser("check", help="connect, negotiate TLS, authenticate, now")
+    check.add_argument("names", nargs="*", metavar="NAME", help="servers to check (default: all)")
+    check.set_defaults(func=cmd_servers_check)
+
+    status = sub.add_parser("status", help="queues, rates and caps at a glance")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    dead = sub.add_parser("dead", help="mail that failed: list it, replay it")
+    dead.add_argument("action", choices=("list", "replay"))
+    dead.add_argument("--limit", type=int, default=50)
+    dead.add_argument("--reason", help="replay only mail whose reason contains this")
+    dead.add_argument("--tenant", help="replay only this tenant's mail")
+    dead.set_defaults(func=cmd_dead)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"mailpipe: {exc.reason}", file=sys.stderr)
+        return 2
+    except MailpipeError as exc:
+        print(f"mailpipe: {exc.reason}", file=sys.stderr)
+        return 1
+    return code

@@ -1,0 +1,233 @@
+"""``mailpipe demo``: the whole pipeline on this machine, end to end.
+
+Checks RabbitMQ and Redis (starting them if installed and stopped), starts every stage as its
+own process and a local SMTP sink as the demo's server, publishes N mails through the client
+library, follows their events until every one is sent or failed, and prints a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import pika.exceptions
+import redis
+
+from mailpipe.amqp import Broker
+from mailpipe.codec import decode_event
+from mailpipe.errors import MailpipeError
+from mailpipe.model import IntakeRequest, new_id, now_ms
+from mailpipe.services import ensure
+from mailpipe.settings import Settings
+from mailpipe.sink import LocalSink
+from mailpipe.topology import Topology
+
+STAGES = ("producer", "packer", "limiter", "sender")
+
+
+@dataclass
+class Progress:
+    total: int
+    sent: dict[str, str] = field(default_factory=dict)  # job id -> batch id
+    failed: dict[str, str] = field(default_factory=dict)  # job id -> reply
+    deferred: int = 0
+    latencies_ms: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def done(self) -> int:
+        return len(self.sent) + len(self.failed)
+
+
+def stage_env(settings: Settings, namespace: str, servers_file: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "MAILPIPE_NAMESPACE": namespace, "MAILPIPE_SERVERS_FILE": str(servers_file),
+        "MAILPIPE_AMQP_URL": settings.amqp_url, "MAILPIPE_REDIS_URL": settings.redis_url,
+        "MAILPIPE_LINGER_MS": env.get("MAILPIPE_LINGER_MS", "200"),
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def write_servers_file(path: Path, sink_port: int, rate_per_hour: int | None, mails: int) -> None:
+    limit = f"rate_per_hour = {rate_per_hour}" if rate_per_hour else "unlimited = true"
+    path.write_text(
+        "# Written by `mailpipe demo`: one local SMTP sink, one tenant.\n"
+        "[servers.local]\n"
+        f'address = "[127.0.0.1]:{sink_port}"\n'
+        'tls = "none"\n'
+        f"{limit}\n\n"
+        "[tenants.demo]\n"
+        'server = "local"\n'
+        f"daily_limit = {max(10_000, mails)}\n", encoding="utf-8")
+
+
+def make_requests(mails: int, size: int) -> list[IntakeRequest]:
+    body = ("The quick brown fox jumps over the lazy dog. " * (size // 45 + 1))[:max(size, 1)]
+    lines = "\n".join(body[i:i + 76] for i in range(0, len(body), 76))
+    return [IntakeRequest(id=new_id(), tenant="demo", sender="news@demo.example", created_ms=now_ms(),
+                          to=(f"reader{i}@example.com",), subject=f"Demo mail {i}", text=lines)
+            for i in range(mails)]
+
+
+def run_demo(mails: int, size: int, rate_per_hour: int | None, as_json: bool,
+             timeout_s: float = 600.0) -> int:
+    out: TextIO = sys.stderr
+    settings = Settings.from_env()
+    problems = ensure(settings)
+    if problems:
+        for problem in problems:
+            print(f"mailpipe demo: {problem}", file=out)
+        return 1
+    namespace = f"demo-{uuid.uuid4().hex[:8]}"
+    workdir = Path(tempfile.mkdtemp(prefix="mailpipe-demo-"))
+    topology = Topology.from_settings(settings.replace(namespace=namespace))
+    if rate_per_hour:
+        print(f"rate limit: {rate_per_hour} mails/hour (--rate)", file=out)
+    else:
+        print("rate limit: lifted for the demo (give --rate PER_HOUR to enforce one)", file=out)
+
+    broker = Broker(settings.amqp_url, client_name="mailpipe-demo").connect()
+    topology.declare(broker.channel())
+    events = broker.channel().queue_declare("", exclusive=True, auto_delete=True).method.queue
+    broker.channel().queue_bind(events, topology.events, routing_key="#")
+
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    with LocalSink() as sink:
+        servers_file = workdir / "servers.toml"
+        write_servers_file(servers_file, sink.port, rate_per_hour, mails)
+        env = stage_env(settings, namespace, servers_file)
+        for stage in STAGES:
+            log = (workdir / f"{stage}.log").open("wb")
+            procs[stage] = subprocess.Popen([sys.executable, "-m", "mailpipe", "run", stage], env=env,
+                                            stdout=log, stderr=subprocess.STDOUT)
+        print(f"started {', '.join(STAGES)} (logs in {workdir}); SMTP sink on 127.0.0.1:{sink.port}",
+              file=out)
+        try:
+            progress = follow(broker, events, namespace, settings, mails, size, timeout_s, out, procs)
+        finally:
+            for proc in procs.values():
+                proc.send_signal(signal.SIGTERM)
+            codes = {stage: _wait(proc) for stage, proc in procs.items()}
+            _delete(broker, topology, settings.redis_url)
+            broker.close()
+        received = sink.snapshot()
+
+    summary = summarize(progress, received)
+    unclean = {s: c for s, c in codes.items() if c != 0}
+    if unclean:
+        print(f"stages that did not exit cleanly: {unclean} (logs in {workdir})", file=out)
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        print_summary(summary)
+    complete = progress.done == mails and not unclean
+    return 0 if complete and not progress.failed else 1
+
+
+def follow(broker: Broker, events: str, namespace: str, settings: Settings, mails: int, size: int,
+           timeout_s: float, out: TextIO, procs: dict[str, subprocess.Popen[bytes]]) -> Progress:
+    from producer import Producer
+
+    progress = Progress(total=mails)
+    requests = make_requests(mails, size)
+    started = time.monotonic()
+    with Producer(settings.amqp_url, namespace) as producer:
+        for i in range(0, len(requests), 200):
+            producer.publish_requests(requests[i:i + 200])
+    broker.consume(events, prefetch=1000)
+    last_print = 0.0
+    deadline = started + timeout_s
+    while progress.done < mails:
+        for delivery in broker.poll(0.2):
+            event = decode_event(delivery.body)
+            if event.outcome == "sent":
+                progress.sent[event.job_id] = event.batch_id
+                progress.latencies_ms.append(event.at_ms - event.created_ms)
+            elif event.outcome in ("failed", "expired"):
+                progress.failed[event.job_id] = f"{event.code} {event.text}".strip()
+            else:
+                progress.deferred += 1
+            broker.ack(delivery.tag)
+        now = time.monotonic()
+        if now - last_print > 0.5 or progress.done == mails:
+            last_print = now
+            rate = len(progress.sent) / max(now - started, 1e-6)
+            print(f"\rsent {len(progress.sent)}/{mails}  failed {len(progress.failed)}  "
+                  f"deferred {progress.deferred}  {rate:,.0f} mails/s", end="", file=out, flush=True)
+        dead = [s for s, p in procs.items() if p.poll() is not None]
+        if dead:
+            print(f"\nstage(s) exited early: {', '.join(dead)}", file=out)
+            break
+        if now > deadline:
+            print(f"\ngave up after {timeout_s:.0f} s", file=out)
+            break
+    print(file=out)
+    progress.seconds = time.monotonic() - started
+    return progress
+
+
+def summarize(progress: Progress, received: list[Any]) -> dict[str, Any]:
+    sizes = {r.job_id: r.size for r in received}
+    batch_bytes: dict[str, int] = {}
+    for job_id, batch_id in progress.sent.items():
+        batch_bytes[batch_id] = batch_bytes.get(batch_id, 0) + sizes.get(job_id, 0)
+    seconds = progress.seconds
+    lat = sorted(progress.latencies_ms)
+    return {
+        "sent": len(progress.sent), "failed": len(progress.failed), "batches": len(batch_bytes),
+        "max_batch_bytes": max(batch_bytes.values(), default=0),
+        "seconds": round(seconds, 3),
+        "mails_per_s": round(len(progress.sent) / seconds, 1) if seconds else 0.0,
+        "p50_ms": _percentile(lat, 50), "p99_ms": _percentile(lat, 99),
+        "received": len(received),
+    }
+
+
+def _percentile(values: list[int], p: int) -> int:
+    if not values:
+        return 0
+    if len(values) == 1:
+        return values[0]
+    return int(statistics.quantiles(values, n=100, method="inclusive")[p - 1])
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    print(f"sent {s['sent']}, failed {s['failed']} in {s['batches']} batches "
+          f"(largest {s['max_batch_bytes']:,} bytes)")
+    print(f"{s['seconds']} s, {s['mails_per_s']} mails/s; "
+          f"enqueue-to-250 latency p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms")
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout_s: float = 40.0) -> int:
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def _delete(broker: Broker, topology: Topology, redis_url: str) -> None:
+    """The demo's namespace is its own: remove its queues and its Redis keys."""
+    with suppress(pika.exceptions.AMQPError, MailpipeError):
+        channel = broker.channel()
+        for queue in topology.all_queues:
+            channel.queue_delete(queue)
+        channel.exchange_delete(topology.events)
+    with suppress(redis.RedisError):
+        client = redis.Redis.from_url(redis_url)
+        for key in client.scan_iter(match=f"*{topology.namespace}:*", count=1000):
+            client.delete(key)
+        client.close()
