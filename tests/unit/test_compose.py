@@ -1,0 +1,90 @@
+"""Intake validation and rendering: each refusal names its field."""
+
+from __future__ import annotations
+
+import email
+from email.policy import default
+
+import pytest
+
+from mailpipe.errors import InvalidMessage
+from mailpipe.model import Attachment, IntakeRequest
+from producer.compose import check_address, render, validate
+
+
+def request(**fields: object) -> IntakeRequest:
+    base: dict[str, object] = dict(id="a" * 32, tenant="acme", sender="hr@acme.example", created_ms=0,
+                                   to=("ann@example.com",), subject="Hello", text="Hi Ann")
+    base.update(fields)
+    return IntakeRequest(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("address", [
+    "ann@example.com", "a.b+tag@sub.example.co.uk", "x@xn--bcher-kva.example"])
+def test_good_addresses(address: str) -> None:
+    assert check_address(address, "to[0]") == address.lower()
+
+
+@pytest.mark.parametrize(("address", "problem"), [
+    ("ann", "not an address"), ("ann@", "not an address"), ("@example.com", "not an address"),
+    ("ann@example", "invalid domain"), ("a..b@example.com", "invalid local part"),
+    ("ann@example.com\r\nBcc: victim@example.com", "CR, LF or NUL"), ("ann@exa mple.com", "invalid domain"),
+    ("Ann <ann@example.com>", "invalid local part"),
+])
+def test_bad_addresses_are_named(address: str, problem: str) -> None:
+    with pytest.raises(InvalidMessage, match=problem) as info:
+        check_address(address, "to[0]")
+    assert info.value.reason.startswith("to[0]:")
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    (dict(subject="Hi\r\nBcc: x@example.com"), "subject"),
+    (dict(headers={"X-Campaign": "a\nb"}), "headers['X-Campaign']"),
+    (dict(headers={"Bcc": "x@example.com"}), "headers['Bcc']"),
+    (dict(headers={"Bad Name": "x"}), "headers['Bad Name']"),
+    (dict(to=(), cc=(), bcc=()), "recipients"),
+    (dict(text=None, html=None), "text, html"),
+    (dict(sender="nobody"), "sender"),
+    (dict(to=("ann@example.com", "bob@example")), "to[1]"),
+    (dict(attachments=(Attachment("a.pdf", "pdf", b"x"),)), "attachments[0].content_type"),
+])
+def test_refusals_name_the_field(fields: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidMessage) as info:
+        validate(request(**fields), max_message_bytes=1_000_000, max_recipients=10)
+    assert info.value.reason.startswith(field), info.value.reason
+
+
+def test_too_large_and_too_many_recipients() -> None:
+    with pytest.raises(InvalidMessage, match="over the 100-byte limit"):
+        validate(request(text="x" * 101), max_message_bytes=100, max_recipients=10)
+    with pytest.raises(InvalidMessage, match="at most 2 per mail"):
+        validate(request(to=("a@example.com", "b@example.com", "c@example.com")), 1000, max_recipients=2)
+
+
+def test_envelope_holds_every_recipient_once_bcc_included() -> None:
+    req = request(to=("ann@example.com", "ANN@example.com"), cc=("bob@example.com",),
+                  bcc=("eve@example.com",))
+    assert validate(req, 1_000_000, 10) == ("ann@example.com", "bob@example.com", "eve@example.com")
+
+
+def test_rendered_message_is_rfc5322_with_crlf_and_no_bcc_header() -> None:
+    req = request(cc=("bob@example.com",), bcc=("eve@example.com",), html="<p>Hi Ann</p>",
+                  headers={"List-Unsubscribe": "<mailto:unsub@acme.example>"},
+                  attachments=(Attachment("cv.pdf", "application/pdf", b"%PDF-1.4"),))
+    raw = render(req, "f" * 32)
+    assert b"\r\n" in raw and b"\n" not in raw.replace(b"\r\n", b"")
+    msg = email.message_from_bytes(raw, policy=default)
+    assert msg["Message-ID"] == f"<{'f' * 32}@acme.example>"
+    assert msg["To"] == "ann@example.com" and msg["Cc"] == "bob@example.com"
+    assert msg["Bcc"] is None, "Bcc recipients are in the envelope only"
+    assert msg["List-Unsubscribe"] == "<mailto:unsub@acme.example>"
+    body = msg.get_body(preferencelist=("plain",))
+    assert body is not None and body.get_content().strip() == "Hi Ann"
+    assert [p.get_filename() for p in msg.iter_attachments()] == ["cv.pdf"]
+
+
+def test_raw_message_is_passed_through() -> None:
+    raw = b"From: hr@acme.example\r\nSubject: x\r\n\r\nbody\r\n"
+    req = request(message=raw, recipients=("ann@example.com",), to=())
+    assert validate(req, 1000, 10) == ("ann@example.com",)
+    assert render(req, "id") == raw
