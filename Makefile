@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo test unit lint bench clean
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $(INSTALLED)
+
+## make demo [ARGS="--mails 5000 --size 4096"]: the whole pipeline, end to end, on this machine
+demo: $(INSTALLED)
+	$(BIN)/python -m mailpipe.services
+	$(BIN)/mailpipe demo $(ARGS)
+
+## make test: lint, types, then every test (unit, integration, faults) against real services
+test: $(INSTALLED)
+	$(BIN)/python -m mailpipe.services
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## make unit: the fast tests only, no services needed
+unit: $(INSTALLED)
+	$(BIN)/pytest tests/unit
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: $(INSTALLED)
+	$(BIN)/python -m mailpipe.services
+	mkdir -p bench/out
+	for b in bench/*.py; do $(BIN)/python $$b | tee bench/out/$$(basename $$b .py).json; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
