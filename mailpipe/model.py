@@ -16,6 +16,17 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+_IDEMPOTENCY = uuid.UUID("5b0f6f0e-6d61-696c-7069-706500000001")
+
+
+def job_id_for(tenant: str, idempotency_key: str | None) -> str:
+    """A job's id: random, or derived from the idempotency key, so a retrying upstream that
+    publishes the same key twice gets the same job id back, and every stage can dedupe on it."""
+    if idempotency_key is None:
+        return new_id()
+    return uuid.uuid5(_IDEMPOTENCY, f"{tenant}\0{idempotency_key}").hex
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 

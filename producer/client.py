@@ -22,7 +22,7 @@ from types import TracebackType
 from mailpipe.amqp import Broker, Outgoing
 from mailpipe.codec import encode_intake
 from mailpipe.errors import BrokerUnavailable, InvalidMessage
-from mailpipe.model import Attachment, IntakeRequest, new_id, now_ms
+from mailpipe.model import Attachment, IntakeRequest, job_id_for, now_ms
 from mailpipe.settings import Settings
 from mailpipe.topology import Topology
 from producer.compose import validate
@@ -56,9 +56,14 @@ class Producer:
                 html: str | None = None, attachments: Iterable[tuple[str, str, bytes]] = (),
                 headers: dict[str, str] | None = None, server: str | None = None,
                 idempotency_key: str | None = None) -> str:
-        """Queue one mail to compose; returns its job id once RabbitMQ has confirmed it."""
+        """Queue one mail to compose; returns its job id once RabbitMQ has confirmed it.
+
+        With an ``idempotency_key``, publishing again (a retry after a timeout, say) returns the
+        same job id and the mail is queued once.
+        """
         req = IntakeRequest(
-            id=new_id(), tenant=tenant, sender=sender, created_ms=now_ms(), to=_strings(to, "to"),
+            id=job_id_for(tenant, idempotency_key), tenant=tenant, sender=sender, created_ms=now_ms(),
+            to=_strings(to, "to"),
             cc=_strings(cc, "cc"), bcc=_strings(bcc, "bcc"), subject=subject, text=text, html=html,
             attachments=tuple(Attachment(f, c, d) for f, c, d in attachments),
             headers=dict(headers or {}), server=server, idempotency_key=idempotency_key,
@@ -69,7 +74,8 @@ class Producer:
                     server: str | None = None, idempotency_key: str | None = None) -> str:
         """Queue a ready RFC 5322 message (CRLF line endings) for the given envelope."""
         req = IntakeRequest(
-            id=new_id(), tenant=tenant, sender=sender, created_ms=now_ms(), message=bytes(message),
+            id=job_id_for(tenant, idempotency_key), tenant=tenant, sender=sender, created_ms=now_ms(),
+            message=bytes(message),
             recipients=_strings(recipients, "recipients"), server=server,
             idempotency_key=idempotency_key,
         )

@@ -4,18 +4,25 @@ Consume intake requests; decode and validate them; route each to its tenant's SM
 render the RFC 5322 message once (every later size is exact); publish the jobs, confirmed;
 then ack. A request that fails any check goes to the dead-letter queue with a reason that
 names the problem, and the stage goes on.
+
+Idempotency: a job with an idempotency key is marked "queued" in Redis once its publish is
+confirmed; a later request with the same key (a retrying upstream) is acked and dropped as
+a duplicate. The mark is set after the confirm, never before, so a crash in between queues
+the job twice rather than never (the sender's per-recipient marks catch that duplicate).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import cast
 
+import redis
 from prometheus_client import Counter
 
 from mailpipe import metrics
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.codec import decode_intake, encode_job
-from mailpipe.errors import ConfigError, InvalidMessage
+from mailpipe.errors import ConfigError, InvalidMessage, LimiterUnavailable
 from mailpipe.model import IntakeRequest, Job, now_ms
 from mailpipe.servers import Config, ConfigWatcher
 from mailpipe.settings import Settings
@@ -25,6 +32,8 @@ from producer.compose import render, validate
 log = logging.getLogger(__name__)
 
 REJECTS = Counter("mailpipe_intake_rejects_total", "Intake requests refused, by reason.", ["reason"])
+DUPLICATES = Counter("mailpipe_intake_duplicates_total",
+                     "Intake requests dropped because their idempotency key was queued already.")
 
 
 class EnqueueStage(Stage):
@@ -33,6 +42,7 @@ class EnqueueStage(Stage):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.config = ConfigWatcher(settings.servers_path)
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
 
     @property
     def input_queue(self) -> str:
@@ -41,6 +51,7 @@ class EnqueueStage(Stage):
     def handle(self, broker: Broker, deliveries: list[Delivery]) -> None:
         config = self.config.current()
         out: list[Outgoing] = []
+        keyed: list[Job] = []
         for delivery in deliveries:
             try:
                 job = self.to_job(decode_intake(delivery.body, self.settings.max_message_bytes), config)
@@ -51,8 +62,15 @@ class EnqueueStage(Stage):
                 REJECTS.labels("routing").inc()
                 out.append(self.dead_letter(delivery.body, exc.reason, "routing"))
             else:
+                if job.idempotency_key is not None:
+                    keyed.append(job)
                 out.append(Outgoing(self.topology.jobs, encode_job(job), message_id=job.id))
+        duplicates = self.already_queued(keyed)
+        if duplicates:
+            DUPLICATES.inc(len(duplicates))
+            out = [o for o in out if o.message_id not in duplicates or o.routing_key != self.topology.jobs]
         broker.publish(out)
+        self.mark_queued([j for j in keyed if j.id not in duplicates])
         metrics.MESSAGES_OUT.labels(self.name, self.topology.jobs).inc(
             sum(1 for o in out if o.routing_key == self.topology.jobs))
         broker.ack(deliveries[-1].tag, multiple=True)
@@ -70,3 +88,35 @@ class EnqueueStage(Stage):
             recipients=recipients, message=message, created_ms=req.created_ms,
             enqueued_ms=now_ms(), idempotency_key=req.idempotency_key,
         )
+
+    def _key(self, job: Job) -> str:
+        return f"{self.settings.namespace}:queued:{job.id}"
+
+    def already_queued(self, jobs: list[Job]) -> set[str]:
+        if not jobs:
+            return set()
+        try:
+            found = cast(list[bytes | None], self.redis.mget([self._key(j) for j in jobs]))
+        except redis.RedisError as exc:
+            raise LimiterUnavailable(f"Redis: cannot check idempotency keys: {exc}") from exc
+        return {j.id for j, mark in zip(jobs, found, strict=True) if mark is not None}
+
+    def mark_queued(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job in jobs:
+                    pipe.set(self._key(job), b"1", ex=self.settings.idempotency_ttl_s)
+                pipe.execute()
+        except redis.RedisError as exc:
+            raise LimiterUnavailable(f"Redis: cannot mark idempotency keys: {exc}") from exc
+
+    def ready(self) -> bool:
+        try:
+            return bool(self.redis.ping())
+        except redis.RedisError:
+            return False
+
+    def close(self) -> None:
+        self.redis.close()
