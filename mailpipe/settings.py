@@ -6,6 +6,7 @@ Every field has a working local default; units are in the names.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -32,6 +33,7 @@ class Settings:
     # Intake.
     max_message_bytes: int = 25 * MIB
     max_recipients: int = 100
+    idempotency_ttl_s: int = 24 * 3600
 
     # Packing.
     max_batch_mails: int = 500
@@ -41,6 +43,11 @@ class Settings:
     # Release and delivery.
     window_s: float = 60.0
     burst_mails: int = 0  # 0: one whole batch (max_batch_mails)
+    # Limiter: batches held unacked per replica (each up to max_batch_bytes in memory); a batch
+    # not due within limiter_hold_s goes through a delay queue of limiter_park_s instead.
+    limiter_prefetch: int = 32
+    limiter_hold_s: float = 120.0
+    limiter_park_s: int = 60
     send_concurrency: int = 4
     smtp_timeout_s: float = 30.0
     sent_mark_ttl_s: int = 7 * 24 * 3600
@@ -87,6 +94,13 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"MAILPIPE_{name.upper()} must be > 0, got {getattr(self, name)}")
+        for field in fields(self):
+            value = getattr(self, field.name)
+            # nan passes every comparison above, and inf never ends retry_delays' doubling loop.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"MAILPIPE_{field.name.upper()} must be a finite number, got {value}")
+            if isinstance(value, int | float) and value < 0:
+                raise ConfigError(f"MAILPIPE_{field.name.upper()} must not be negative, got {value}")
         if self.max_message_bytes > self.max_batch_bytes:
             raise ConfigError("MAILPIPE_MAX_MESSAGE_BYTES must not exceed MAILPIPE_MAX_BATCH_BYTES")
         if not self.namespace.replace("-", "").replace("_", "").isalnum():
@@ -110,9 +124,21 @@ def redact_url(url: str) -> str:
     """The URL without its password, for logs and status output."""
     parts = urlsplit(url)
     if parts.password is None:
+        # A password holding an unencoded / ? or # ends urlsplit's netloc early: hide all of
+        # "user:pass..." up to the last @ rather than log it.
+        scheme, sep, rest = url.partition("://")
+        userinfo, at, after = rest.rpartition("@")
+        if sep and at and ":" in userinfo:
+            return f"{scheme}://***@{after}"
         return url
     host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    if ":" in host:  # an IPv6 address keeps its brackets
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:  # a malformed port: show nothing rather than fail while logging
+        return f"{parts.scheme}://***"
+    if port:
+        host = f"{host}:{port}"
     user = f"{parts.username}:***@" if parts.username else ":***@"
     return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))

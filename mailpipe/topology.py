@@ -105,7 +105,7 @@ def retry_delays(base_s: float, max_s: float) -> tuple[int, ...]:
     delays: list[int] = []
     delay = max(1.0, base_s)
     while True:
-        step = int(min(delay, max_s))
+        step = max(1, int(min(delay, max_s)))  # a max below 1 s must not make a 0 s TTL: no delay
         if step not in delays:
             delays.append(step)
         if delay >= max_s:
