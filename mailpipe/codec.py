@@ -154,7 +154,7 @@ def encode_job(job: Job) -> bytes:
         "id": job.id, "tenant": job.tenant, "server": job.server, "sender": job.sender,
         "recipients": list(job.recipients), "message": job.message, "created_ms": job.created_ms,
         "enqueued_ms": job.enqueued_ms, "attempt": job.attempt,
-        "idempotency_key": job.idempotency_key,
+        "idempotency_key": job.idempotency_key, "findings": list(job.findings),
     })
 
 
@@ -168,6 +168,7 @@ def decode_job(data: bytes, max_message_bytes: int = 2**31 - 1) -> Job:
         server=f.text("server", max_len=255), sender=f.text("sender"), recipients=recipients,
         message=f.binary("message"), created_ms=f.integer("created_ms"), enqueued_ms=f.integer("enqueued_ms"),
         attempt=f.integer("attempt"), idempotency_key=f.text("idempotency_key", required=False, max_len=255),
+        findings=f.texts("findings"),
     )
 
 
@@ -206,7 +207,7 @@ def encode_event(event: Event) -> bytes:
         "outcome": event.outcome, "recipients": list(event.recipients), "attempt": event.attempt,
         "created_ms": event.created_ms, "at_ms": event.at_ms, "code": event.code,
         "text": event.text, "category": event.category, "advice": event.advice,
-        "batch_id": event.batch_id,
+        "batch_id": event.batch_id, "findings": list(event.findings),
     })
 
 
@@ -218,4 +219,5 @@ def decode_event(data: bytes) -> Event:
         created_ms=f.integer("created_ms"), at_ms=f.integer("at_ms"), code=f.integer("code", required=False),
         text=f.text("text", required=False) or "", category=f.text("category", required=False) or "",
         advice=f.text("advice", required=False) or "", batch_id=f.text("batch_id", required=False) or "",
+        findings=f.texts("findings"),
     )

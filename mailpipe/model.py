@@ -79,6 +79,7 @@ class Job:
     enqueued_ms: int = 0
     attempt: int = 0
     idempotency_key: str | None = None
+    findings: tuple[str, ...] = ()  # deliverability warnings from the intake's lint
 
     @property
     def size(self) -> int:
@@ -126,3 +127,4 @@ class Event:
     category: str = ""
     advice: str = ""
     batch_id: str = ""
+    findings: tuple[str, ...] = ()

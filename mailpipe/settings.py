@@ -34,6 +34,8 @@ class Settings:
     max_message_bytes: int = 25 * MIB
     max_recipients: int = 100
     idempotency_ttl_s: int = 24 * 3600
+    # Deliverability lint rules that refuse a mail; every other finding is a warning on the job.
+    lint_refuse: str = "executable_attachment,script"
 
     # Packing.
     max_batch_mails: int = 500

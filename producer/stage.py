@@ -14,6 +14,7 @@ the job twice rather than never (the sender's per-recipient marks catch that dup
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import cast
 
 import redis
@@ -28,10 +29,13 @@ from mailpipe.servers import Config, ConfigWatcher
 from mailpipe.settings import Settings
 from mailpipe.stage import Stage
 from producer.compose import render, validate
+from producer.lint import RULES, lint, text_from_html
 
 log = logging.getLogger(__name__)
 
 REJECTS = Counter("mailpipe_intake_rejects_total", "Intake requests refused, by reason.", ["reason"])
+LINT_FINDINGS = Counter("mailpipe_intake_lint_findings_total",
+                        "Deliverability warnings found on queued mail, by rule.", ["rule"])
 DUPLICATES = Counter("mailpipe_intake_duplicates_total",
                      "Intake requests dropped because their idempotency key was queued already.")
 
@@ -42,6 +46,11 @@ class EnqueueStage(Stage):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.config = ConfigWatcher(settings.servers_path)
+        self.refuse = frozenset(r.strip() for r in settings.lint_refuse.split(",") if r.strip())
+        unknown = self.refuse - set(RULES)
+        if unknown:
+            raise ConfigError(f"MAILPIPE_LINT_REFUSE: unknown rule(s) {sorted(unknown)}; "
+                              f"known: {', '.join(RULES)}")
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
 
     @property
@@ -79,6 +88,14 @@ class EnqueueStage(Stage):
         recipients = validate(req, self.settings.max_message_bytes, self.settings.max_recipients)
         tenant = config.tenant(req.tenant)
         server = config.server(req.server or tenant.server)
+        findings = lint(req, server)
+        refused = [f for f in findings if f.rule in self.refuse]
+        if refused:
+            raise InvalidMessage("; ".join(str(f) for f in refused))
+        for finding in findings:
+            LINT_FINDINGS.labels(finding.rule).inc()
+        if req.html is not None and req.text is None and not req.is_raw:
+            req = replace(req, text=text_from_html(req.html))
         message = render(req, req.id)
         if len(message) > self.settings.max_message_bytes:
             raise InvalidMessage(f"message: {len(message)} bytes rendered, over the "
@@ -87,6 +104,7 @@ class EnqueueStage(Stage):
             id=req.id, tenant=tenant.name, server=server.name, sender=req.sender,
             recipients=recipients, message=message, created_ms=req.created_ms,
             enqueued_ms=now_ms(), idempotency_key=req.idempotency_key,
+            findings=tuple(str(f) for f in findings),
         )
 
     def _key(self, job: Job) -> str:
