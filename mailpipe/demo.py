@@ -110,9 +110,9 @@ def run_demo(mails: int, size: int, rate_per_hour: int | None, as_json: bool,
         write_servers_file(servers_file, sink.port, rate_per_hour, mails)
         env = stage_env(settings, namespace, servers_file)
         for stage in STAGES:
-            log = (workdir / f"{stage}.log").open("wb")
-            procs[stage] = subprocess.Popen([sys.executable, "-m", "mailpipe", "run", stage], env=env,
-                                            stdout=log, stderr=subprocess.STDOUT)
+            with (workdir / f"{stage}.log").open("wb") as log:  # the child keeps its own copy
+                procs[stage] = subprocess.Popen([sys.executable, "-m", "mailpipe", "run", stage],
+                                                env=env, stdout=log, stderr=subprocess.STDOUT)
         print(f"started {', '.join(STAGES)} (logs in {workdir}); SMTP sink on 127.0.0.1:{sink.port}",
               file=out)
         try:
@@ -162,11 +162,13 @@ def follow(broker: Broker, events: str, namespace: str, settings: Settings, mail
                 progress.deferred += 1
             broker.ack(delivery.tag)
         now = time.monotonic()
-        if now - last_print > 0.5 or progress.done == mails:
+        # On a terminal, one line redrawn twice a second; in a log, a line every 5 s.
+        every_s, end = (0.5, "\r") if out.isatty() else (5.0, "\n")
+        if now - last_print > every_s or progress.done == mails:
             last_print = now
             rate = len(progress.sent) / max(now - started, 1e-6)
-            print(f"\rsent {len(progress.sent)}/{mails}  failed {len(progress.failed)}  "
-                  f"deferred {progress.deferred}  {rate:,.0f} mails/s", end="", file=out, flush=True)
+            print(f"sent {len(progress.sent)}/{mails}  failed {len(progress.failed)}  "
+                  f"deferred {progress.deferred}  {rate:,.0f} mails/s", end=end, file=out, flush=True)
         dead = [s for s, p in procs.items() if p.poll() is not None]
         if dead:
             print(f"\nstage(s) exited early: {', '.join(dead)}", file=out)
@@ -174,7 +176,8 @@ def follow(broker: Broker, events: str, namespace: str, settings: Settings, mail
         if now > deadline:
             print(f"\ngave up after {timeout_s:.0f} s", file=out)
             break
-    print(file=out)
+    if out.isatty():
+        print(file=out)
     progress.seconds = time.monotonic() - started
     return progress
 

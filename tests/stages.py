@@ -9,7 +9,9 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from mailpipe.amqp import Broker
 from mailpipe.settings import Settings
+from mailpipe.topology import Topology
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -33,14 +35,18 @@ class StageProcesses:
         self.exit_codes: dict[str, int] = {}
 
     def __enter__(self) -> StageProcesses:
+        # As a deployment runs `mailpipe topology` first: the queues exist before anyone publishes.
+        broker = Broker(self.settings.amqp_url, client_name="tests").connect()
+        Topology.from_settings(self.settings).declare(broker.channel())
+        broker.close()
         env = settings_env(self.settings)
         for stage in self.stages:
             for replica in range(self.replicas):
                 name = f"{stage}-{replica}"
-                log = (self.log_dir / f"{name}.log").open("wb")
-                self.procs[name] = subprocess.Popen(
-                    [sys.executable, "-m", "mailpipe", "run", stage], env=env, stdout=log,
-                    stderr=subprocess.STDOUT)
+                with (self.log_dir / f"{name}.log").open("wb") as log:  # the child keeps its own copy
+                    self.procs[name] = subprocess.Popen(
+                        [sys.executable, "-m", "mailpipe", "run", stage], env=env, stdout=log,
+                        stderr=subprocess.STDOUT)
         return self
 
     def stop(self, timeout_s: float = 30.0) -> dict[str, int]:
