@@ -138,11 +138,21 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class DkimKey:
+    """Signs the tenant's mail from ``domain`` (and its subdomains) with ``selector``."""
+
+    domain: str
+    selector: str
+    private_key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
 class TenantConfig:
     name: str
     server: str
     daily_limit: int = DEFAULT_DAILY_LIMIT
     timezone: str = "UTC"
+    dkim: DkimKey | None = None
 
 
 @dataclass(frozen=True)
@@ -166,7 +176,8 @@ class Config:
 _SERVER_KEYS = {"address", "credentials_env", "credentials_file", "bulk", "rate_per_hour",
                 "per_minute", "unlimited", "concurrency", "tls", "tls_verify", "ca_file",
                 "max_mails_per_connection"}
-_TENANT_KEYS = {"server", "daily_limit", "timezone"}
+_TENANT_KEYS = {"server", "daily_limit", "timezone", "dkim_domain", "dkim_selector", "dkim_key_file",
+                "dkim_key_env"}
 
 
 def load_config(path: Path | None, environ: dict[str, str] | None = None) -> Config:
@@ -188,7 +199,7 @@ def parse_config(data: dict[str, Any], source: str, environ: Any) -> Config:
         raise ConfigError(f"{source}: unknown table(s) {sorted(unknown)}; expected servers, tenants")
     servers = {name: _server(name, table, f"{source}: servers.{name}", environ)
                for name, table in _tables(data, "servers", source).items()}
-    tenants = {name: _tenant(name, table, f"{source}: tenants.{name}")
+    tenants = {name: _tenant(name, table, f"{source}: tenants.{name}", environ)
                for name, table in _tables(data, "tenants", source).items()}
     for tenant in tenants.values():
         if tenant.server not in servers:
@@ -256,7 +267,7 @@ def _credentials(table: dict[str, Any], where: str, environ: Any) -> Credentials
     return None
 
 
-def _tenant(name: str, table: dict[str, Any], where: str) -> TenantConfig:
+def _tenant(name: str, table: dict[str, Any], where: str, environ: Any) -> TenantConfig:
     _no_unknown_keys(table, _TENANT_KEYS, where)
     server = _typed(table, "server", str, where) or "platform"
     daily_limit = _typed(table, "daily_limit", int, where)
@@ -268,7 +279,33 @@ def _tenant(name: str, table: dict[str, Any], where: str) -> TenantConfig:
         ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError(f"{where}.timezone: unknown time zone {timezone!r}") from None
-    return TenantConfig(name=name, server=server, daily_limit=daily_limit, timezone=timezone)
+    return TenantConfig(name=name, server=server, daily_limit=daily_limit, timezone=timezone,
+                        dkim=_dkim(table, where, environ))
+
+
+def _dkim(table: dict[str, Any], where: str, environ: Any) -> DkimKey | None:
+    domain = _typed(table, "dkim_domain", str, where)
+    selector = _typed(table, "dkim_selector", str, where)
+    key_file = _typed(table, "dkim_key_file", str, where)
+    key_env = _typed(table, "dkim_key_env", str, where)
+    if not (domain or selector or key_file or key_env):
+        return None
+    if not (domain and selector and (key_file or key_env)):
+        raise ConfigError(f"{where}: DKIM needs dkim_domain, dkim_selector and dkim_key_file or dkim_key_env")
+    if key_file and key_env:
+        raise ConfigError(f"{where}: give dkim_key_file or dkim_key_env, not both")
+    if key_env:
+        if key_env not in environ:
+            raise ConfigError(f"{where}.dkim_key_env: environment variable {key_env} is not set")
+        key = environ[key_env].encode()
+    else:
+        try:
+            key = Path(str(key_file)).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{where}.dkim_key_file: cannot read {key_file!r}: {exc.strerror}") from None
+    if b"PRIVATE KEY-----" not in key:
+        raise ConfigError(f"{where}: the DKIM key is not a PEM private key")
+    return DkimKey(domain=domain.lower().rstrip("."), selector=selector, private_key=key)
 
 
 def _no_unknown_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:

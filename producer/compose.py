@@ -12,8 +12,11 @@ from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import formatdate
 
-from mailpipe.errors import InvalidMessage
+import dkim
+
+from mailpipe.errors import ConfigError, InvalidMessage
 from mailpipe.model import IntakeRequest
+from mailpipe.servers import DkimKey
 
 # A deliberately strict address: what SMTP servers accept without surprises. No display
 # names here (the envelope needs the bare address), no quoted local parts, no comments.
@@ -147,3 +150,26 @@ def render(req: IntakeRequest, job_id: str) -> bytes:
         return msg.as_bytes()
     except (ValueError, TypeError, UnicodeError) as exc:
         raise InvalidMessage(f"message: cannot be rendered: {exc}") from None
+
+
+SIGNED_HEADERS = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"mime-version",
+                  b"content-type", b"reply-to", b"list-unsubscribe")
+
+
+def dkim_sign(message: bytes, sender: str, key: DkimKey | None) -> bytes:
+    """Prepend a DKIM-Signature when the tenant has a key for the sender's domain.
+
+    Signing with a domain the From address does not belong to would not align (DMARC), so a
+    mail from another domain goes unsigned rather than signed wrongly.
+    """
+    if key is None:
+        return message
+    domain = sender.rpartition("@")[2].lower()
+    if domain != key.domain and not domain.endswith("." + key.domain):
+        return message
+    try:
+        signature = dkim.sign(message, key.selector.encode(), key.domain.encode(), key.private_key,
+                              include_headers=list(SIGNED_HEADERS), linesep=b"\r\n")
+    except dkim.DKIMException as exc:
+        raise ConfigError(f"DKIM key for {key.domain}: cannot sign: {exc}") from None
+    return bytes(signature) + message

@@ -28,7 +28,7 @@ from mailpipe.model import IntakeRequest, Job, now_ms
 from mailpipe.servers import Config, ConfigWatcher
 from mailpipe.settings import Settings
 from mailpipe.stage import Stage
-from producer.compose import render, validate
+from producer.compose import dkim_sign, render, validate
 from producer.lint import RULES, lint, text_from_html
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class EnqueueStage(Stage):
             LINT_FINDINGS.labels(finding.rule).inc()
         if req.html is not None and req.text is None and not req.is_raw:
             req = replace(req, text=text_from_html(req.html))
-        message = render(req, req.id)
+        message = dkim_sign(render(req, req.id), req.sender, tenant.dkim)
         if len(message) > self.settings.max_message_bytes:
             raise InvalidMessage(f"message: {len(message)} bytes rendered, over the "
                                  f"{self.settings.max_message_bytes}-byte limit")
