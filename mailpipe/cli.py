@@ -88,6 +88,30 @@ def cmd_dead(args: argparse.Namespace) -> int:
     return dead.replay(settings, reason=args.reason, tenant=args.tenant)
 
 
+def cmd_suppression(args: argparse.Namespace) -> int:
+    import redis
+
+    from mailpipe import suppression
+
+    settings = Settings.from_env()
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        if args.action == "remove":
+            if not (args.tenant and args.recipient):
+                print("mailpipe suppression remove: give --tenant and the RECIPIENT", file=sys.stderr)
+                return 2
+            removed = suppression.remove(client, settings.namespace, args.tenant, args.recipient)
+            print(f"{args.recipient}: {'no longer suppressed' if removed else 'was not suppressed'}")
+            return 0
+        rows = suppression.list_suppressed(client, settings.namespace, args.tenant)
+    finally:
+        client.close()
+    print(f"{len(rows)} suppressed recipient(s)")
+    for row in rows:
+        print(f"{row.tenant:16} {row.recipient:40} {row.expires_in_s // 86400:>3} d left  {row.reason}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailpipe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     dead.add_argument("--reason", help="replay only mail whose reason contains this")
     dead.add_argument("--tenant", help="replay only this tenant's mail")
     dead.set_defaults(func=cmd_dead)
+
+    supp = sub.add_parser("suppression", help="recipients suppressed after a permanent bad_recipient failure")
+    supp.add_argument("action", choices=("list", "remove"))
+    supp.add_argument("recipient", nargs="?", help="the address to remove")
+    supp.add_argument("--tenant", help="only this tenant (required for remove)")
+    supp.set_defaults(func=cmd_suppression)
     return parser
 
 

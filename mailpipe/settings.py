@@ -34,6 +34,7 @@ class Settings:
     max_message_bytes: int = 25 * MIB
     max_recipients: int = 100
     idempotency_ttl_s: int = 24 * 3600
+    suppress_days: int = 30
     # Deliverability lint rules that refuse a mail; every other finding is a warning on the job.
     lint_refuse: str = "executable_attachment,script"
 
@@ -63,6 +64,11 @@ class Settings:
     retry_base_s: float = 60.0
     retry_max_s: float = 3600.0
     retry_max_age_s: float = 4 * 24 * 3600.0
+
+    # Queue depth for /metrics: RabbitMQ's management API (ready and unacked); empty, or not
+    # answering: passive declares over AMQP (ready only). Credentials: the URL's, else amqp_url's.
+    rabbitmq_api_url: str = "http://127.0.0.1:15672"
+    queue_metrics_cache_s: float = 5.0
 
     # Process.
     shutdown_timeout_s: float = 30.0

@@ -20,11 +20,11 @@ from typing import cast
 import redis
 from prometheus_client import Counter
 
-from mailpipe import metrics
+from mailpipe import metrics, suppression
 from mailpipe.amqp import Broker, Delivery, Outgoing
-from mailpipe.codec import decode_intake, encode_job
+from mailpipe.codec import decode_intake, encode_event, encode_job
 from mailpipe.errors import ConfigError, InvalidMessage, LimiterUnavailable
-from mailpipe.model import IntakeRequest, Job, now_ms
+from mailpipe.model import Event, IntakeRequest, Job, now_ms
 from mailpipe.servers import Config, ConfigWatcher
 from mailpipe.settings import Settings
 from mailpipe.stage import Stage
@@ -60,29 +60,59 @@ class EnqueueStage(Stage):
     def handle(self, broker: Broker, deliveries: list[Delivery]) -> None:
         config = self.config.current()
         out: list[Outgoing] = []
-        keyed: list[Job] = []
+        jobs: list[Job] = []
         for delivery in deliveries:
             try:
-                job = self.to_job(decode_intake(delivery.body, self.settings.max_message_bytes), config)
+                jobs.append(self.to_job(decode_intake(delivery.body, self.settings.max_message_bytes), config))
             except InvalidMessage as exc:
                 REJECTS.labels("invalid").inc()
                 out.append(self.dead_letter(delivery.body, exc.reason, "invalid"))
             except ConfigError as exc:
                 REJECTS.labels("routing").inc()
                 out.append(self.dead_letter(delivery.body, exc.reason, "routing"))
-            else:
-                if job.idempotency_key is not None:
-                    keyed.append(job)
-                out.append(Outgoing(self.topology.jobs, encode_job(job), message_id=job.id))
-        duplicates = self.already_queued(keyed)
-        if duplicates:
-            DUPLICATES.inc(len(duplicates))
-            out = [o for o in out if o.message_id not in duplicates or o.routing_key != self.topology.jobs]
+        jobs = self.drop_suppressed(jobs, out)
+        duplicates = self.already_queued([j for j in jobs if j.idempotency_key is not None])
+        DUPLICATES.inc(len(duplicates))
+        queued = [j for j in jobs if j.id not in duplicates]
+        out += [Outgoing(self.topology.jobs, encode_job(j), message_id=j.id) for j in queued]
         broker.publish(out)
-        self.mark_queued([j for j in keyed if j.id not in duplicates])
-        metrics.MESSAGES_OUT.labels(self.name, self.topology.jobs).inc(
-            sum(1 for o in out if o.routing_key == self.topology.jobs))
+        self.mark_queued([j for j in queued if j.idempotency_key is not None])
+        metrics.MESSAGES_OUT.labels(self.name, self.topology.jobs).inc(len(queued))
         broker.ack(deliveries[-1].tag, multiple=True)
+
+    def drop_suppressed(self, jobs: list[Job], out: list[Outgoing]) -> list[Job]:
+        """Fail the recipients suppressed for their tenant (an event each; the whole job to the
+        dead-letter queue when none is left); return the jobs with what remains."""
+        if not jobs:
+            return jobs
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job in jobs:
+                    pipe.mget([suppression.key(self.settings.namespace, job.tenant, r) for r in job.recipients])
+                found = pipe.execute()
+        except redis.RedisError as exc:
+            raise LimiterUnavailable(f"Redis: cannot check suppressed recipients: {exc}") from exc
+        kept = []
+        for job, marks in zip(jobs, found, strict=True):
+            blocked = {r: m.decode("utf-8", "replace") for r, m in zip(job.recipients, marks, strict=True) if m}
+            if not blocked:
+                kept.append(job)
+                continue
+            REJECTS.labels("suppressed").inc(len(blocked))
+            reason = "suppressed: " + "; ".join(f"{r} ({why})" for r, why in blocked.items())
+            out.append(Outgoing(f"failed.{job.tenant}", encode_event(Event(
+                job_id=job.id, tenant=job.tenant, server=job.server, outcome="failed",
+                recipients=tuple(blocked), attempt=job.attempt, created_ms=job.created_ms, at_ms=now_ms(),
+                text=reason, category="suppressed", findings=job.findings,
+                advice="the address failed permanently before; remove it with `mailpipe suppression "
+                       "remove` once it is fixed")), exchange=self.topology.events, mandatory=False))
+            remaining = tuple(r for r in job.recipients if r not in blocked)
+            if remaining:
+                kept.append(replace(job, recipients=remaining))
+            else:
+                out.append(self.dead_letter(encode_job(job), reason, "suppressed",
+                                            **{"x-mailpipe-tenant": job.tenant, "x-mailpipe-job-id": job.id}))
+        return kept
 
     def to_job(self, req: IntakeRequest, config: Config) -> Job:
         recipients = validate(req, self.settings.max_message_bytes, self.settings.max_recipients)
