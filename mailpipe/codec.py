@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import msgpack
 
 from mailpipe.errors import InvalidMessage
-from mailpipe.model import SCHEMA_VERSION, Attachment, Batch, Event, IntakeRequest, Job
+from mailpipe.model import PRIORITIES, SCHEMA_VERSION, Attachment, Batch, Event, IntakeRequest, Job
 
 T = TypeVar("T")
 
@@ -112,6 +112,13 @@ class _Fields:
         return dict(value)
 
 
+def _priority(f: _Fields) -> str:
+    value = f.text("priority", required=False) or "normal"
+    if value not in PRIORITIES:
+        raise InvalidMessage(f"{f.kind}.priority: {value!r} is not one of {', '.join(PRIORITIES)}")
+    return str(value)
+
+
 # -- intake -----------------------------------------------------------------------------------
 
 def encode_intake(req: IntakeRequest) -> bytes:
@@ -121,7 +128,8 @@ def encode_intake(req: IntakeRequest) -> bytes:
         "text": req.text, "html": req.html,
         "attachments": [[a.filename, a.content_type, a.data] for a in req.attachments],
         "headers": req.headers, "server": req.server, "idempotency_key": req.idempotency_key,
-        "message": req.message, "recipients": list(req.recipients),
+        "message": req.message, "recipients": list(req.recipients), "send_at_ms": req.send_at_ms,
+        "priority": req.priority,
     })
 
 
@@ -144,6 +152,7 @@ def decode_intake(data: bytes, max_message_bytes: int) -> IntakeRequest:
         headers=f.text_map("headers"), server=f.text("server", required=False, max_len=255),
         idempotency_key=f.text("idempotency_key", required=False, max_len=255),
         message=f.binary("message", required=False), recipients=f.texts("recipients"),
+        send_at_ms=f.integer("send_at_ms", required=False, default=None), priority=_priority(f),
     )
 
 
@@ -155,6 +164,7 @@ def encode_job(job: Job) -> bytes:
         "recipients": list(job.recipients), "message": job.message, "created_ms": job.created_ms,
         "enqueued_ms": job.enqueued_ms, "attempt": job.attempt,
         "idempotency_key": job.idempotency_key, "findings": list(job.findings),
+        "send_at_ms": job.send_at_ms, "priority": job.priority,
     })
 
 
@@ -168,7 +178,8 @@ def decode_job(data: bytes, max_message_bytes: int = 2**31 - 1) -> Job:
         server=f.text("server", max_len=255), sender=f.text("sender"), recipients=recipients,
         message=f.binary("message"), created_ms=f.integer("created_ms"), enqueued_ms=f.integer("enqueued_ms"),
         attempt=f.integer("attempt"), idempotency_key=f.text("idempotency_key", required=False, max_len=255),
-        findings=f.texts("findings"),
+        findings=f.texts("findings"), send_at_ms=f.integer("send_at_ms", required=False, default=None),
+        priority=_priority(f),
     )
 
 
@@ -179,7 +190,7 @@ def encode_batch(batch: Batch) -> bytes:
         "id": batch.id, "server": batch.server, "jobs": list(batch.jobs), "mails": batch.mails,
         "bytes": batch.bytes, "created_ms": batch.created_ms, "grant_id": batch.grant_id,
         "granted_ms": batch.granted_ms, "deadline_ms": batch.deadline_ms, "refund": batch.refund,
-        "tenants": batch.tenants,
+        "tenants": batch.tenants, "priority": batch.priority,
     })
 
 
@@ -195,7 +206,7 @@ def decode_batch(data: bytes) -> Batch:
         grant_id=f.text("grant_id", required=False, max_len=64),
         granted_ms=f.integer("granted_ms", required=False, default=None),
         deadline_ms=f.integer("deadline_ms", required=False, default=None),
-        refund=f.integer("refund", required=False), tenants=f.count_map("tenants"),
+        refund=f.integer("refund", required=False), tenants=f.count_map("tenants"), priority=_priority(f),
     )
 
 

@@ -10,6 +10,8 @@ import uuid
 from dataclasses import dataclass, field
 
 SCHEMA_VERSION = 1
+# "high" is for transactional mail (a password reset): it overtakes "normal" mail of any volume.
+PRIORITIES = ("high", "normal")
 
 
 def new_id() -> str:
@@ -59,6 +61,8 @@ class IntakeRequest:
     # A raw request carries its own message and envelope recipients instead of the fields above.
     message: bytes | None = field(default=None, repr=False)
     recipients: tuple[str, ...] = ()
+    send_at_ms: int | None = None  # not before this time
+    priority: str = "normal"
 
     @property
     def is_raw(self) -> bool:
@@ -80,6 +84,8 @@ class Job:
     attempt: int = 0
     idempotency_key: str | None = None
     findings: tuple[str, ...] = ()  # deliverability warnings from the intake's lint
+    send_at_ms: int | None = None
+    priority: str = "normal"
 
     @property
     def size(self) -> int:
@@ -105,6 +111,7 @@ class Batch:
     deadline_ms: int | None = None
     refund: int = 0
     tenants: dict[str, int] = field(default_factory=dict)
+    priority: str = "normal"
 
 
 OUTCOMES = ("sent", "deferred", "failed", "expired")

@@ -21,6 +21,10 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from mailpipe.settings import Settings
 
+# Delay steps for mail scheduled with send_at: it waits in the longest step that fits, again
+# and again, so it is released at most a second late however far ahead it was scheduled.
+SCHEDULE_STEPS_S = (1, 10, 60, 600, 3600)
+
 DEAD_REASON = "x-mailpipe-reason"
 DEAD_STAGE = "x-mailpipe-stage"
 
@@ -64,6 +68,12 @@ class Topology:
         """A topic exchange; routing key ``<outcome>.<tenant>``."""
         return self._q("events")
 
+    def schedule_queue(self, wait_ms: int) -> str:
+        """The delay queue for a job not due for ``wait_ms``: the longest step that does not
+        overshoot (a job comes back to ``jobs`` and is parked again until it is due)."""
+        fitting = [d for d in SCHEDULE_STEPS_S if d * 1000 <= wait_ms] or [SCHEDULE_STEPS_S[0]]
+        return self._q(f"scheduled.{fitting[-1]}s")
+
     def retry_queue(self, attempt: int) -> str:
         """The delay queue for a job's ``attempt``-th retry (1-based): the delay doubles each time."""
         delay = self.retry_delays_s[min(max(attempt, 1), len(self.retry_delays_s)) - 1]
@@ -75,7 +85,8 @@ class Topology:
 
     @property
     def all_queues(self) -> tuple[str, ...]:
-        return (*self.work_queues, self.dead, *(self._q(f"retry.{d}s") for d in self.retry_delays_s))
+        return (*self.work_queues, self.dead, *(self._q(f"retry.{d}s") for d in self.retry_delays_s),
+                *(self._q(f"scheduled.{d}s") for d in SCHEDULE_STEPS_S))
 
     def declare(self, channel: BlockingChannel) -> None:
         dead_letter = {
@@ -88,9 +99,11 @@ class Topology:
         for queue in self.work_queues:
             channel.queue_declare(queue, durable=True, arguments={
                 **_quorum(), **dead_letter, "x-delivery-limit": self.delivery_limit})
-        for delay in self.retry_delays_s:
-            channel.queue_declare(self._q(f"retry.{delay}s"), durable=True, arguments={
-                **_quorum(), "x-message-ttl": delay * 1000, "x-dead-letter-exchange": "",
+        delay_queues = [f"retry.{d}s" for d in self.retry_delays_s] + [f"scheduled.{d}s" for d in SCHEDULE_STEPS_S]
+        for name in delay_queues:
+            delay_s = int(name.rsplit(".", 1)[1].rstrip("s"))
+            channel.queue_declare(self._q(name), durable=True, arguments={
+                **_quorum(), "x-message-ttl": delay_s * 1000, "x-dead-letter-exchange": "",
                 "x-dead-letter-routing-key": self.jobs, "x-dead-letter-strategy": "at-least-once",
                 "x-overflow": "reject-publish"})
         channel.exchange_declare(self.events, exchange_type="topic", durable=True)

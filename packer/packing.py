@@ -1,8 +1,9 @@
 """Packing jobs into batches: pure decisions, no I/O.
 
-One open batch per SMTP server. A batch closes when the next job would take it over
-``max_mails`` or ``max_bytes`` (the rendered messages' bytes: the seeds' 500 mails and 80 MB),
-when it reaches either exactly, or when its first job has waited ``linger_s``.
+One open batch per SMTP server and priority. A batch closes when the next job would take it
+over ``max_mails`` or ``max_bytes`` (the rendered messages' bytes: the seeds' 500 mails and
+80 MB), when it reaches either exactly, or when its first job has waited ``linger_s``. A
+high-priority batch (transactional mail) does not linger: it closes at the next tick.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 class OpenBatch:
     server: str
     opened_at: float
+    priority: str = "normal"
     jobs: list[bytes] = field(default_factory=list)
     tags: list[int] = field(default_factory=list)  # the deliveries to ack once it is confirmed
     bytes: int = 0
@@ -30,34 +32,36 @@ class Packer:
         self.max_mails = max_mails
         self.max_bytes = max_bytes
         self.linger_s = linger_s
-        self.open: dict[str, OpenBatch] = {}
+        self.open: dict[tuple[str, str], OpenBatch] = {}
 
     def fits_alone(self, size: int) -> bool:
         return size <= self.max_bytes
 
-    def add(self, server: str, tenant: str, job: bytes, size: int, tag: int, now: float) -> list[OpenBatch]:
+    def add(self, server: str, tenant: str, job: bytes, size: int, tag: int, now: float,
+            priority: str = "normal") -> list[OpenBatch]:
         """Add a job; return the batches this closes (zero, one or two)."""
         if not self.fits_alone(size):
             raise ValueError(f"a {size}-byte job can never fit a {self.max_bytes}-byte batch")
         closed: list[OpenBatch] = []
-        batch = self.open.get(server)
+        key = (server, priority)
+        batch = self.open.get(key)
         if batch is not None and (batch.mails + 1 > self.max_mails or batch.bytes + size > self.max_bytes):
-            closed.append(self.open.pop(server))
+            closed.append(self.open.pop(key))
             batch = None
         if batch is None:
-            batch = self.open[server] = OpenBatch(server=server, opened_at=now)
+            batch = self.open[key] = OpenBatch(server=server, opened_at=now, priority=priority)
         batch.jobs.append(job)
         batch.tags.append(tag)
         batch.bytes += size
         batch.tenants[tenant] += 1
         if batch.mails == self.max_mails or batch.bytes == self.max_bytes:
-            closed.append(self.open.pop(server))
+            closed.append(self.open.pop(key))
         return closed
 
     def due(self, now: float) -> list[OpenBatch]:
-        """Batches whose first job has waited ``linger_s``."""
-        servers = [s for s, b in self.open.items() if now - b.opened_at >= self.linger_s]
-        return [self.open.pop(s) for s in servers]
+        """Batches whose first job has waited ``linger_s``; high-priority ones at once."""
+        keys = [k for k, b in self.open.items() if b.priority == "high" or now - b.opened_at >= self.linger_s]
+        return [self.open.pop(k) for k in keys]
 
     def close_all(self) -> list[OpenBatch]:
         closed = list(self.open.values())

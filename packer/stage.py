@@ -1,8 +1,9 @@
 """The packer stage: jobs -> batches.
 
-Consume jobs; group them per SMTP server; when a batch closes (500 mails, 80 MB, or its
-linger), publish it, confirmed, and only then ack the jobs it holds. The jobs' bytes are
-forwarded as they came, never re-encoded.
+Consume jobs; a job scheduled for later (``send_at``) is parked in a delay queue until it is
+due; the others are grouped per SMTP server and priority; when a batch closes (500 mails,
+80 MB, or its linger), publish it, confirmed, and only then ack the jobs it holds. The jobs'
+bytes are forwarded as they came, never re-encoded.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 from mailpipe import metrics
 from mailpipe.amqp import Broker, Delivery, Outgoing
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 BATCH_MAILS = Histogram("mailpipe_batch_mails", "Mails per batch the packer closed.", ["server"],
                         buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000))
+PARKED = Counter("mailpipe_packer_scheduled_total", "Jobs parked in a delay queue until their send_at.")
 BATCH_BYTES = Histogram("mailpipe_batch_bytes", "Bytes per batch the packer closed.", ["server"],
                         buckets=(1e4, 1e5, 1e6, 5e6, 1e7, 2e7, 4e7, 6e7, 8e7, 1e8))
 
@@ -53,9 +55,9 @@ class PackerStage(Stage):
         self.packer = self._new_packer()  # what it held is being redelivered
 
     def handle(self, broker: Broker, deliveries: list[Delivery]) -> None:
-        now = time.monotonic()
+        now, wall_ms = time.monotonic(), now_ms()
         closed: list[OpenBatch] = []
-        rejected: list[tuple[Delivery, Outgoing]] = []
+        set_aside: list[tuple[Delivery, Outgoing]] = []  # dead letters and parked jobs
         for delivery in deliveries:
             try:
                 job = decode_job(delivery.body)
@@ -63,12 +65,18 @@ class PackerStage(Stage):
                     raise InvalidMessage(f"job.message: {job.size} bytes can never fit a "
                                          f"{self.settings.max_batch_bytes}-byte batch")
             except InvalidMessage as exc:
-                rejected.append((delivery, self.dead_letter(delivery.body, exc.reason, "invalid")))
+                set_aside.append((delivery, self.dead_letter(delivery.body, exc.reason, "invalid")))
                 continue
-            closed += self.packer.add(job.server, job.tenant, delivery.body, job.size, delivery.tag, now)
-        if rejected:
-            broker.publish([out for _, out in rejected])
-            for delivery, _ in rejected:
+            if job.send_at_ms is not None and job.send_at_ms > wall_ms + 500:
+                PARKED.inc()
+                queue = self.topology.schedule_queue(job.send_at_ms - wall_ms)
+                set_aside.append((delivery, Outgoing(queue, delivery.body, message_id=job.id)))
+                continue
+            closed += self.packer.add(job.server, job.tenant, delivery.body, job.size, delivery.tag, now,
+                                      priority=job.priority)
+        if set_aside:
+            broker.publish([out for _, out in set_aside])
+            for delivery, _ in set_aside:
                 broker.ack(delivery.tag)
         self.ship(broker, closed)
 
@@ -85,7 +93,7 @@ class PackerStage(Stage):
         if not closed:
             return
         batches = [Batch(id=new_id(), server=b.server, jobs=tuple(b.jobs), mails=b.mails, bytes=b.bytes,
-                         created_ms=now_ms(), tenants=dict(b.tenants)) for b in closed]
+                         created_ms=now_ms(), tenants=dict(b.tenants), priority=b.priority) for b in closed]
         broker.publish([Outgoing(self.topology.batches, encode_batch(b), message_id=b.id) for b in batches])
         for batch, open_batch in zip(batches, closed, strict=True):
             for tag in open_batch.tags:

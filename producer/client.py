@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from types import TracebackType
 
 from mailpipe.amqp import Broker, Outgoing
@@ -55,11 +56,14 @@ class Producer:
                 bcc: Sequence[str] = (), subject: str | None = None, text: str | None = None,
                 html: str | None = None, attachments: Iterable[tuple[str, str, bytes]] = (),
                 headers: dict[str, str] | None = None, server: str | None = None,
-                idempotency_key: str | None = None) -> str:
+                idempotency_key: str | None = None, send_at: datetime | float | None = None,
+                priority: str = "normal") -> str:
         """Queue one mail to compose; returns its job id once RabbitMQ has confirmed it.
 
         With an ``idempotency_key``, publishing again (a retry after a timeout, say) returns the
-        same job id and the mail is queued once.
+        same job id and the mail is queued once. ``send_at`` (an aware datetime or a Unix time)
+        holds it until then; ``priority="high"`` is for transactional mail (a password reset),
+        which overtakes "normal" mail of the same tenant however much of it is waiting.
         """
         req = IntakeRequest(
             id=job_id_for(tenant, idempotency_key), tenant=tenant, sender=sender, created_ms=now_ms(),
@@ -67,17 +71,19 @@ class Producer:
             cc=_strings(cc, "cc"), bcc=_strings(bcc, "bcc"), subject=subject, text=text, html=html,
             attachments=tuple(Attachment(f, c, d) for f, c, d in attachments),
             headers=dict(headers or {}), server=server, idempotency_key=idempotency_key,
+            send_at_ms=_epoch_ms(send_at), priority=priority,
         )
         return self.publish_requests([req])[0]
 
     def publish_raw(self, *, tenant: str, sender: str, recipients: Sequence[str], message: bytes,
-                    server: str | None = None, idempotency_key: str | None = None) -> str:
+                    server: str | None = None, idempotency_key: str | None = None,
+                    send_at: datetime | float | None = None, priority: str = "normal") -> str:
         """Queue a ready RFC 5322 message (CRLF line endings) for the given envelope."""
         req = IntakeRequest(
             id=job_id_for(tenant, idempotency_key), tenant=tenant, sender=sender, created_ms=now_ms(),
             message=bytes(message),
             recipients=_strings(recipients, "recipients"), server=server,
-            idempotency_key=idempotency_key,
+            idempotency_key=idempotency_key, send_at_ms=_epoch_ms(send_at), priority=priority,
         )
         return self.publish_requests([req])[0]
 
@@ -107,6 +113,16 @@ class Producer:
                     raise
                 time.sleep(delay_s)
                 delay_s = min(delay_s * 2, 2.0)
+
+
+def _epoch_ms(when: datetime | float | None) -> int | None:
+    if when is None:
+        return None
+    if isinstance(when, datetime):
+        if when.tzinfo is None:
+            raise InvalidMessage("send_at: a naive datetime is ambiguous; give one with a time zone")
+        return int(when.timestamp() * 1000)
+    return int(when * 1000)
 
 
 def _strings(values: Sequence[str] | str, field: str) -> tuple[str, ...]:

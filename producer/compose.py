@@ -15,7 +15,7 @@ from email.utils import formatdate
 import dkim
 
 from mailpipe.errors import ConfigError, InvalidMessage
-from mailpipe.model import IntakeRequest
+from mailpipe.model import PRIORITIES, IntakeRequest
 from mailpipe.servers import DkimKey
 
 # A deliberately strict address: what SMTP servers accept without surprises. No display
@@ -87,10 +87,17 @@ def envelope_recipients(req: IntakeRequest, max_recipients: int) -> tuple[str, .
     return tuple(seen.values())
 
 
+MAX_SCHEDULE_MS = 30 * 24 * 3600 * 1000
+
+
 def validate(req: IntakeRequest, max_message_bytes: int, max_recipients: int) -> tuple[str, ...]:
     """Check a request; return its envelope recipients."""
     if not req.tenant or any(c in req.tenant for c in _FORBIDDEN_CHARS):
         raise InvalidMessage("tenant: empty or contains CR, LF or NUL")
+    if req.priority not in PRIORITIES:
+        raise InvalidMessage(f"priority: {req.priority!r} is not one of {', '.join(PRIORITIES)}")
+    if req.send_at_ms is not None and req.send_at_ms > req.created_ms + MAX_SCHEDULE_MS:
+        raise InvalidMessage("send_at: more than 30 days ahead")
     check_address(req.sender, "sender")
     recipients = envelope_recipients(req, max_recipients)
     if req.is_raw:

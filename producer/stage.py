@@ -134,7 +134,7 @@ class EnqueueStage(Stage):
             id=req.id, tenant=tenant.name, server=server.name, sender=req.sender,
             recipients=recipients, message=message, created_ms=req.created_ms,
             enqueued_ms=now_ms(), idempotency_key=req.idempotency_key,
-            findings=tuple(str(f) for f in findings),
+            findings=tuple(str(f) for f in findings), send_at_ms=req.send_at_ms, priority=req.priority,
         )
 
     def _key(self, job: Job) -> str:

@@ -163,3 +163,19 @@ def test_a_batch_of_500_mails_of_160_kb_is_one_batch_delivered_inside_its_window
     assert max(e.at_ms for e in sent) - min(e.at_ms for e in sent) < settings.window_s * 1000
     assert not [e for e in events.drain() if e.outcome != "sent"]
     events.close()
+
+
+def test_a_scheduled_mail_is_not_sent_before_its_send_at(settings: Settings, tmp_path: Path) -> None:
+    with SmtpPeer() as peer:
+        write_servers(settings, peer.port)
+        with StageProcesses(settings, tmp_path, *ALL_STAGES) as stages, \
+                Producer(settings.amqp_url, settings.namespace) as producer:
+            send_at = time.time() + 4
+            later = producer.publish(tenant="acme", sender="hr@acme.example", to=["ann@example.com"],
+                                     subject="Tomorrow's reminder", text="Soon.", send_at=send_at)
+            now = producer.publish(tenant="acme", sender="hr@acme.example", to=["bob@example.com"],
+                                   subject="Now", text="Now.")
+            wait_until(lambda: len(peer.messages) >= 2, 30, "both mails", stages)
+        arrived = {job_id(r): r.time for r in peer.messages}
+    assert arrived[now] < send_at
+    assert send_at <= arrived[later] < send_at + 3, "released within a couple of seconds of send_at"

@@ -66,7 +66,16 @@ def test_batches_are_per_server() -> None:
     assert add(packer, 1, 10, server="b") == []
     closed = packer.add("a", "t", b"job", 10, tag=9, now=0)
     assert [(b.server, b.mails) for b in closed] == [("a", 2)]
-    assert list(packer.open) == ["b"]
+    assert list(packer.open) == [("b", "normal")]
+
+
+def test_high_priority_mail_gets_its_own_batch_that_does_not_linger() -> None:
+    packer = Packer(max_mails=500, max_bytes=MIB, linger_s=5)
+    add(packer, 10, 10, now=0.0)
+    assert packer.add("s", "t", b"reset", 10, tag=99, now=0.0, priority="high") == []
+    due = packer.due(0.0)
+    assert [(b.priority, b.tags) for b in due] == [("high", [99])]
+    assert packer.held == 10
 
 
 def test_linger_closes_a_batch_that_waited_long_enough() -> None:
