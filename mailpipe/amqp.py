@@ -27,6 +27,7 @@ import pika.exceptions
 import pika.frame
 import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from mailpipe.errors import BrokerUnavailable, PublishRejected, Unroutable
 from mailpipe.settings import redact_url
@@ -74,7 +75,9 @@ def _translated(what: str) -> Iterator[None]:
     """pika's exceptions become ours at this boundary."""
     try:
         yield
-    except (pika.exceptions.AMQPError, OSError) as exc:
+    # AMQPConnectorException: what BlockingConnection raises when a broker accepts the TCP
+    # connection but never completes the AMQP handshake (a hung node); not an AMQPError.
+    except (pika.exceptions.AMQPError, AMQPConnectorException, OSError) as exc:
         raise BrokerUnavailable(f"RabbitMQ: {what} failed: {type(exc).__name__}: {exc}") from exc
 
 
@@ -107,13 +110,22 @@ class Broker:
             self._consume_ch = self._conn.channel()
             self._publish_ch = self._conn.channel()._impl
             selected: list[bool] = []
-            self._publish_ch.confirm_delivery(ack_nack_callback=self._on_confirm,
-                                              callback=lambda _frame: selected.append(True))
+            conn = self._conn
+
+            def on_selected(_frame: pika.frame.Method) -> None:
+                selected.append(True)
+                # A callback of the underlying channel does not end process_data_events' wait,
+                # which would sleep out its whole second on every connect: wake it now.
+                conn.add_callback_threadsafe(_wake)
+
+            self._publish_ch.confirm_delivery(ack_nack_callback=self._on_confirm, callback=on_selected)
             self._publish_ch.add_on_return_callback(self._on_return)
             while not selected:
                 self._conn.process_data_events(time_limit=1)
         self._next_tag = 1
         self._unconfirmed.clear()
+        # Nacks of the old connection too: its caller got BrokerUnavailable and redoes that work.
+        self._nacked.clear()
         return self
 
     @property

@@ -31,7 +31,7 @@ BULK_RATE_PER_HOUR = 6000
 DEFAULT_DAILY_LIMIT = 10_000
 TLS_MODES = ("implicit", "starttls", "opportunistic", "none")
 _LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
-_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(\.{_LABEL})*\.?")
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def parse_address(text: str, default_port: int = 25) -> Address:
     host = host.strip()
     if _is_ip(host):
         return Address(host=host, port=port, mx_lookup=False)
-    if ":" in host or not _HOSTNAME.match(host):
+    if ":" in host or not _HOSTNAME.fullmatch(host):
         raise ConfigError(f"address {text!r}: {host!r} is not a host name or IP address")
     return Address(host=host.rstrip(".").lower(), port=port, mx_lookup=mx_lookup)
 

@@ -17,13 +17,14 @@ from typing import Any, ClassVar
 
 from mailpipe import metrics
 from mailpipe.amqp import Broker, Delivery, Outgoing
-from mailpipe.errors import MailpipeError, TransientError
+from mailpipe.errors import ConfigError, MailpipeError, TransientError
 from mailpipe.settings import Settings
 from mailpipe.topology import DEAD_REASON, DEAD_STAGE, Topology
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.05
+_LOG_RECORD_KEYS = {*logging.makeLogRecord({}).__dict__, "message", "asctime"}
 
 
 class Stage(ABC):
@@ -68,7 +69,10 @@ class Stage(ABC):
     def dead_letter(self, body: bytes, reason: str, category: str, **headers: Any) -> Outgoing:
         """The message for the dead-letter queue: the original bytes and why they are there."""
         metrics.DEAD_LETTERS.labels(self.name, category).inc()
-        log.warning("dead-lettered: %s", reason, extra={"stage": self.name, "category": category, **headers})
+        # JSON log fields as snake case: "x-mailpipe-job-id" -> "job_id", like every other line.
+        fields = {k.removeprefix("x-mailpipe-").replace("-", "_"): v for k, v in headers.items()}
+        fields = {(f"header_{k}" if k in _LOG_RECORD_KEYS else k): v for k, v in fields.items()}  # "msg" raises
+        log.warning("dead-lettered: %s", reason, extra={"stage": self.name, "category": category, **fields})
         return Outgoing(self.topology.dead, body, headers={
             DEAD_REASON: reason, DEAD_STAGE: self.name, "x-mailpipe-category": category,
             "x-mailpipe-at-ms": int(time.time() * 1000), **headers})
@@ -102,6 +106,9 @@ def run(stage: Stage, *, burst: bool = False, metrics_port: int | None = None,
         return connected and broker.is_open and stage.ready()
 
     if metrics_port is not None:
+        from mailpipe import queue_metrics
+
+        queue_metrics.register(settings)  # queue depths and server limits, asked at scrape time
         metrics.serve(metrics_port, ready)
     backoff_s = 0.2
     attempts = 0
@@ -125,7 +132,7 @@ def run(stage: Stage, *, burst: bool = False, metrics_port: int | None = None,
                     if deliveries:
                         metrics.MESSAGES_IN.labels(stage.name).inc(len(deliveries))
                         with metrics.HANDLE_SECONDS.labels(stage.name).time():
-                            stage.handle(broker, deliveries)
+                            _handle(stage, broker, deliveries)
                         idle_since = time.monotonic()
                     stage.tick(broker)
                     if stage.busy():
@@ -136,12 +143,12 @@ def run(stage: Stage, *, burst: bool = False, metrics_port: int | None = None,
                         break
                 broker.stop_consuming()
                 stage.drain(broker, time.monotonic() + settings.shutdown_timeout_s)
-            except (TransientError, Exception) as exc:
-                # A bug of ours must not stop the stage either: what it held unacked is
-                # redelivered, and a message that fails every time ends in the dead-letter
-                # queue once it reaches the delivery limit.
-                if isinstance(exc, MailpipeError) and not isinstance(exc, TransientError):
-                    raise
+            except ConfigError:
+                raise  # a wrong setting or topology: retrying cannot help
+            except Exception as exc:
+                # Nothing else stops the stage, a bug of ours included: what it held unacked is
+                # redelivered, and a message that fails every time is dead-lettered by _handle
+                # on its last delivery.
                 connected = False
                 metrics.READY.labels(stage.name).set(0)
                 attempts += 1
@@ -161,6 +168,29 @@ def run(stage: Stage, *, burst: bool = False, metrics_port: int | None = None,
         broker.close()
     log.info("%s stopped cleanly", stage.name)
     return 0
+
+
+def _handle(stage: Stage, broker: Broker, deliveries: list[Delivery]) -> None:
+    """Hand deliveries to the stage. Redelivered ones (after a crash) go one at a time, so the
+    one that crashes the stage again is known: on its last delivery before the delivery limit
+    it is dead-lettered with the error, rather than by RabbitMQ without a reason, and the
+    innocent messages of the same unacked window are not counted with it again."""
+    fresh = [d for d in deliveries if not d.redelivered]
+    if fresh:
+        stage.handle(broker, fresh)
+    for delivery in (d for d in deliveries if d.redelivered):
+        try:
+            stage.handle(broker, [delivery])
+        except TransientError:
+            raise
+        except Exception as exc:
+            if delivery.delivery_count < stage.settings.delivery_limit:
+                raise
+            reason = (f"{stage.name} failed on this message {delivery.delivery_count + 1} times: "
+                      f"{type(exc).__name__}: {exc}")
+            log.exception("poison message: %s", reason)
+            broker.publish([stage.dead_letter(delivery.body, reason, "poison")])
+            broker.ack(delivery.tag)
 
 
 def _sleep_unless(should_stop: Callable[[], bool], seconds: float) -> None:

@@ -17,13 +17,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
+from mailpipe.errors import ConfigError
 from mailpipe.settings import Settings
 
 # Delay steps for mail scheduled with send_at: it waits in the longest step that fits, again
 # and again, so it is released at most a second late however far ahead it was scheduled.
 SCHEDULE_STEPS_S = (1, 10, 60, 600, 3600)
+# The limiter's parking delays, in multiples of limiter_park_s.
+PARK_FACTORS = (1, 5, 30)
 
 DEAD_REASON = "x-mailpipe-reason"
 DEAD_STAGE = "x-mailpipe-stage"
@@ -34,11 +38,13 @@ class Topology:
     namespace: str
     delivery_limit: int = 20
     retry_delays_s: tuple[int, ...] = (60,)
+    park_delays_s: tuple[int, ...] = (60, 300, 1800)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topology:
         return cls(namespace=settings.namespace, delivery_limit=settings.delivery_limit,
-                   retry_delays_s=retry_delays(settings.retry_base_s, settings.retry_max_s))
+                   retry_delays_s=retry_delays(settings.retry_base_s, settings.retry_max_s),
+                   park_delays_s=tuple(settings.limiter_park_s * f for f in PARK_FACTORS))
 
     def _q(self, name: str) -> str:
         return f"{self.namespace}.{name}"
@@ -74,6 +80,10 @@ class Topology:
         fitting = [d for d in SCHEDULE_STEPS_S if d * 1000 <= wait_ms] or [SCHEDULE_STEPS_S[0]]
         return self._q(f"scheduled.{fitting[-1]}s")
 
+    def park_queue(self, delay_s: int) -> str:
+        """Where the limiter parks a batch not due for a while; it comes back to ``batches``."""
+        return self._q(f"limiter.park.{delay_s}s")
+
     def retry_queue(self, attempt: int) -> str:
         """The delay queue for a job's ``attempt``-th retry (1-based): the delay doubles each time."""
         delay = self.retry_delays_s[min(max(attempt, 1), len(self.retry_delays_s)) - 1]
@@ -86,7 +96,8 @@ class Topology:
     @property
     def all_queues(self) -> tuple[str, ...]:
         return (*self.work_queues, self.dead, *(self._q(f"retry.{d}s") for d in self.retry_delays_s),
-                *(self._q(f"scheduled.{d}s") for d in SCHEDULE_STEPS_S))
+                *(self._q(f"scheduled.{d}s") for d in SCHEDULE_STEPS_S),
+                *(self.park_queue(d) for d in self.park_delays_s))
 
     def declare(self, channel: BlockingChannel) -> None:
         dead_letter = {
@@ -95,18 +106,29 @@ class Topology:
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
         }
-        channel.queue_declare(self.dead, durable=True, arguments=_quorum())
+        _declare(channel, self.dead, durable=True, arguments=_quorum())
         for queue in self.work_queues:
-            channel.queue_declare(queue, durable=True, arguments={
+            _declare(channel, queue, durable=True, arguments={
                 **_quorum(), **dead_letter, "x-delivery-limit": self.delivery_limit})
-        delay_queues = [f"retry.{d}s" for d in self.retry_delays_s] + [f"scheduled.{d}s" for d in SCHEDULE_STEPS_S]
-        for name in delay_queues:
-            delay_s = int(name.rsplit(".", 1)[1].rstrip("s"))
-            channel.queue_declare(self._q(name), durable=True, arguments={
+        delay_queues = [(self._q(f"retry.{d}s"), d, self.jobs) for d in self.retry_delays_s]
+        delay_queues += [(self._q(f"scheduled.{d}s"), d, self.jobs) for d in SCHEDULE_STEPS_S]
+        delay_queues += [(self.park_queue(d), d, self.batches) for d in self.park_delays_s]
+        for queue, delay_s, back_to in delay_queues:
+            _declare(channel, queue, durable=True, arguments={
                 **_quorum(), "x-message-ttl": delay_s * 1000, "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": self.jobs, "x-dead-letter-strategy": "at-least-once",
+                "x-dead-letter-routing-key": back_to, "x-dead-letter-strategy": "at-least-once",
                 "x-overflow": "reject-publish"})
         channel.exchange_declare(self.events, exchange_type="topic", durable=True)
+
+
+def _declare(channel: BlockingChannel, queue: str, durable: bool, arguments: dict[str, Any]) -> None:
+    try:
+        channel.queue_declare(queue, durable=durable, arguments=arguments)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 406:
+            raise
+        raise ConfigError(f"queue {queue} exists with other arguments ({exc.reply_text}): delete it, "
+                          f"or use another MAILPIPE_NAMESPACE") from None
 
 
 def _quorum() -> dict[str, Any]:

@@ -67,7 +67,7 @@ class PackerStage(Stage):
             except InvalidMessage as exc:
                 set_aside.append((delivery, self.dead_letter(delivery.body, exc.reason, "invalid")))
                 continue
-            if job.send_at_ms is not None and job.send_at_ms > wall_ms + 500:
+            if job.send_at_ms is not None and job.send_at_ms > wall_ms:  # "not before", never early
                 PARKED.inc()
                 queue = self.topology.schedule_queue(job.send_at_ms - wall_ms)
                 set_aside.append((delivery, Outgoing(queue, delivery.body, message_id=job.id)))

@@ -20,9 +20,10 @@ from mailpipe.servers import DkimKey
 
 # A deliberately strict address: what SMTP servers accept without surprises. No display
 # names here (the envelope needs the bare address), no quoted local parts, no comments.
-_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
-_DOMAIN_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-_HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # printable ASCII, no colon, no space
+_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}")
+_DOMAIN_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+# Used with fullmatch: "$" would also match before a trailing newline ("X-Bad\n").
+_HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # printable ASCII, no colon, no space
 _FORBIDDEN_CHARS = ("\r", "\n", "\0")
 # Headers the renderer owns: a caller setting them would break the envelope or the MIME tree.
 RESERVED_HEADERS = frozenset({
@@ -42,20 +43,20 @@ def check_address(address: str, field: str) -> str:
         raise InvalidMessage(f"{field}: {address!r} is not an address like name@example.com")
     if len(address) > 254:
         raise InvalidMessage(f"{field}: {address[:40]!r}... is longer than 254 characters")
-    if not _LOCAL.match(local) or local.startswith(".") or local.endswith(".") or ".." in local:
+    if not _LOCAL.fullmatch(local) or local.startswith(".") or local.endswith(".") or ".." in local:
         raise InvalidMessage(f"{field}: {address!r} has an invalid local part {local!r}")
     try:
         ascii_domain = domain.encode("idna").decode("ascii")
     except UnicodeError:
         raise InvalidMessage(f"{field}: {address!r} has an invalid domain {domain!r}") from None
     labels = ascii_domain.rstrip(".").split(".")
-    if len(labels) < 2 or not all(_DOMAIN_LABEL.match(label) for label in labels):
+    if len(labels) < 2 or not all(_DOMAIN_LABEL.fullmatch(label) for label in labels):
         raise InvalidMessage(f"{field}: {address!r} has an invalid domain {domain!r}")
     return f"{local}@{ascii_domain.lower()}"
 
 
 def check_header(name: str, value: str) -> None:
-    if not _HEADER_NAME.match(name):
+    if not _HEADER_NAME.fullmatch(name):
         raise InvalidMessage(f"headers[{name!r}]: not a valid header name")
     if name.lower() in RESERVED_HEADERS:
         raise InvalidMessage(f"headers[{name!r}]: set by mailpipe; use the matching argument instead")
@@ -119,7 +120,7 @@ def validate(req: IntakeRequest, max_message_bytes: int, max_recipients: int) ->
     for i, attachment in enumerate(req.attachments):
         _check_text(attachment.filename, f"attachments[{i}].filename")
         maintype, slash, subtype = attachment.content_type.partition("/")
-        if not slash or not _HEADER_NAME.match(maintype) or not _HEADER_NAME.match(subtype):
+        if not slash or not _HEADER_NAME.fullmatch(maintype) or not _HEADER_NAME.fullmatch(subtype):
             raise InvalidMessage(f"attachments[{i}].content_type: {attachment.content_type!r} "
                                  f"is not like type/subtype")
     return recipients

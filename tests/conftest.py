@@ -24,7 +24,7 @@ import redis
 
 from mailpipe.services import reachable
 from mailpipe.settings import Settings
-from mailpipe.topology import Topology
+from mailpipe.topology import PARK_FACTORS, Topology
 
 DEFAULTS = Settings()
 
@@ -84,13 +84,15 @@ def namespace(amqp_url: str, redis_url: str) -> Iterator[str]:
 
 
 def delete_namespace(ns: str, amqp_url: str, redis_url: str) -> None:
+    # Every quorum queue left behind holds file handles in the broker: enough of them and it
+    # stops accepting connections. So delete every name a test's settings could have made.
     topology = Topology.from_settings(Settings(namespace=ns))
+    names = {*topology.all_queues}
+    names |= {f"{ns}.retry.{d}s" for d in (1, 2, 3, 4, 5, 8, 10, 16, 30, 32, 60, 64, 128, 256, 512)}
+    names |= {topology.park_queue(p * f) for p in (1, 2, 3, 5, 10, 30, 60) for f in PARK_FACTORS}
     with contextlib.suppress(pika.exceptions.AMQPError, OSError):
         conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
         channel = conn.channel()
-        names = {*topology.all_queues}
-        # Retry queues of other delays than the default ones.
-        names |= {f"{ns}.retry.{d}s" for d in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)}
         for queue in names:
             channel.queue_delete(queue)
         channel.exchange_delete(topology.events)

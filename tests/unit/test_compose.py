@@ -42,6 +42,7 @@ def test_bad_addresses_are_named(address: str, problem: str) -> None:
     (dict(headers={"X-Campaign": "a\nb"}), "headers['X-Campaign']"),
     (dict(headers={"Bcc": "x@example.com"}), "headers['Bcc']"),
     (dict(headers={"Bad Name": "x"}), "headers['Bad Name']"),
+    (dict(headers={"X-Bad\n": "1"}), "headers['X-Bad\\n']"),
     (dict(to=(), cc=(), bcc=()), "recipients"),
     (dict(text=None, html=None), "text, html"),
     (dict(sender="nobody"), "sender"),
