@@ -1,0 +1,336 @@
+"""The release decision: GCRA with a cost of N, a per-minute ceiling and daily caps per tenant.
+
+GCRA (the generic cell rate algorithm) keeps one number per limit, the theoretical arrival
+time ``tat``: when the bucket would be empty again if nothing more were taken. With ``T`` the
+time one mail costs (``3600 s / rate_per_hour``) and ``B`` the burst, asking for ``n`` mails
+at ``now`` is allowed when
+
+    max(tat, now) + n*T - B*T <= now
+
+and then ``tat`` becomes ``max(tat, now) + n*T``. The bound this gives, for any replicas:
+in every interval of length ``w``, at most ``w/T + B`` mails are released. A refund of ``r``
+moves ``tat`` back by ``r*T`` but never before ``now`` (a bucket never holds more than ``B``).
+
+``decide`` below is the reference: ``limiter/gcra.lua`` does the same in Redis, atomically,
+with Redis ``TIME``. ``RedisLimiter`` is the typed wrapper around the script.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from typing import NamedTuple
+from zoneinfo import ZoneInfo
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from mailpipe.errors import LimiterUnavailable
+
+US = 1_000_000
+HOUR_US = 3600 * US
+MINUTE_US = 60 * US
+MIDNIGHTS = 6  # local midnights passed per tenant: two days back to three ahead
+
+
+# -- the limits of one server, in the units the script uses -----------------------------------
+
+class Limits(NamedTuple):
+    """A server's limits: ``interval_us`` = 0 means unlimited (no rate, no minute ceiling)."""
+
+    interval_us: int
+    burst: int
+    minute_interval_us: int = 0
+    minute_burst: int = 0
+
+    @classmethod
+    def for_server(cls, rate_per_hour: int, burst: int, per_minute: int | None = None,
+                   unlimited: bool = False) -> Limits:
+        if unlimited:
+            return cls(0, burst)
+        # Rounded up: a rate we cannot express exactly in microseconds errs on the slow side.
+        interval = math.ceil(HOUR_US / rate_per_hour)
+        if per_minute is None:
+            return cls(interval, burst)
+        return cls(interval, burst, math.ceil(MINUTE_US / per_minute), min(burst, per_minute))
+
+    @property
+    def capacity(self) -> int | None:
+        """The most one decision can ever grant (None: no rate limit)."""
+        if self.interval_us == 0:
+            return None
+        return min(self.burst, self.minute_burst) if self.minute_interval_us else self.burst
+
+
+class TenantAsk(NamedTuple):
+    """One tenant's share of a batch and its daily cap, with the local midnights around now."""
+
+    name: str
+    mails: int
+    daily_limit: int
+    midnights_s: tuple[int, ...]
+
+
+class Decision(NamedTuple):
+    granted: int
+    retry_after_us: int
+    now_us: int
+    cached: bool
+    tenant_grants: tuple[int, ...]
+
+    @property
+    def now_ms(self) -> int:
+        return self.now_us // 1000
+
+
+# -- pure maths -------------------------------------------------------------------------------
+
+def rescale(tat_us: int | None, step_us: int | None, now_us: int, interval_us: int) -> int | None:
+    """The TAT counted in ``step_us`` per mail, in ``interval_us`` per mail: after a rate change
+    the mails still owed are owed at the new rate, so it applies at once. (Float maths, as Lua.)"""
+    if tat_us is None or step_us is None or step_us == interval_us or tat_us <= now_us:
+        return tat_us
+    return now_us + math.ceil(float(tat_us - now_us) * interval_us / step_us)
+
+
+def _load_tat(state: State, now_us: int, interval_us: int) -> int | None:
+    """The rate TAT in ``interval_us``; a rescaled one is stored, as ``load_tat`` in Lua does."""
+    if state.tat_us is not None and state.step_us != interval_us and state.tat_us > now_us:
+        state.tat_us, state.step_us = rescale(state.tat_us, state.step_us, now_us, interval_us), interval_us
+    return state.tat_us
+
+
+def _load_minute_tat(state: State, now_us: int, interval_us: int) -> int | None:
+    if (state.minute_tat_us is not None and state.minute_step_us != interval_us
+            and state.minute_tat_us > now_us):
+        state.minute_tat_us = rescale(state.minute_tat_us, state.minute_step_us, now_us, interval_us)
+        state.minute_step_us = interval_us
+    return state.minute_tat_us
+
+
+def gcra_wait(tat_us: int | None, now_us: int, cost: int, interval_us: int, burst: int) -> tuple[int, int]:
+    """(wait_us, tat): how long until ``cost`` mails fit (<= 0: now), and the tat to add to."""
+    tat = max(tat_us or 0, now_us)
+    return tat + cost * interval_us - burst * interval_us - now_us, tat
+
+
+def tokens_available(tat_us: int | None, now_us: int, interval_us: int, burst: int) -> int:
+    """Mails one decision could take right now (0 to ``burst``)."""
+    tat = max(tat_us or 0, now_us)
+    return max(0, (burst * interval_us - (tat - now_us)) // interval_us)
+
+
+def gcra_refund(tat_us: int | None, now_us: int, refund: int, interval_us: int) -> int | None:
+    if tat_us is None:
+        return None
+    return max(now_us, tat_us - refund * interval_us)
+
+
+def local_midnights(timezone: str, around_s: float, count: int = MIDNIGHTS) -> tuple[int, ...]:
+    """Epoch seconds of local midnights in ``timezone``: from two days before the local date
+    of ``around_s`` on. The script picks today among them with Redis time, so a worker clock
+    that is off by less than a day changes nothing."""
+    tz = ZoneInfo(timezone)
+    today = datetime.fromtimestamp(around_s, tz).date()
+    return tuple(_midnight(today + timedelta(days=d), tz) for d in range(-2, count - 2))
+
+
+def _midnight(day: date, tz: ZoneInfo) -> int:
+    # A day may start at 01:00 where DST begins at midnight; fold=0 and a round trip through
+    # UTC give the first instant of the day that exists.
+    naive = datetime(day.year, day.month, day.day)
+    return int(naive.replace(tzinfo=tz).timestamp())
+
+
+def day_of(midnights_s: Sequence[int], at_s: int) -> tuple[int, int]:
+    """(start, end) in epoch seconds of the local day holding ``at_s``."""
+    for start, end in itertools.pairwise(midnights_s):
+        if start <= at_s < end:
+            return start, end
+    raise LimiterUnavailable("the day boundaries given do not cover Redis time")
+
+
+@dataclass
+class State:
+    """What Redis holds for one server and its tenants: the reference model of the keys."""
+
+    tat_us: int | None = None
+    step_us: int | None = None  # the interval tat_us was counted in
+    minute_tat_us: int | None = None
+    minute_step_us: int | None = None
+    days: dict[str, tuple[int, int]] = field(default_factory=dict)  # tenant -> (day start, count)
+    refunded: set[str] = field(default_factory=set)
+    grants: dict[str, tuple[int, int, tuple[int, ...]]] = field(default_factory=dict)
+    released: dict[int, int] = field(default_factory=dict)  # 10 s bucket -> mails
+
+
+def decide(state: State, now_us: int, batch_id: str, cost: int, refund: int, limits: Limits,
+           tenants: Sequence[TenantAsk], refund_horizon_us: int) -> Decision:
+    """One decision, exactly as ``gcra.lua`` makes it; mutates ``state`` as the script does Redis."""
+    now_s = now_us // US
+    days = [day_of(t.midnights_s, now_s) for t in tenants]
+    back = [day_of(t.midnights_s, (now_us - refund_horizon_us) // US)[0] for t in tenants]
+    used = [state.days[t.name][1] if t.name in state.days and state.days[t.name][0] == day[0] else 0
+            for t, day in zip(tenants, days, strict=True)]
+
+    # 1. The refund, once per refunding batch id.
+    if refund > 0 and batch_id not in state.refunded:
+        state.refunded.add(batch_id)
+        if limits.interval_us and state.tat_us is not None:
+            tat = _load_tat(state, now_us, limits.interval_us)
+            state.tat_us = gcra_refund(tat, now_us, refund, limits.interval_us)
+            state.step_us = limits.interval_us
+        if limits.minute_interval_us and state.minute_tat_us is not None:
+            tat = _load_minute_tat(state, now_us, limits.minute_interval_us)
+            state.minute_tat_us = gcra_refund(tat, now_us, refund, limits.minute_interval_us)
+            state.minute_step_us = limits.minute_interval_us
+        left = refund
+        for i, t in enumerate(tenants):
+            give_back = min(t.mails, left)
+            left -= give_back
+            # Only a grant made today lowers today's count: a cap is never exceeded at midnight.
+            if back[i] == days[i][0] and used[i] > 0 and give_back > 0:
+                used[i] = max(0, used[i] - give_back)
+                state.days[t.name] = (days[i][0], used[i])
+
+    # 2. A redelivered batch gets the grant it had.
+    if batch_id in state.grants:
+        granted, at_us, per_tenant = state.grants[batch_id]
+        return Decision(granted, 0, at_us, True, per_tenant)
+    if cost == 0:
+        return Decision(0, 0, now_us, False, ())
+
+    # 3. The daily caps.
+    allowed = [max(0, min(t.mails, t.daily_limit - u)) for t, u in zip(tenants, used, strict=True)]
+    waits = [days[i][1] * US - now_us for i, t in enumerate(tenants) if t.mails > 0 and allowed[i] == 0]
+    total = sum(allowed) if tenants else cost
+    if total == 0:
+        return Decision(0, min(waits, default=0), now_us, False, ())
+
+    # 4. The request: the smallest of the batch, the caps' room and each burst.
+    ask = total
+    if limits.interval_us:
+        ask = min(ask, limits.burst)
+    if limits.minute_interval_us:
+        ask = min(ask, limits.minute_burst)
+
+    # 5. Every GCRA must allow it.
+    wait, tat, m_wait, m_tat = 0, 0, 0, 0
+    if limits.interval_us:
+        wait, tat = gcra_wait(_load_tat(state, now_us, limits.interval_us), now_us, ask,
+                              limits.interval_us, limits.burst)
+    if limits.minute_interval_us:
+        m_wait, m_tat = gcra_wait(_load_minute_tat(state, now_us, limits.minute_interval_us), now_us, ask,
+                                  limits.minute_interval_us, limits.minute_burst)
+    wait = max(wait, m_wait)
+    if wait > 0:
+        return Decision(0, wait, now_us, False, ())
+
+    # 6. Granted.
+    if limits.interval_us:
+        state.tat_us, state.step_us = tat + ask * limits.interval_us, limits.interval_us
+    if limits.minute_interval_us:
+        state.minute_tat_us = m_tat + ask * limits.minute_interval_us
+        state.minute_step_us = limits.minute_interval_us
+    grants: list[int] = []
+    left = ask
+    for i, t in enumerate(tenants):
+        g = min(allowed[i], left)
+        left -= g
+        if g:
+            state.days[t.name] = (days[i][0], used[i] + g)
+        grants.append(g)
+    bucket = now_s // 10
+    state.released[bucket] = state.released.get(bucket, 0) + ask
+    state.grants[batch_id] = (ask, now_us, tuple(grants))
+    return Decision(ask, 0, now_us, False, tuple(grants))
+
+
+def derived_id(batch_id: str, what: str) -> str:
+    """A stable id made from another (the rest of a split, a grant): the same on a redelivery."""
+    return hashlib.sha256(f"{batch_id}:{what}".encode()).hexdigest()[:32]
+
+
+def worst_window(releases: Sequence[tuple[int, int]], window_ms: int) -> int:
+    """The most mails released in any closed interval of ``window_ms``; ``releases`` holds
+    (time_ms, mails). The GCRA bound says: at most ``window/T + B``."""
+    events = sorted(releases)
+    worst, total, start = 0, 0, 0
+    for end_time, mails in events:
+        total += mails
+        while events[start][0] < end_time - window_ms:
+            total -= events[start][1]
+            start += 1
+        worst = max(worst, total)
+    return worst
+
+
+# -- Redis ------------------------------------------------------------------------------------
+
+def server_prefix(namespace: str, server: str) -> str:
+    """The hash tag of a server's keys: one decision's keys share a Redis Cluster slot."""
+    return f"{{{namespace}:{server}}}"
+
+
+def tenant_day_key(namespace: str, tenant_server: str, tenant: str) -> str:
+    return f"{server_prefix(namespace, tenant_server)}:day:{tenant}"
+
+
+def connect(url: str, timeout_s: float = 1.0) -> redis.Redis:
+    """A client that fails fast: redis-py's own retries (with backoff, about 8 s against a
+    refused port) would stall the stage loop; the stage backs off itself and fails closed."""
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                retry=Retry(NoBackoff(), 0))
+
+
+class RedisLimiter:
+    """The script, registered once, behind a typed call. Redis errors become LimiterUnavailable."""
+
+    def __init__(self, client: redis.Redis, namespace: str, *, mark_ttl_s: int = 86400,
+                 refund_horizon_us: int = 5 * MINUTE_US) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.mark_ttl_s = mark_ttl_s
+        self.refund_horizon_us = refund_horizon_us
+        lua = importlib.resources.files("limiter").joinpath("gcra.lua").read_bytes()
+        self._script = client.register_script(lua)
+
+    def acquire(self, server: str, batch_id: str, cost: int, limits: Limits, *,
+                refund: int = 0, tenants: Sequence[TenantAsk] = (),
+                tenant_servers: Sequence[str] | None = None) -> Decision:
+        """Refund ``refund`` (once per ``batch_id``), then ask for ``cost`` mails.
+
+        ``tenant_servers[i]`` is the server tenant i is configured on (its day key lives under
+        that server's hash tag); by default the batch's server.
+        """
+        p = server_prefix(self.namespace, server)
+        homes = tenant_servers or [server] * len(tenants)
+        keys = [f"{p}:tat", f"{p}:tat:minute", f"{p}:released", f"{p}:grant:{batch_id}",
+                f"{p}:refund:{batch_id}"]
+        keys += [tenant_day_key(self.namespace, home, t.name) for t, home in zip(tenants, homes, strict=True)]
+        args: list[int] = [cost, refund, limits.interval_us, limits.burst, limits.minute_interval_us,
+                           limits.minute_burst, self.mark_ttl_s, self.refund_horizon_us, len(tenants)]
+        for t in tenants:
+            if len(t.midnights_s) != MIDNIGHTS:
+                raise ValueError(f"tenant {t.name}: expected {MIDNIGHTS} midnights")
+            args += [t.mails, t.daily_limit, *t.midnights_s]
+        try:
+            reply = self._script(keys=keys, args=args)
+        except redis.RedisError as exc:
+            raise LimiterUnavailable(
+                f"Redis: rate limit decision failed: {type(exc).__name__}: {exc}") from exc
+        values = [int(v) for v in reply]
+        return Decision(granted=values[0], retry_after_us=values[1], now_us=values[2],
+                        cached=bool(values[3]), tenant_grants=tuple(values[4:]))
+
+    def ping(self) -> None:
+        try:
+            self.client.ping()
+        except redis.RedisError as exc:
+            raise LimiterUnavailable(f"Redis: ping failed: {type(exc).__name__}: {exc}") from exc

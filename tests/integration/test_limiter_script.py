@@ -1,0 +1,121 @@
+"""gcra.lua against real Redis: it must decide exactly as the Python reference (limiter.gcra.decide)
+given the same Redis time, and translate an unreachable Redis into LimiterUnavailable."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from limiter.gcra import Limits, RedisLimiter, State, TenantAsk, connect, decide, local_midnights
+from limiter.status import released_since, snapshot
+from mailpipe.errors import LimiterUnavailable
+from mailpipe.servers import parse_config
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    """The Redis of conftest's ``redis_url`` (it skips or, in CI, fails when there is none)."""
+    c = connect(redis_url, timeout_s=2)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def namespace(client: redis.Redis) -> Iterator[str]:
+    """Redis only (conftest's also needs RabbitMQ)."""
+    ns = f"test-{uuid.uuid4().hex}"
+    yield ns
+    for key in client.scan_iter(match=f"{{{ns}:*", count=1000):
+        client.delete(key)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_script_decides_exactly_as_the_reference(client: redis.Redis, namespace: str, seed: int) -> None:
+    rng = random.Random(seed)
+    limiter = RedisLimiter(client, namespace, refund_horizon_us=300_000_000)
+    # Each seed walks through rate changes, as a live servers file does.
+    choices = [Limits.for_server(36_000, 10), Limits.for_server(360_000, 50, per_minute=600),
+               Limits.for_server(7_000, 30, per_minute=100), Limits.for_server(1200, 500, unlimited=True)]
+    limits = choices[seed % 4]
+    state = State()
+    zones = {"a": "UTC", "b": "Asia/Kolkata", "c": "America/Los_Angeles"}
+    caps = {"a": rng.randint(20, 200), "b": rng.randint(20, 200), "c": 10_000}
+    ids: list[str] = []
+    for step in range(400):
+        if step % 100 == 99:
+            limits = rng.choice(choices)
+        names = rng.sample(sorted(zones), rng.randint(0, 2))
+        counts = {n: rng.randint(1, 25) for n in names}
+        cost = sum(counts.values()) if names else rng.choice([0, rng.randint(1, 60)])
+        refund = rng.choice([0, 0, 0, rng.randint(1, 30)])
+        batch_id = rng.choice(ids) if ids and rng.random() < 0.15 else uuid.uuid4().hex
+        ids.append(batch_id)
+        wall = time.time()
+        tenants = [TenantAsk(n, counts[n], caps[n], local_midnights(zones[n], wall)) for n in names]
+        got = limiter.acquire("s", batch_id, cost, limits, refund=refund, tenants=tenants)
+        want = decide(state, got.now_us, batch_id, cost, refund, limits, tenants, 300_000_000)
+        assert got == want, f"seed {seed}: {batch_id} cost {cost} refund {refund} {counts}"
+        if rng.random() < 0.1:
+            time.sleep(rng.random() / 20)
+    tat: Any = client.hget(f"{{{namespace}:s}}:tat", "tat")
+    if tat is not None:
+        assert int(float(tat)) == state.tat_us
+
+
+def test_keys_of_one_decision_share_a_hash_tag(client: redis.Redis, namespace: str) -> None:
+    limiter = RedisLimiter(client, namespace)
+    t = TenantAsk("acme", 3, 100, local_midnights("UTC", time.time()))
+    assert limiter.acquire("smtp1", "b1", 3, Limits.for_server(1200, 500), tenants=[t]).granted == 3
+    keys = sorted(k.decode() for k in client.scan_iter(match=f"{{{namespace}:*", count=1000))
+    assert keys and all(k.startswith(f"{{{namespace}:smtp1}}:") for k in keys)
+    assert len({_slot(k) for k in keys}) == 1
+
+
+def _slot(key: str) -> int:
+    """Redis Cluster's slot: CRC16 of the hash tag, mod 16384 (redis-py's own function)."""
+    from redis.crc import key_slot
+    return key_slot(key.encode())
+
+
+def test_status_snapshot_reads_what_the_script_wrote(client: redis.Redis, namespace: str) -> None:
+    config = parse_config({
+        "servers": {"s1": {"address": "smtp.example.com", "rate_per_hour": 3600},
+                    "open": {"address": "smtp.example.net", "unlimited": True}},
+        "tenants": {"jp": {"server": "s1", "daily_limit": 50, "timezone": "Asia/Tokyo"},
+                    "idle": {"server": "s1"}}}, "test", {})
+    limiter = RedisLimiter(client, namespace)
+    limits = Limits.for_server(3600, 10)
+    for i in range(3):
+        limiter.acquire("s1", f"b{i}", 4, limits, tenants=[TenantAsk("jp", 4, 50, local_midnights("Asia/Tokyo",
+                                                                                                  time.time()))])
+    rows = {(r["kind"], r["name"]): r for r in snapshot(client, namespace, config, burst=10)}
+    s1 = rows[("server", "s1")]
+    assert (s1["rate_per_hour"], s1["released_last_minute"], s1["released_last_hour"]) == (3600, 8, 8)
+    assert s1["tokens_available"] == 2
+    assert rows[("server", "open")]["tokens_available"] == "unlimited"
+    assert (rows[("tenant", "jp")]["today"], rows[("tenant", "jp")]["daily_limit"]) == (8, 50)
+    assert rows[("tenant", "idle")]["today"] == 0
+
+
+def test_released_buckets_age_out() -> None:
+    ring = {"b0": "100", "c0": "5", "b1": "101", "c1": "7", "b2": "40", "c2": "9"}
+    assert released_since(ring, 1000) == 12
+    assert released_since(ring, 1010) == 7
+    assert released_since(ring, 1020) == 0
+
+
+def test_unreachable_redis_is_limiter_unavailable() -> None:
+    dead = connect("redis://127.0.0.1:1/0", timeout_s=0.5)
+    limiter = RedisLimiter(dead, "test-nowhere")
+    with pytest.raises(LimiterUnavailable, match="Redis"):
+        limiter.acquire("s", "b", 1, Limits.for_server(1200, 500))
+    with pytest.raises(LimiterUnavailable):
+        limiter.ping()

@@ -1,0 +1,314 @@
+"""The release decision's maths, without Redis: ``limiter.gcra.decide`` is the reference that
+``gcra.lua`` mirrors (tests/integration/test_limiter_script.py checks they agree)."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime
+
+import pytest
+
+from limiter.gcra import (
+    HOUR_US,
+    US,
+    Limits,
+    State,
+    TenantAsk,
+    day_of,
+    decide,
+    derived_id,
+    local_midnights,
+    tokens_available,
+    worst_window,
+)
+from limiter.stage import split, tenant_counts, unknown_names
+from mailpipe.codec import encode_job
+from mailpipe.errors import LimiterUnavailable
+from mailpipe.model import Batch, Job
+from mailpipe.servers import parse_config
+
+T0 = 1_700_000_000 * US  # 2023-11-14 22:13:20 UTC
+HORIZON = 360 * US
+
+
+_ids = itertools.count()
+
+
+def ask(state: State, now_us: int, cost: int, limits: Limits, *, batch_id: str | None = None,
+        refund: int = 0, tenants: tuple[TenantAsk, ...] = ()) -> tuple[int, int]:
+    """One decision for a new batch id (unless given): (granted, retry_after_us)."""
+    d = decide(state, now_us, batch_id or f"b{next(_ids)}", cost, refund, limits, tenants, HORIZON)
+    return d.granted, d.retry_after_us
+
+
+def tenant(name: str, mails: int, limit: int = 10_000, tz: str = "UTC", at_us: int = T0) -> TenantAsk:
+    return TenantAsk(name, mails, limit, local_midnights(tz, at_us / US))
+
+
+# -- limits -----------------------------------------------------------------------------------
+
+def test_limits_from_server_settings() -> None:
+    assert Limits.for_server(1200, 500) == Limits(3 * US, 500)
+    assert Limits.for_server(6000, 500) == Limits(600_000, 500)
+    assert Limits.for_server(6000, 500, per_minute=100) == Limits(600_000, 500, 600_000, 100)
+    assert Limits.for_server(6000, 50, per_minute=100).minute_burst == 50
+    assert Limits.for_server(1200, 500, unlimited=True) == Limits(0, 500)
+    assert Limits.for_server(1200, 500, unlimited=True).capacity is None
+    # A rate that does not divide an hour rounds the interval up: never faster than configured.
+    assert Limits.for_server(7000, 500).interval_us * 7000 >= HOUR_US
+
+
+# -- cost N and burst -------------------------------------------------------------------------
+
+def test_a_whole_batch_asks_for_its_mails_at_once() -> None:
+    limits = Limits.for_server(1200, 500)
+    state = State()
+    assert ask(state, T0, 500, limits) == (500, 0)
+    granted, retry = ask(state, T0, 500, limits)
+    assert granted == 0
+    assert retry == 500 * 3 * US  # the bucket refills in 25 minutes at 1,200/h
+    assert ask(state, T0 + retry - 1, 500, limits)[0] == 0
+    assert ask(state, T0 + retry, 500, limits) == (500, 0)
+
+
+def test_burst_lets_that_many_through_then_paces() -> None:
+    limits = Limits.for_server(3600, 10)
+    state = State()
+    results = [ask(state, T0, 1, limits) for _ in range(11)]
+    assert [g for g, _ in results] == [1] * 10 + [0]
+    assert results[-1][1] == US  # the next one in one second
+    assert tokens_available(state.tat_us, T0, limits.interval_us, limits.burst) == 0
+    assert tokens_available(state.tat_us, T0 + 3 * US, limits.interval_us, limits.burst) == 3
+
+
+def test_small_batch_waits_only_for_its_own_tokens() -> None:
+    limits = Limits.for_server(3600, 10)
+    state = State()
+    assert ask(state, T0, 10, limits)[0] == 10
+    assert ask(state, T0, 4, limits) == (0, 4 * US)
+
+
+@pytest.mark.parametrize("sizes", [(1,), (3,), (1, 5, 2, 10), (7, 7, 1)])
+def test_pacing_over_an_hour_keeps_every_window_within_rate_and_burst(sizes: tuple[int, ...]) -> None:
+    """Ask again exactly when told; the GCRA bound must hold in every sliding window, and the
+    rate be used, not wasted."""
+    rate, burst = 3600, 10
+    limits = Limits.for_server(rate, burst)
+    state = State()
+    now, releases, i = T0, [], 0
+    while now < T0 + HOUR_US:
+        granted, retry = ask(state, now, sizes[i % len(sizes)], limits)
+        if granted:
+            releases.append((now // 1000, granted))
+            i += 1
+        else:
+            now += retry
+    for window_s in (1, 10, 60, 3600):
+        assert worst_window(releases, window_s * 1000) <= rate * window_s / 3600 + burst
+    assert sum(g for _, g in releases) >= 0.99 * rate
+
+
+def test_per_minute_ceiling_and_the_smallest_limit_wins() -> None:
+    limits = Limits.for_server(6000, 500, per_minute=20)
+    state = State()
+    assert ask(state, T0, 500, limits)[0] == 20  # split to the minute ceiling's burst
+    granted, retry = ask(state, T0, 480, limits)
+    assert granted == 0
+    assert retry == 20 * 3 * US  # 20 mails at 20/min take a minute to come back
+    assert ask(state, T0 + retry, 480, limits)[0] == 20
+
+
+def test_a_new_rate_applies_at_once_to_the_mails_still_owed() -> None:
+    state = State()
+    slow, fast = Limits.for_server(60, 1), Limits.for_server(3600, 1)
+    assert ask(state, T0, 1, slow) == (1, 0)
+    assert ask(state, T0, 1, slow) == (0, 60 * US)
+    # At 60/h the next mail was a minute away; at 3,600/h it is a second away, not a minute.
+    assert ask(state, T0, 1, fast) == (0, US)
+    assert ask(state, T0 + US, 1, fast) == (1, 0)
+    assert ask(state, T0 + US, 1, slow) == (0, 60 * US)  # and back: owed at the slow rate again
+
+
+def test_a_batch_larger_than_the_burst_is_split_not_stuck() -> None:
+    limits = Limits.for_server(1200, 500)
+    state = State()
+    assert ask(state, T0, 800, limits) == (500, 0)
+    # The rest (300) asks again: it fits the burst, so it waits for 300 tokens.
+    assert ask(state, T0, 300, limits) == (0, 300 * 3 * US)
+
+
+def test_unlimited_server_grants_at_once_but_daily_caps_hold() -> None:
+    limits = Limits.for_server(1200, 500, unlimited=True)
+    state = State()
+    assert ask(state, T0, 5000, limits) == (5000, 0)
+    assert ask(state, T0, 5000, limits) == (5000, 0)
+    assert ask(state, T0, 50, limits, tenants=(tenant("acme", 50, limit=30),))[0] == 30
+    assert state.tat_us is None
+
+
+# -- refunds and redeliveries -----------------------------------------------------------------
+
+def test_refund_gives_tokens_back_once_per_batch_id() -> None:
+    limits = Limits.for_server(3600, 10)
+    state = State()
+    assert ask(state, T0, 10, limits)[0] == 10
+    assert ask(state, T0, 0, limits, batch_id="r1", refund=4) == (0, 0)
+    assert ask(state, T0, 0, limits, batch_id="r1", refund=4) == (0, 0)  # redelivered: no-op
+    assert ask(state, T0, 5, limits) == (0, US)  # four back, not eight
+    assert ask(state, T0, 4, limits)[0] == 4
+
+
+def test_refund_never_fills_the_bucket_beyond_burst() -> None:
+    limits = Limits.for_server(3600, 10)
+    state = State()
+    assert ask(state, T0, 2, limits)[0] == 2
+    ask(state, T0 + 60 * US, 0, limits, batch_id="late", refund=2)
+    assert tokens_available(state.tat_us, T0 + 60 * US, limits.interval_us, limits.burst) == 10
+    assert ask(state, T0 + 60 * US, 11, limits)[0] == 10
+
+
+def test_refund_and_ask_in_one_decision() -> None:
+    """The sender's returned batch carries its refund and asks for its mails again."""
+    limits = Limits.for_server(3600, 10)
+    state = State()
+    assert ask(state, T0, 10, limits)[0] == 10
+    assert ask(state, T0, 6, limits, batch_id="back", refund=6) == (6, 0)
+
+
+def test_a_redelivered_batch_gets_the_same_grant_without_new_tokens() -> None:
+    limits = Limits.for_server(3600, 10)
+    state = State()
+    first = decide(state, T0, "same", 4, 0, limits, (tenant("a", 4),), HORIZON)
+    again = decide(state, T0 + 5 * US, "same", 4, 0, limits, (tenant("a", 4),), HORIZON)
+    assert (again.granted, again.now_us, again.cached) == (4, first.now_us, True)
+    assert state.days["a"][1] == 4
+    assert tokens_available(state.tat_us, T0, limits.interval_us, limits.burst) == 6
+
+
+def test_refund_lowers_the_tenant_count_of_the_same_day() -> None:
+    limits = Limits.for_server(3600, 10)
+    state = State()
+    ask(state, T0, 10, limits, tenants=(tenant("a", 10),))
+    assert state.days["a"][1] == 10
+    ask(state, T0 + 60 * US, 0, limits, batch_id="r", refund=4, tenants=(tenant("a", 4),))
+    assert state.days["a"][1] == 6
+
+
+# -- daily caps and days ----------------------------------------------------------------------
+
+def test_daily_cap_grants_what_is_left_then_waits_for_local_midnight() -> None:
+    limits = Limits.for_server(1_000_000, 500)
+    state = State()
+    tz = "America/New_York"
+    t = tenant("acme", 8, limit=10, tz=tz)
+    assert ask(state, T0, 8, limits, tenants=(t,))[0] == 8
+    assert ask(state, T0, 8, limits, tenants=(t,))[0] == 2
+    rest = t._replace(mails=6)
+    granted, retry = ask(state, T0, 6, limits, tenants=(rest,))
+    assert granted == 0
+    midnight = datetime(2023, 11, 15, 5, 0, tzinfo=UTC)  # 00:00 in New York (UTC-5)
+    assert T0 + retry == int(midnight.timestamp()) * US
+    assert ask(state, T0 + retry - 1, 6, limits, tenants=(rest,))[0] == 0
+    assert ask(state, T0 + retry, 6, limits, tenants=(rest,))[0] == 6
+
+
+def test_caps_fill_tenants_in_order_and_the_smallest_limit_wins() -> None:
+    limits = Limits.for_server(3600, 10)
+    state = State()
+    d = decide(state, T0, "mixed", 12, 0, limits, (tenant("a", 3, limit=2), tenant("b", 9)), HORIZON)
+    assert (d.granted, d.tenant_grants) == (10, (2, 8))  # a: its cap; then the burst
+
+
+def test_day_rolls_over_at_local_midnight_in_the_tenants_zone() -> None:
+    limits = Limits.for_server(1_000_000, 500)
+    state = State()
+    # 23:59:59.5 in Tokyo on 2023-11-15 is 14:59:59.5 UTC.
+    before = int(datetime(2023, 11, 15, 14, 59, 59, tzinfo=UTC).timestamp()) * US + 500_000
+    t = tenant("jp", 5, limit=5, tz="Asia/Tokyo", at_us=before)
+    assert ask(state, before, 5, limits, tenants=(t,))[0] == 5
+    assert ask(state, before, 5, limits, tenants=(t,)) == (0, 500_000)
+    assert ask(state, before + 500_000, 5, limits, tenants=(t,))[0] == 5
+
+
+def test_dst_days_have_23_and_25_hours() -> None:
+    spring = local_midnights("Europe/Paris", datetime(2024, 3, 31, 12, tzinfo=UTC).timestamp())
+    autumn = local_midnights("Europe/Paris", datetime(2024, 10, 27, 12, tzinfo=UTC).timestamp())
+    assert spring[3] - spring[2] == 23 * 3600
+    assert autumn[3] - autumn[2] == 25 * 3600
+    assert spring[2] == int(datetime(2024, 3, 30, 23, tzinfo=UTC).timestamp())
+
+
+def test_a_worker_clock_off_by_hours_still_lets_redis_time_pick_the_day() -> None:
+    now_s = T0 // US
+    right = local_midnights("UTC", now_s)
+    for skew_s in (-30, 30, -20 * 3600, 20 * 3600):
+        assert day_of(local_midnights("UTC", now_s + skew_s), now_s) == day_of(right, now_s)
+    with pytest.raises(LimiterUnavailable):
+        day_of(local_midnights("UTC", now_s + 5 * 86400), now_s)
+
+
+def test_refund_after_midnight_does_not_lower_the_new_days_count() -> None:
+    limits = Limits.for_server(1_000_000, 500)
+    state = State()
+    midnight = int(datetime(2023, 11, 15, tzinfo=UTC).timestamp()) * US
+    ask(state, midnight - 30 * US, 4, limits, tenants=(tenant("a", 4, at_us=midnight),))
+    ask(state, midnight + 10 * US, 5, limits, tenants=(tenant("a", 5, at_us=midnight),))
+    assert state.days["a"] == (midnight // US, 5)
+    # Yesterday's grant comes back 40 s later, after midnight: today's count stays.
+    ask(state, midnight + 10 * US, 0, limits, batch_id="r", refund=4,
+        tenants=(tenant("a", 4, at_us=midnight),))
+    assert state.days["a"] == (midnight // US, 5)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def test_worst_window() -> None:
+    releases = [(1001, 1), (0, 5), (500, 5), (1000, 1), (3000, 4)]
+    assert worst_window(releases, 1000) == 11
+    assert worst_window(releases, 999) == 10
+    assert worst_window(releases, 499) == 5
+    assert worst_window(releases, 0) == 5
+    assert worst_window([], 1000) == 0
+
+
+def test_derived_ids_are_stable_and_distinct() -> None:
+    assert derived_id("b1", "rest") == derived_id("b1", "rest")
+    assert derived_id("b1", "rest") != derived_id("b2", "rest")
+    assert len(derived_id("b1", "rest")) == 32
+
+
+def _batch(tenants: list[str], with_map: bool = True) -> Batch:
+    jobs = tuple(encode_job(Job(id=f"j{i}", tenant=t, server="s", sender="a@x.org", recipients=("b@y.org",),
+                                message=b"x" * (10 + i))) for i, t in enumerate(tenants))
+    counts: dict[str, int] = {}
+    for t in tenants:
+        counts[t] = counts.get(t, 0) + 1
+    size = sum(10 + i for i in range(len(jobs)))
+    return Batch(id="orig", server="s", jobs=jobs, mails=len(jobs), bytes=size,
+                 created_ms=1, tenants=counts if with_map else {})
+
+
+def test_split_takes_each_tenants_grant_in_order() -> None:
+    batch = _batch(["a", "b", "a", "b", "a"])
+    first, rest = split(batch, {"a": 2, "b": 1})
+    assert (first.id, first.mails, first.tenants) == ("orig", 3, {"a": 2, "b": 1})
+    assert first.jobs == (batch.jobs[0], batch.jobs[1], batch.jobs[2])
+    assert first.bytes == 10 + 11 + 12
+    assert (rest.id, rest.mails, rest.tenants) == (derived_id("orig", "rest"), 2, {"b": 1, "a": 1})
+    assert rest.bytes == 13 + 14 and rest.grant_id is None and rest.refund == 0
+    assert rest.created_ms == batch.created_ms
+
+
+def test_tenant_counts_fall_back_to_the_jobs() -> None:
+    assert tenant_counts(_batch(["a", "b", "a"])) == {"a": 2, "b": 1}
+    assert tenant_counts(_batch(["a", "b", "a"], with_map=False)) == {"a": 2, "b": 1}
+
+
+def test_unknown_server_or_tenant_is_named() -> None:
+    config = parse_config({"servers": {"s": {"address": "smtp.example.com"}},
+                           "tenants": {"a": {"server": "s"}}}, "test", {})
+    batch = _batch(["a"])
+    assert unknown_names(batch, {"a": 1}, config) is None
+    assert "'zz'" in (unknown_names(batch, {"a": 1, "zz": 2}, config) or "")
+    other = Batch(id="x", server="nope", jobs=(), mails=0, bytes=0, created_ms=0)
+    assert "unknown server 'nope'" in (unknown_names(other, {}, config) or "")
