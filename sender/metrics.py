@@ -1,0 +1,27 @@
+"""The sender's Prometheus metrics (names ``mailpipe_<noun>_<unit|total>``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+MAILS = Counter("mailpipe_sender_mails_total",
+                "Recipients by outcome (sent, deferred, failed, expired, skipped) and category.",
+                ["server", "outcome", "category"])
+REPLY_SECONDS = Histogram("mailpipe_smtp_reply_seconds", "Time to an SMTP server's reply, by command.",
+                          ["server", "command"],
+                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+CONNECTIONS = Counter("mailpipe_smtp_connections_total",
+                      "SMTP connections opened, or failed to open (by category).", ["server", "result"])
+WINDOW_USED_SECONDS = Histogram("mailpipe_sender_window_used_seconds",
+                                "Seconds from a batch's grant to the end of its delivery.", ["server"],
+                                buckets=(1, 5, 10, 20, 30, 40, 50, 60, 75, 90, 120))
+WINDOW_OVERRUNS = Counter("mailpipe_sender_window_overruns_total",
+                          "Batches whose delivery ended after their deadline.", ["server"])
+REFUNDS = Counter("mailpipe_sender_refunds_total",
+                  "Mails handed back to the limiter unattempted (their tokens refunded).",
+                  ["server", "reason"])
+LATENCY_SECONDS = Histogram("mailpipe_mail_latency_seconds",
+                            "From a job's creation to the server's 250.", ["server"],
+                            buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600))
+MARK_ERRORS = Counter("mailpipe_sender_mark_errors_total",
+                      "Redis failures reading or writing per-mail sent marks.", ["operation"])

@@ -1,0 +1,193 @@
+"""SMTP delivery against the aiosmtpd peer, without the broker: pool, TLS modes, AUTH, the
+window, and ``servers check``. Sent marks are tested in test_sender.py (with Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailpipe.errors import SmtpPermanent, SmtpTransient
+from mailpipe.model import Job, new_id, now_ms
+from mailpipe.servers import Config, ServerConfig, parse_config
+from sender.check import check_servers
+from sender.delivery import BatchDelivery, deliver
+from sender.smtp import Pools, ServerPool, open_connection
+from tests.smtp_peer import SmtpPeer, TestCerts, make_test_ca
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> TestCerts:
+    return make_test_ca(tmp_path_factory.mktemp("ca"))
+
+
+def config(port: int, environ: dict[str, str] | None = None, **fields: Any) -> Config:
+    table = {"address": f"[127.0.0.1]:{port}", "tls": "none", **fields}
+    return parse_config({"servers": {"smtp": table}}, "test", environ or {})
+
+
+def server(port: int, **fields: Any) -> ServerConfig:
+    return config(port, **fields).servers["smtp"]
+
+
+def job(*recipients: str, size: int = 200) -> Job:
+    line = b"x" * 76 + b"\r\n"
+    body = line * max(1, size // len(line))
+    return Job(id=new_id(), tenant="acme", server="smtp", sender="hr@acme.example", recipients=recipients,
+               message=b"Subject: t\r\n\r\n" + body, created_ms=now_ms())
+
+
+def run_delivery(jobs: list[Job], srv: ServerConfig, window_s: float = 30.0, **pool: Any) -> BatchDelivery:
+    async def go() -> BatchDelivery:
+        pools = Pools(default_size=pool.get("size", 4), timeout_s=pool.get("timeout_s", 5.0),
+                      idle_timeout_s=60)
+        try:
+            return await deliver(jobs, srv, pools.get(srv), time.monotonic() + window_s, marks=None,
+                                 margin_s=0.2)
+        finally:
+            await pools.close()
+    return asyncio.run(go())
+
+
+def test_connections_are_reused_across_mails_and_capped_per_connection() -> None:
+    with SmtpPeer() as peer:
+        result = run_delivery([job(f"u{i}@example.com") for i in range(40)],
+                              server(peer.port, max_mails_per_connection=5), size=2)
+        assert len(peer.messages) == 40
+        assert peer.connections == 8  # 40 mails, 5 per connection
+    assert all(o.attempted and len(o.sent) == 1 for o in result.outcomes)
+
+
+def test_pool_keeps_connections_between_batches() -> None:
+    async def go(srv: ServerConfig) -> None:
+        pool = ServerPool(srv, size=2, timeout_s=5, idle_timeout_s=60)
+        for _ in range(3):
+            await deliver([job("a@example.com"), job("b@example.com")], srv, pool, time.monotonic() + 10,
+                          marks=None)
+        assert pool.idle == 2
+        await pool.close()
+
+    with SmtpPeer() as peer:
+        asyncio.run(go(server(peer.port)))
+        assert len(peer.messages) == 6 and peer.connections == 2
+
+
+def test_fresh_connection_after_a_dropped_one() -> None:
+    with SmtpPeer() as peer:
+        peer.drop_connections(1, at="data")
+        result = run_delivery([job(f"u{i}@example.com") for i in range(5)], server(peer.port), size=1)
+        assert len(peer.messages) == 4
+        assert peer.connections == 2
+    deferred = [o for o in result.outcomes if o.deferred]
+    assert len(deferred) == 1
+    [reply] = deferred[0].deferred.values()
+    assert reply.category == "connection"
+
+
+def test_stalled_data_times_out_and_is_deferred() -> None:
+    with SmtpPeer() as peer:
+        peer.stall_after_data(3.0, times=1)
+        result = run_delivery([job("a@example.com"), job("b@example.com")], server(peer.port), size=1,
+                              timeout_s=0.5)
+    replies = [r for o in result.outcomes for r in o.deferred.values()]
+    assert [r.category for r in replies] == ["connection"]
+    assert "timed out" in replies[0].text
+    assert sum(len(o.sent) for o in result.outcomes) == 1
+
+
+def test_unreachable_server_defers_every_mail_without_knocking_per_mail() -> None:
+    with SmtpPeer() as peer:
+        port = peer.port
+    result = run_delivery([job(f"u{i}@example.com") for i in range(20)], server(port))
+    assert all(o.attempted for o in result.outcomes)
+    categories = {r.category for o in result.outcomes for r in o.deferred.values()}
+    assert categories == {"connection"}
+
+
+def test_server_refusing_at_greeting_is_a_connection_failure() -> None:
+    with SmtpPeer() as peer:
+        peer.drop_connections(1, at="connect")
+        with pytest.raises(SmtpTransient) as info:
+            asyncio.run(open_connection(server(peer.port), timeout_s=5))
+    assert info.value.category == "connection"
+
+
+def test_starttls_upgrades_when_offered(certs: TestCerts) -> None:
+    async def go(srv: ServerConfig) -> bool:
+        conn = await open_connection(srv, timeout_s=5)
+        await conn.quit()
+        return conn.tls
+
+    with SmtpPeer(starttls_context=certs.server_context()) as peer:
+        assert asyncio.run(go(server(peer.port, tls="starttls", ca_file=str(certs.ca_file))))
+        assert asyncio.run(go(server(peer.port, tls="opportunistic", ca_file=str(certs.ca_file))))
+    with SmtpPeer() as peer:  # opportunistic without STARTTLS offered: clear text, allowed
+        assert not asyncio.run(go(server(peer.port, tls="opportunistic")))
+
+
+def test_tls_verify_false_accepts_an_unknown_ca(certs: TestCerts) -> None:
+    with SmtpPeer(tls_context=certs.server_context()) as peer:
+        with pytest.raises(SmtpTransient) as info:
+            asyncio.run(open_connection(server(peer.port, tls="implicit"), timeout_s=5))
+        assert info.value.category == "tls_failed"
+        run_delivery([job("a@example.com")], server(peer.port, tls="implicit", tls_verify=False))
+        assert len(peer.messages) == 1
+
+
+def test_auth_without_tls_offered_and_wrong_password(certs: TestCerts) -> None:
+    env = {"CREDS": "mailer right"}
+    with SmtpPeer(auth={"mailer": "right"}) as peer:
+        srv = config(peer.port, env, credentials_env="CREDS").servers["smtp"]
+        run_delivery([job("a@example.com")], srv)
+        assert [m.auth_user for m in peer.messages] == ["mailer"]
+        bad = config(peer.port, {"CREDS": "mailer wrong"}, credentials_env="CREDS").servers["smtp"]
+        with pytest.raises(SmtpPermanent) as info:
+            asyncio.run(open_connection(bad, timeout_s=5))
+        assert (info.value.code, info.value.category) == (535, "auth_failed")
+
+
+def test_mail_too_large_is_failed() -> None:
+    with SmtpPeer(data_size_limit=10_000) as peer:
+        result = run_delivery([job("a@example.com", size=50_000)], server(peer.port))
+    [reply] = result.outcomes[0].failed.values()
+    assert (reply.code, reply.category) == (552, "too_large")
+
+
+def test_servers_check_reports_what_works(certs: TestCerts, tmp_path: Path) -> None:
+    env = {"CREDS": "mailer s3cret"}
+    with SmtpPeer(starttls_context=certs.server_context(), auth={"mailer": "s3cret"}) as good, \
+            SmtpPeer() as clear:
+        cfg = parse_config({"servers": {
+            "good": {"address": f"[127.0.0.1]:{good.port}", "tls": "starttls", "ca_file": str(certs.ca_file),
+                     "credentials_env": "CREDS"},
+            "clear": {"address": f"[127.0.0.1]:{clear.port}", "tls": "starttls"},
+        }}, "test", env)
+        out = io.StringIO()
+        started = time.monotonic()
+        assert check_servers(cfg, ["good"], out=out) == 0
+        text = out.getvalue()
+        assert "TLS ok" in text and "AUTH ok as mailer" in text and "s3cret" not in text
+        out = io.StringIO()
+        assert check_servers(cfg, [], out=out) == 1
+        text = out.getvalue()
+        assert "clear: FAILED" in text and "[tls_failed]" in text and "STARTTLS" in text
+        assert check_servers(cfg, ["nope"], out=io.StringIO()) == 1
+        assert time.monotonic() - started < 10
+
+
+def test_500_mails_of_160_kb_with_50_ms_replies_inside_one_minute() -> None:
+    """The seeds' promise: a full batch (500 mails, 80 MB) delivered within its minute."""
+    jobs = [job(f"u{i}@example.com", size=160 * 1024) for i in range(500)]
+    with SmtpPeer(reply_delay_s=0.05) as peer:
+        started = time.monotonic()
+        result = run_delivery(jobs, server(peer.port), window_s=60.0)
+        elapsed = time.monotonic() - started
+        assert len(peer.messages) == 500
+    assert result.unattempted == [] and not result.stopped_by
+    assert elapsed < 60, f"{elapsed:.1f} s"
