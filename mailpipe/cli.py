@@ -79,13 +79,46 @@ def cmd_status(args: argparse.Namespace) -> int:
     return show_status(settings, limits, as_json=args.json)
 
 
+def cmd_status_watch(args: argparse.Namespace) -> int:
+    """``status --watch``: the same table, redrawn until Ctrl-C."""
+    import time
+
+    if args.watch is None:
+        return cmd_status(args)
+    try:
+        while True:
+            if not args.json:
+                print("\033[H\033[2J" + time.strftime("%H:%M:%S"), flush=True)  # clear the terminal
+            cmd_status(args)
+            time.sleep(max(0.5, args.watch))
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mailpipe.report import report
+
+    drawn = report(args.prometheus, Path(args.out), minutes=args.minutes,
+                   scrape_interval_s=args.scrape_interval_s)
+    print(f"wrote {args.out}: {drawn['send_rate_series']} send-rate series, "
+          f"{drawn['queue_series']} queue series")
+    return 0
+
+
 def cmd_dead(args: argparse.Namespace) -> int:
     from mailpipe import dead
 
     settings = Settings.from_env()
     if args.action == "list":
-        return dead.list_dead(settings, limit=args.limit)
-    return dead.replay(settings, reason=args.reason, tenant=args.tenant)
+        return dead.list_dead(settings, limit=args.limit, reason=args.reason, tenant=args.tenant)
+    if args.action == "show":
+        if not args.id:
+            print("mailpipe: dead show needs an ID (from `mailpipe dead list`)", file=sys.stderr)
+            return 2
+        return dead.show(settings, args.id)
+    return dead.replay(settings, reason=args.reason, tenant=args.tenant, id=args.id)
 
 
 def cmd_suppression(args: argparse.Namespace) -> int:
@@ -141,13 +174,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="queues, rates and caps at a glance")
     status.add_argument("--json", action="store_true")
-    status.set_defaults(func=cmd_status)
+    status.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                        help="redraw every SECONDS (default 2) until Ctrl-C")
+    status.set_defaults(func=cmd_status_watch)
 
-    dead = sub.add_parser("dead", help="mail that failed: list it, replay it")
-    dead.add_argument("action", choices=("list", "replay"))
+    report = sub.add_parser("report", help="draw the send rate and queue depths of a Prometheus into a PNG")
+    report.add_argument("prometheus", metavar="PROMETHEUS_URL", help="e.g. http://127.0.0.1:9090")
+    report.add_argument("--out", default="mailpipe-report.png", help="the PNG to write")
+    report.add_argument("--minutes", type=float, default=60.0, help="how far back (default 60)")
+    report.add_argument("--scrape-interval-s", type=float, default=15.0,
+                        help="Prometheus's scrape interval, for the rate window (default 15)")
+    report.set_defaults(func=cmd_report)
+
+    dead = sub.add_parser("dead", help="mail that failed: list it, show one, replay it")
+    dead.add_argument("action", choices=("list", "show", "replay"))
+    dead.add_argument("id", nargs="?", metavar="ID", help="show/replay: a dead letter's ID or job id")
     dead.add_argument("--limit", type=int, default=50)
-    dead.add_argument("--reason", help="replay only mail whose reason contains this")
-    dead.add_argument("--tenant", help="replay only this tenant's mail")
+    dead.add_argument("--reason", help="only mail whose reason or category contains this")
+    dead.add_argument("--tenant", help="only this tenant's mail")
     dead.set_defaults(func=cmd_dead)
 
     supp = sub.add_parser("suppression", help="recipients suppressed after a permanent bad_recipient failure")

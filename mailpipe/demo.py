@@ -74,12 +74,24 @@ def write_servers_file(path: Path, sink_port: int, rate_per_hour: int | None, ma
         f"daily_limit = {max(10_000, mails)}\n", encoding="utf-8")
 
 
-def make_requests(mails: int, size: int) -> list[IntakeRequest]:
+def make_requests(first: int, count: int, size: int) -> list[IntakeRequest]:
     body = ("The quick brown fox jumps over the lazy dog. " * (size // 45 + 1))[:max(size, 1)]
     lines = "\n".join(body[i:i + 76] for i in range(0, len(body), 76))
-    return [IntakeRequest(id=new_id(), tenant="demo", sender="news@demo.example", created_ms=now_ms(),
+    created_ms = now_ms()  # latency is measured from here to the 250
+    return [IntakeRequest(id=new_id(), tenant="demo", sender="news@demo.example", created_ms=created_ms,
                           to=(f"reader{i}@example.com",), subject=f"Demo mail {i}", text=lines)
-            for i in range(mails)]
+            for i in range(first, first + count)]
+
+
+def wait_for_consumers(broker: Broker, topology: Topology, procs: dict[str, subprocess.Popen[bytes]],
+                       timeout_s: float = 60.0) -> None:
+    """Publish only once every stage consumes: the figures are the pipeline's, not its start-up."""
+    deadline = time.monotonic() + timeout_s
+    for queue in topology.work_queues:
+        while broker.channel().queue_declare(queue, passive=True).method.consumer_count < 1:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs.values()):
+                return  # the progress loop reports a stage that died
+            broker.sleep(0.1)
 
 
 def run_demo(mails: int, size: int, rate_per_hour: int | None, as_json: bool,
@@ -142,11 +154,11 @@ def follow(broker: Broker, events: str, namespace: str, settings: Settings, mail
     from producer import Producer
 
     progress = Progress(total=mails)
-    requests = make_requests(mails, size)
+    wait_for_consumers(broker, Topology.from_settings(settings.replace(namespace=namespace)), procs)
     started = time.monotonic()
     with Producer(settings.amqp_url, namespace) as producer:
-        for i in range(0, len(requests), 200):
-            producer.publish_requests(requests[i:i + 200])
+        for first in range(0, mails, 200):
+            producer.publish_requests(make_requests(first, min(200, mails - first), size))
     broker.consume(events, prefetch=1000)
     last_print = 0.0
     deadline = started + timeout_s

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 
@@ -26,8 +27,11 @@ class StageProcesses:
     """``with StageProcesses(settings, log_dir, "producer", "packer", ...) as stages:`` starts each
     stage as ``python -m mailpipe run STAGE``; on exit, SIGTERM and wait for a clean exit."""
 
-    def __init__(self, settings: Settings, log_dir: Path, *stages: str, replicas: int = 1) -> None:
+    def __init__(self, settings: Settings, log_dir: Path, *stages: str, replicas: int = 1,
+                 metrics_ports: Mapping[str, int] | None = None) -> None:
         self.settings = settings
+        # Stage -> first /metrics port; replica i of that stage serves on port + i.
+        self.metrics_ports = dict(metrics_ports or {})
         self.log_dir = log_dir
         self.stages = stages
         self.replicas = replicas
@@ -43,9 +47,11 @@ class StageProcesses:
         for stage in self.stages:
             for replica in range(self.replicas):
                 name = f"{stage}-{replica}"
+                port = self.metrics_ports.get(stage)
+                metrics = ["--metrics-port", str(port + replica)] if port is not None else []
                 with (self.log_dir / f"{name}.log").open("wb") as log:  # the child keeps its own copy
                     self.procs[name] = subprocess.Popen(
-                        [sys.executable, "-m", "mailpipe", "run", stage], env=env, stdout=log,
+                        [sys.executable, "-m", "mailpipe", "run", stage, *metrics], env=env, stdout=log,
                         stderr=subprocess.STDOUT)
         return self
 
