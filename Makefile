@@ -18,6 +18,7 @@ demo: $(INSTALLED)
 
 ## make test: lint, types, then every test (unit, integration, faults) against real services
 test: $(INSTALLED)
+	scripts/install-tools prometheus docker-compose openssl
 	$(BIN)/python -m mailpipe.services
 	$(BIN)/ruff check .
 	$(BIN)/mypy
@@ -32,6 +33,7 @@ lint: $(INSTALLED)
 	$(BIN)/mypy
 
 bench: $(INSTALLED)
+	scripts/install-tools postfix
 	$(BIN)/python -m mailpipe.services
 	mkdir -p bench/out
 	for b in bench/*.py; do $(BIN)/python $$b | tee bench/out/$$(basename $$b .py).json; done

@@ -36,6 +36,7 @@ from mailpipe.topology import Topology
 from producer import Producer
 from tests.smtp_peer import SmtpPeer
 from tests.stages import StageProcesses, settings_env
+from tests.tools import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "mailpipe.json"
@@ -86,23 +87,6 @@ def test_passive_declares_give_ready_only() -> None:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-def ensure_tool(binary: str, package: str) -> str:
-    """The Debian package's binary; installed here if missing (this machine runs as root)."""
-    found = shutil.which(binary)
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True, timeout=300)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
-                       check=False, capture_output=True, timeout=600,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        found = shutil.which(binary)
-    if found is None:
-        message = f"{binary} (Debian package {package}) is not installed and could not be installed"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
-
 
 def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
@@ -196,7 +180,7 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def prometheus_binary() -> str:
-    return ensure_tool("prometheus", "prometheus")
+    return require_tool("prometheus", "prometheus")
 
 
 def write_servers(settings: Settings, port: int) -> None:

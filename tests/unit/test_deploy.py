@@ -10,8 +10,6 @@ packages if missing (this machine runs as root); in CI a missing one fails the t
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import tomllib
 from pathlib import Path
@@ -23,28 +21,12 @@ import yaml
 from mailpipe import report
 from mailpipe.settings import Settings
 from mailpipe.topology import Topology
+from tests.tools import require_tool
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S = DEPLOY / "k8s"
 STAGES = ("producer", "packer", "limiter", "sender")
 GRACE_MARGIN_S = 10  # SIGKILL must not come while the stage still drains
-
-
-def ensure_tool(binary: str, package: str) -> str:
-    """The Debian package's binary; installed here if missing (this machine runs as root)."""
-    found = shutil.which(binary)
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True, timeout=300)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
-                       check=False, capture_output=True, timeout=600,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        found = shutil.which(binary)
-    if found is None:
-        message = f"{binary} (Debian package {package}) is not installed and could not be installed"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
 
 
 def manifests() -> list[dict[str, Any]]:
@@ -162,7 +144,7 @@ def test_no_password_in_a_configmap() -> None:
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    binary = ensure_tool("docker-compose", "docker-compose")
+    binary = require_tool("docker-compose", "docker-compose")
     done = subprocess.run([binary, "-f", str(DEPLOY / "compose.yaml"), "config"], capture_output=True,
                           text=True, timeout=60, cwd=DEPLOY.parent)
     assert done.returncode == 0, done.stderr
@@ -202,7 +184,7 @@ def _seconds(duration: str) -> float:
 # -- Prometheus and Grafana ---------------------------------------------------------------------
 
 def test_promtool_accepts_the_config_and_the_rules() -> None:
-    promtool = ensure_tool("promtool", "prometheus")
+    promtool = require_tool("promtool", "prometheus")
     for args in (["check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
                  ["check", "rules", str(DEPLOY / "prometheus" / "rules.yml")]):
         done = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
