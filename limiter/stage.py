@@ -140,8 +140,14 @@ class LimiterStage(Stage):
             if problem:
                 self._dead(out, delivery, problem, "config", server=batch.server)
                 continue
-            self.lines.setdefault(batch.server, deque()).append(
-                Held(delivery, batch, tenants, since=now, due=now))
+            line = self.lines.setdefault(batch.server, deque())
+            held = Held(delivery, batch, tenants, since=now, due=now)
+            if batch.priority == "high":
+                # Transactional mail goes ahead of every normal batch of its server: it is the
+                # next to ask for tokens, however much bulk mail waits.
+                line.insert(sum(1 for h in line if h.batch.priority == "high"), held)
+            else:
+                line.append(held)
         self._decide_due(out, config, now)
         out.flush(broker, self.name)
         self._gauge()

@@ -319,7 +319,7 @@ class SenderStage(Stage):
         event = Event(job_id=job.id, tenant=job.tenant, server=job.server, outcome=outcome,
                       recipients=tuple(recipients), attempt=job.attempt, created_ms=job.created_ms,
                       at_ms=at_ms, code=reply.code, text=reply.text[:1000], category=reply.category,
-                      advice=reply.advice, batch_id=batch.id)
+                      advice=reply.advice, batch_id=batch.id, findings=job.findings)
         return Outgoing(f"{outcome}.{job.tenant}", codec.encode_event(event), exchange=self.topology.events,
                         mandatory=False)
 

@@ -12,6 +12,7 @@ deleted after the test.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import uuid
 from collections.abc import Iterator
@@ -102,6 +103,15 @@ def delete_namespace(ns: str, amqp_url: str, redis_url: str) -> None:
         for key in client.scan_iter(match=f"*{ns}*", count=1000):
             client.delete(key)
         client.close()
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage() -> Iterator[None]:
+    """A leaked socket or transport is reported by the GC, as an unraisable warning (an error
+    here), in whichever test the GC happens to run: collect after each test, so the report
+    lands in the test that leaked."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture

@@ -179,3 +179,24 @@ def test_a_scheduled_mail_is_not_sent_before_its_send_at(settings: Settings, tmp
         arrived = {job_id(r): r.time for r in peer.messages}
     assert arrived[now] < send_at
     assert send_at <= arrived[later] < send_at + 3, "released within a couple of seconds of send_at"
+
+
+def test_transactional_mail_overtakes_5000_bulk_mails_of_the_same_tenant(
+        settings: Settings, tmp_path: Path) -> None:
+    # 36,000/h is 10 mails a second: the bulk mail would take over eight minutes to drain.
+    settings = settings.replace(burst_mails=50)
+    with SmtpPeer() as peer:
+        write_servers(settings, peer.port)
+        Path(settings.servers_file).write_text(
+            Path(settings.servers_file).read_text().replace("unlimited = true", "rate_per_hour = 36000"))
+        with StageProcesses(settings, tmp_path, *ALL_STAGES) as stages, \
+                Producer(settings.amqp_url, settings.namespace) as producer:
+            bulk = mails(5000)
+            for i in range(0, len(bulk), 500):
+                producer.publish_requests(bulk[i:i + 500])
+            reset = producer.publish(tenant="acme", sender="hr@acme.example", to=["ann@example.com"],
+                                     subject="Reset your password", text="Click the link.", priority="high")
+            wait_until(lambda: reset in {job_id(r) for r in peer.messages}, 60, "the transactional mail", stages)
+            order = [job_id(r) for r in peer.messages]
+    before = order.index(reset)
+    assert before < 500, f"{before} bulk mails went before the transactional one"
