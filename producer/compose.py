@@ -7,6 +7,7 @@ dead-letter what an upstream in another language sent anyway.
 
 from __future__ import annotations
 
+import binascii
 import re
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -131,6 +132,76 @@ def render(req: IntakeRequest, job_id: str) -> bytes:
     if req.is_raw:
         assert req.message is not None
         return req.message
+    return render_plain(req, job_id) or render_mime(req, job_id)
+
+
+def _headers(req: IntakeRequest, job_id: str) -> list[tuple[str, str]]:
+    headers = [("From", req.sender)]
+    if req.to:
+        headers.append(("To", ", ".join(req.to)))
+    if req.cc:
+        headers.append(("Cc", ", ".join(req.cc)))
+    if req.subject is not None:
+        headers.append(("Subject", req.subject))
+    headers.append(("Date", formatdate(req.created_ms / 1000, localtime=False, usegmt=True)))
+    headers.append(("Message-ID", f"<{job_id}@{req.sender.rpartition('@')[2]}>"))
+    return headers + list(req.headers.items())
+
+
+def _body_part(text: str) -> tuple[str, bytes]:
+    """(Content-Transfer-Encoding, CRLF body): 7bit when it can be, else quoted-printable."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if text.isascii() and all(len(line) <= 998 for line in text.split("\n")):
+        return "7bit", text.replace("\n", "\r\n").encode("ascii")
+    encoded = binascii.b2a_qp(text.encode("utf-8"), quotetabs=False, istext=True, header=False)
+    return "quoted-printable", encoded.replace(b"\n", b"\r\n")
+
+
+def render_plain(req: IntakeRequest, job_id: str) -> bytes | None:
+    """Text and/or HTML without attachments, with short ASCII headers, built directly: the
+    common case, several times faster than ``email``'s EmailMessage (which the hot path of the
+    intake would otherwise spend most of its time in). None when ``render_mime`` is needed."""
+    if req.attachments or (req.text is None and req.html is None):
+        return None
+    headers = _headers(req, job_id)
+    if any(not (name + value).isascii() or len(name) + len(value) > 76 for name, value in headers
+           if name not in ("To", "Cc")):
+        return None
+    lines = [f"{name}: {_fold_addresses(value) if name in ('To', 'Cc') else value}" for name, value in headers]
+    lines.append("MIME-Version: 1.0")
+    parts = [(subtype, body) for subtype, body in (("plain", req.text), ("html", req.html)) if body is not None]
+    if len(parts) == 1:
+        subtype, body = parts[0]
+        encoding, payload = _body_part(body)
+        lines += [f'Content-Type: text/{subtype}; charset="utf-8"', f"Content-Transfer-Encoding: {encoding}"]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + payload + (
+            b"" if payload.endswith(b"\r\n") else b"\r\n")
+    boundary = f"=_mailpipe_{job_id}"
+    lines.append(f'Content-Type: multipart/alternative; boundary="{boundary}"')
+    out = [("\r\n".join(lines) + "\r\n\r\n").encode("ascii")]
+    for subtype, body in parts:
+        encoding, payload = _body_part(body)
+        out.append(f'--{boundary}\r\nContent-Type: text/{subtype}; charset="utf-8"\r\n'
+                   f"Content-Transfer-Encoding: {encoding}\r\n\r\n".encode("ascii"))
+        out.append(payload + (b"" if payload.endswith(b"\r\n") else b"\r\n"))
+    out.append(f"--{boundary}--\r\n".encode("ascii"))
+    return b"".join(out)
+
+
+def _fold_addresses(value: str) -> str:
+    """An address list folded after commas, so no header line runs past 78 characters."""
+    folded, line = [], ""
+    for address in value.split(", "):
+        if line and len(line) + len(address) + 2 > 70:
+            folded.append(line + ",")
+            line = " " + address
+        else:
+            line = f"{line}, {address}" if line else address
+    return "\r\n".join([*folded, line])
+
+
+def render_mime(req: IntakeRequest, job_id: str) -> bytes:
+    """The general case (attachments, non-ASCII or long headers): the standard library's."""
     msg = EmailMessage(policy=SMTP)
     msg["From"] = req.sender
     if req.to:

@@ -9,7 +9,7 @@ import pytest
 
 from mailpipe.errors import InvalidMessage
 from mailpipe.model import Attachment, IntakeRequest
-from producer.compose import check_address, render, validate
+from producer.compose import check_address, render, render_mime, render_plain, validate
 
 
 def request(**fields: object) -> IntakeRequest:
@@ -89,3 +89,41 @@ def test_raw_message_is_passed_through() -> None:
     req = request(message=raw, recipients=("ann@example.com",), to=())
     assert validate(req, 1000, 10) == ("ann@example.com",)
     assert render(req, "id") == raw
+
+
+@pytest.mark.parametrize("fields", [
+    dict(text="Hi Ann,\nsee you on Monday.\n"),
+    dict(text="Grüße aus Köln \u2013 bis Montag!\r\nZeile zwei"),
+    dict(text="x" * 3000 + "\nshort"),  # a line longer than SMTP allows: quoted-printable
+    dict(text=None, html="<p>Hi <b>Ann</b></p>"),
+    dict(text="Hi Ann", html="<p>Hi <b>Ann</b> \u2013 à lundi</p>"),
+    dict(to=tuple(f"person{i}@example.com" for i in range(12)), cc=("bob@example.com",)),
+    dict(headers={"List-Unsubscribe": "<mailto:unsub@acme.example>", "X-Campaign": "spring"}),
+])
+def test_the_fast_renderer_says_what_the_standard_library_says(fields: dict[str, object]) -> None:
+    req = request(**fields)
+    fast = render(req, "c" * 32)
+    assert fast == render_plain(req, "c" * 32), "this case takes the fast path"
+    slow = render_mime(req, "c" * 32)
+    assert all(len(line) <= 998 for line in fast.split(b"\r\n"))
+    assert b"\n" not in fast.replace(b"\r\n", b"")
+    ours, theirs = (email.message_from_bytes(raw, policy=default) for raw in (fast, slow))
+    for name in ("From", "To", "Cc", "Subject", "Date", "Message-ID", "List-Unsubscribe", "X-Campaign"):
+        assert ours[name] == theirs[name], name
+    for kind in ("plain", "html"):
+        part, expected = ours.get_body(preferencelist=(kind,)), theirs.get_body(preferencelist=(kind,))
+        if expected is None or expected.get_content_subtype() != kind:
+            continue
+        assert part is not None and part.get_content_subtype() == kind
+        assert part.get_content().replace("\r\n", "\n").rstrip("\n") == \
+            expected.get_content().replace("\r\n", "\n").rstrip("\n")
+
+
+@pytest.mark.parametrize("fields", [
+    dict(attachments=(Attachment("cv.pdf", "application/pdf", b"%PDF"),)),
+    dict(subject="Grüße"), dict(subject="x" * 100),
+])
+def test_what_the_fast_renderer_leaves_to_the_standard_library(fields: dict[str, object]) -> None:
+    req = request(**fields)
+    assert render_plain(req, "c" * 32) is None
+    assert email.message_from_bytes(render(req, "c" * 32), policy=default)["Subject"] == req.subject
