@@ -103,6 +103,22 @@ def run_demo(mails: int, size: int, rate_per_hour: int | None, as_json: bool,
         for problem in problems:
             print(f"mailpipe demo: {problem}", file=out)
         return 1
+    summary, codes, progress = run_pipeline(settings, mails, size, rate_per_hour, timeout_s=timeout_s, out=out)
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        print_summary(summary)
+    complete = progress.done == mails and all(c == 0 for c in codes.values())
+    return 0 if complete and not progress.failed else 1
+
+
+def run_pipeline(settings: Settings, mails: int, size: int, rate_per_hour: int | None, *,
+                 smtp_port: int | None = None, publish_per_s: float | None = None,
+                 timeout_s: float = 600.0, out: TextIO = sys.stderr,
+                 ) -> tuple[dict[str, Any], dict[str, int], Progress]:
+    """Every stage as its own process, N mails through them to the local sink (or to an SMTP
+    server of the caller's on 127.0.0.1:``smtp_port``). Returns the summary, the stages' exit
+    codes, and the progress; the summary holds each stage's CPU seconds and peak RSS."""
     namespace = f"demo-{uuid.uuid4().hex[:8]}"
     workdir = Path(tempfile.mkdtemp(prefix="mailpipe-demo-"))
     topology = Topology.from_settings(settings.replace(namespace=namespace))
@@ -117,19 +133,22 @@ def run_demo(mails: int, size: int, rate_per_hour: int | None, as_json: bool,
     broker.channel().queue_bind(events, topology.events, routing_key="#")
 
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    usage: dict[str, dict[str, float]] = {}
     with LocalSink() as sink:
         servers_file = workdir / "servers.toml"
-        write_servers_file(servers_file, sink.port, rate_per_hour, mails)
+        write_servers_file(servers_file, smtp_port or sink.port, rate_per_hour, mails)
         env = stage_env(settings, namespace, servers_file)
         for stage in STAGES:
             with (workdir / f"{stage}.log").open("wb") as log:  # the child keeps its own copy
                 procs[stage] = subprocess.Popen([sys.executable, "-m", "mailpipe", "run", stage],
                                                 env=env, stdout=log, stderr=subprocess.STDOUT)
-        print(f"started {', '.join(STAGES)} (logs in {workdir}); SMTP sink on 127.0.0.1:{sink.port}",
-              file=out)
+        print(f"started {', '.join(STAGES)} (logs in {workdir}); SMTP server on "
+              f"127.0.0.1:{smtp_port or sink.port}", file=out)
         try:
-            progress = follow(broker, events, namespace, settings, mails, size, timeout_s, out, procs)
+            progress = follow(broker, events, namespace, settings, mails, size, timeout_s, out, procs,
+                              publish_per_s)
         finally:
+            usage = {stage: stage_usage(proc.pid) for stage, proc in procs.items()}
             for proc in procs.values():
                 proc.send_signal(signal.SIGTERM)
             codes = {stage: _wait(proc) for stage, proc in procs.items()}
@@ -138,27 +157,39 @@ def run_demo(mails: int, size: int, rate_per_hour: int | None, as_json: bool,
         received = sink.snapshot()
 
     summary = summarize(progress, received)
+    summary["stages"] = usage
     unclean = {s: c for s, c in codes.items() if c != 0}
     if unclean:
         print(f"stages that did not exit cleanly: {unclean} (logs in {workdir})", file=out)
-    if as_json:
-        print(json.dumps(summary))
-    else:
-        print_summary(summary)
-    complete = progress.done == mails and not unclean
-    return 0 if complete and not progress.failed else 1
+    return summary, codes, progress
+
+
+def stage_usage(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) and peak RSS of a process, from /proc (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    ticks = os.sysconf("SC_CLK_TCK")
+    peak_kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+    return {"cpu_s": round((int(fields[11]) + int(fields[12])) / ticks, 2), "peak_rss_mb": round(peak_kb / 1024, 1)}
 
 
 def follow(broker: Broker, events: str, namespace: str, settings: Settings, mails: int, size: int,
-           timeout_s: float, out: TextIO, procs: dict[str, subprocess.Popen[bytes]]) -> Progress:
+           timeout_s: float, out: TextIO, procs: dict[str, subprocess.Popen[bytes]],
+           publish_per_s: float | None = None) -> Progress:
     from producer import Producer
 
     progress = Progress(total=mails)
     wait_for_consumers(broker, Topology.from_settings(settings.replace(namespace=namespace)), procs)
     started = time.monotonic()
+    chunk = 200 if publish_per_s is None else max(1, int(publish_per_s / 20))
     with Producer(settings.amqp_url, namespace) as producer:
-        for first in range(0, mails, 200):
-            producer.publish_requests(make_requests(first, min(200, mails - first), size))
+        for first in range(0, mails, chunk):
+            producer.publish_requests(make_requests(first, min(chunk, mails - first), size))
+            if publish_per_s is not None:  # an even load: this chunk's share of a second
+                time.sleep(max(0.0, started + (first + chunk) / publish_per_s - time.monotonic()))
     broker.consume(events, prefetch=1000)
     last_print = 0.0
     deadline = started + timeout_s

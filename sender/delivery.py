@@ -46,20 +46,24 @@ class SentMarks:
     def key(self, job: Job) -> str:
         return f"{self.namespace}:sent:{job.id}:{job.attempt}"
 
-    async def accepted(self, job: Job) -> set[str]:
+    async def accepted(self, jobs: Sequence[Job]) -> list[set[str]]:
+        """The recipients already accepted for each job, in one round trip for the batch."""
         try:
-            members = await self.client.smembers(self.key(job))  # type: ignore[misc]
+            async with self.client.pipeline(transaction=False) as pipe:
+                for job in jobs:
+                    pipe.smembers(self.key(job))
+                found = await pipe.execute()
         except (redis.exceptions.RedisError, OSError) as exc:
             metrics.MARK_ERRORS.labels("read").inc()
             raise MarksUnavailable(f"Redis: reading sent marks failed: {exc}") from exc
-        return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+        return [{m.decode() if isinstance(m, bytes) else str(m) for m in members} for members in found]
 
     async def mark(self, job: Job, recipients: Sequence[str]) -> None:
         if not recipients:
             return
         key = self.key(job)
         try:
-            async with self.client.pipeline(transaction=True) as pipe:
+            async with self.client.pipeline(transaction=False) as pipe:  # one round trip
                 pipe.sadd(key, *recipients)
                 pipe.expire(key, self.ttl_s)
                 await pipe.execute()
@@ -117,6 +121,11 @@ async def deliver(jobs: Sequence[Job], server: ServerConfig, pool: ServerPool, d
     pending = list(range(len(jobs)))
     pending.reverse()  # pop() from the end takes them in order
     state = _State()
+    try:  # a redelivered batch skips what a previous delivery had accepted
+        already = await marks.accepted(jobs) if marks is not None else [set() for _ in jobs]
+    except MarksUnavailable as exc:
+        log.warning("%s: the batch goes back unsent", exc.reason)
+        return BatchDelivery(outcomes=outcomes, started=started, ended=time.monotonic(), stopped_by="redis")
 
     async def worker() -> None:
         conn: Connection | None = None
@@ -136,9 +145,10 @@ async def deliver(jobs: Sequence[Job], server: ServerConfig, pool: ServerPool, d
                         state.stop("deadline")
                     conn = got
                 else:
-                    outcome = outcomes[pending.pop()]
+                    index = pending.pop()
+                    outcome = outcomes[index]
                     try:
-                        await _send_job(conn, outcome, server, marks)
+                        await _send_job(conn, outcome, server, marks, already[index])
                     except MarksUnavailable as exc:
                         log.warning("%s: sending stops for this batch", exc.reason)
                         state.stop("redis")
@@ -187,9 +197,8 @@ async def _acquire(pool: ServerPool, cutoff: float) -> Connection | Reply | None
 
 
 async def _send_job(conn: Connection, outcome: JobOutcome, server: ServerConfig,
-                    marks: SentMarks | None) -> None:
+                    marks: SentMarks | None, already: set[str]) -> None:
     job = outcome.job
-    already = await marks.accepted(job) if marks is not None else set()
     outcome.attempted = True
     outcome.already_sent = [r for r in job.recipients if r in already]
     todo = [r for r in job.recipients if r not in already]

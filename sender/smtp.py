@@ -228,7 +228,7 @@ async def send_mail(conn: Connection, sender: str, recipients: Sequence[str], me
         options = []
         if client.supports_extension("size"):
             options.append(f"SIZE={len(message)}")
-        if client.supports_extension("8bitmime") and any(b > 127 for b in message[:65536]):
+        if client.supports_extension("8bitmime") and not message[:65536].isascii():
             options.append("BODY=8BITMIME")
         started = time.monotonic()
         try:

@@ -1,0 +1,103 @@
+"""The whole pipeline's throughput, latency and cost, to Postfix's smtp-sink on this machine.
+
+    python bench/pipeline.py [--mails 20000]   (make bench runs it; prints one JSON object)
+
+- throughput: N mails of 2 KB through all four stages as separate processes, limits lifted,
+  from the first publish to the last 250, beside the raw aiosmtplib-to-smtp-sink figure of
+  the same run (8 connections) and their ratio;
+- latency: p50/p99 enqueue-to-250 at half that load, published evenly;
+- the seed's batch: 500 mails of 160 KB (80 MB), packed, granted and delivered, in seconds;
+- CPU per mail per stage (user + system microseconds) and peak RSS per stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiosmtplib
+
+from mailpipe.demo import run_pipeline
+from mailpipe.services import ensure
+from mailpipe.settings import Settings
+from mailpipe.sink import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def smtp_sink() -> str:
+    found = shutil.which("smtp-sink") or shutil.which("smtp-sink", path="/usr/sbin")
+    if found is None:
+        subprocess.run([str(ROOT / "scripts" / "install-tools"), "postfix"], check=True)
+        found = shutil.which("smtp-sink", path="/usr/sbin")
+    if found is None:
+        sys.exit("bench: smtp-sink (Debian package postfix) is not available")
+    return found
+
+
+async def raw_rate(port: int, mails: int, connections: int, size: int) -> float:
+    message = b"Subject: raw\r\n\r\n" + b"x" * size + b"\r\n"
+
+    async def worker(n: int) -> None:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port)
+        await client.connect()
+        for _ in range(n):
+            await client.sendmail("bench@example.com", ["sink@example.com"], message)
+        await client.quit()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(mails // connections) for _ in range(connections)))
+    return mails / (time.perf_counter() - started)
+
+
+def per_mail_us(summary: dict[str, object], mails: int) -> dict[str, float]:
+    stages = summary.get("stages", {})
+    assert isinstance(stages, dict)
+    return {stage: round(u.get("cpu_s", 0.0) / mails * 1e6, 1) for stage, u in stages.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mails", type=int, default=20_000)
+    args = parser.parse_args()
+    settings = Settings.from_env()
+    problems = ensure(settings, say=False)
+    if problems:
+        sys.exit(f"bench: {'; '.join(problems)}")
+    port = free_port()
+    sink = subprocess.Popen([smtp_sink(), "-u", "nobody", f"127.0.0.1:{port}", "1024"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    quiet = open("/dev/null", "w")  # noqa: SIM115 (lives as long as the run)
+    try:
+        time.sleep(0.5)
+        raw = asyncio.run(raw_rate(port, 8000, 8, 2048))
+        full, _, _ = run_pipeline(settings, args.mails, 2048, None, smtp_port=port, out=quiet)
+        half_rate = max(1.0, full["mails_per_s"] / 2)
+        half, _, _ = run_pipeline(settings, min(args.mails, int(half_rate * 20)), 2048, None,
+                                  smtp_port=port, publish_per_s=half_rate, out=quiet)
+        big_settings = settings.replace(linger_ms=5000)  # the batch closes at 500 mails, not on time
+        big, _, _ = run_pipeline(big_settings, 500, 160 * 1024 - 2500, None, smtp_port=port, out=quiet)
+    finally:
+        sink.terminate()
+        sink.wait()
+    print(json.dumps({
+        "mails": full["sent"], "mails_per_s": full["mails_per_s"], "seconds": full["seconds"],
+        "raw_aiosmtplib_8_connections_mails_per_s": round(raw, 1),
+        "ratio_to_raw": round(full["mails_per_s"] / raw, 3),
+        "half_load_mails_per_s": round(half_rate, 1), "half_load_p50_ms": half["p50_ms"],
+        "half_load_p99_ms": half["p99_ms"],
+        "batch_80mb_mails": big["sent"], "batch_80mb_seconds": big["seconds"],
+        "cpu_us_per_mail": per_mail_us(full, full["sent"] or 1),
+        "peak_rss_mb": {s: u.get("peak_rss_mb") for s, u in full["stages"].items()},
+        "target_mails_per_s": 1500, "target_batch_80mb_s": 3.0, "target_half_load_p99_ms": 2000,
+    }))
+
+
+if __name__ == "__main__":
+    main()
