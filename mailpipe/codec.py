@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import msgpack
 
 from mailpipe.errors import InvalidMessage
-from mailpipe.model import PRIORITIES, SCHEMA_VERSION, Attachment, Batch, Event, IntakeRequest, Job
+from mailpipe.model import OUTCOMES, PRIORITIES, SCHEMA_VERSION, Attachment, Batch, Event, IntakeRequest, Job
 
 T = TypeVar("T")
 
@@ -224,7 +224,7 @@ def encode_event(event: Event) -> bytes:
 
 def decode_event(data: bytes) -> Event:
     f = _Fields("event", _unpack(data, "event", max_bin=1024 * 1024))
-    return Event(
+    event = Event(
         job_id=f.text("job_id"), tenant=f.text("tenant"), server=f.text("server"),
         outcome=f.text("outcome"), recipients=f.texts("recipients"), attempt=f.integer("attempt"),
         created_ms=f.integer("created_ms"), at_ms=f.integer("at_ms"), code=f.integer("code", required=False),
@@ -232,3 +232,7 @@ def decode_event(data: bytes) -> Event:
         advice=f.text("advice", required=False) or "", batch_id=f.text("batch_id", required=False) or "",
         findings=f.texts("findings"),
     )
+    if event.outcome not in OUTCOMES:
+        raise InvalidMessage(f"event.outcome: {event.outcome!r} is not one of {', '.join(OUTCOMES)}")
+    return event
+

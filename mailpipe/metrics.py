@@ -7,7 +7,7 @@ what the stage needs) for Kubernetes probes. Names: ``mailpipe_<noun>_<unit|tota
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
@@ -56,8 +56,3 @@ def serve(port: int, ready: Callable[[], bool], host: str = "0.0.0.0") -> Thread
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
 
-
-def observe_all(histogram: Histogram, values: Iterable[float], *labels: str) -> None:
-    child = histogram.labels(*labels) if labels else histogram
-    for value in values:
-        child.observe(value)
