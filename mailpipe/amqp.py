@@ -48,6 +48,7 @@ class Outgoing:
     headers: dict[str, Any] | None = None
     mandatory: bool = True
     message_id: str | None = None
+    expiration_ms: int | None = None  # a per-message TTL (below a delay queue's own: jitter)
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,7 @@ class Broker:
         properties = pika.BasicProperties(
             delivery_mode=PERSISTENT, headers=message.headers, message_id=message.message_id,
             content_type="application/msgpack",
+            expiration=None if message.expiration_ms is None else str(message.expiration_ms),
         )
         with _translated("publish"):
             self._publish_ch.basic_publish(exchange=message.exchange, routing_key=message.routing_key,

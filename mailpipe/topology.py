@@ -84,10 +84,12 @@ class Topology:
         """Where the limiter parks a batch not due for a while; it comes back to ``batches``."""
         return self._q(f"limiter.park.{delay_s}s")
 
+    def retry_delay_s(self, attempt: int) -> int:
+        """The delay before a job's ``attempt``-th retry (1-based): it doubles each time."""
+        return self.retry_delays_s[min(max(attempt, 1), len(self.retry_delays_s)) - 1]
+
     def retry_queue(self, attempt: int) -> str:
-        """The delay queue for a job's ``attempt``-th retry (1-based): the delay doubles each time."""
-        delay = self.retry_delays_s[min(max(attempt, 1), len(self.retry_delays_s)) - 1]
-        return self._q(f"retry.{delay}s")
+        return self._q(f"retry.{self.retry_delay_s(attempt)}s")
 
     @property
     def work_queues(self) -> tuple[str, ...]:

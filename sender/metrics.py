@@ -23,5 +23,8 @@ REFUNDS = Counter("mailpipe_sender_refunds_total",
 LATENCY_SECONDS = Histogram("mailpipe_mail_latency_seconds",
                             "From a job's creation to the server's 250.", ["server"],
                             buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600))
+RETRIES = Counter("mailpipe_sender_retries_total",
+                  "Recipients sent to a retry queue, by the attempt they will make (10 means 10 or more).",
+                  ["server", "attempt"])
 MARK_ERRORS = Counter("mailpipe_sender_mark_errors_total",
                       "Redis failures reading or writing per-mail sent marks.", ["operation"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import threading
 import time
 from collections import Counter
@@ -48,6 +49,8 @@ from sender.replies import BAD_RECIPIENT, SENT_REPLY, Reply
 from sender.smtp import Pools
 
 log = logging.getLogger(__name__)
+
+RETRY_JITTER = 0.2  # a retry waits 80% to 100% of its delay queue's TTL
 
 T = TypeVar("T")
 REAP_EVERY_S = 5.0
@@ -295,8 +298,13 @@ class SenderStage(Stage):
                 metrics.MAILS.labels(job.server, "expired", reply.category).inc(len(recipients))
             else:
                 copy = replace(job, recipients=tuple(recipients), attempt=job.attempt + 1)
-                out.append(Outgoing(self.topology.retry_queue(job.attempt + 1), codec.encode_job(copy),
-                                    message_id=f"{job.id}:{job.attempt + 1}"))
+                # Jitter: each retry waits between 80% and 100% of its queue's delay, so mail
+                # deferred together by a busy server does not come back all at once.
+                delay_ms = self.topology.retry_delay_s(copy.attempt) * 1000
+                out.append(Outgoing(self.topology.retry_queue(copy.attempt), codec.encode_job(copy),
+                                    message_id=f"{job.id}:{copy.attempt}",
+                                    expiration_ms=int(delay_ms * random.uniform(1 - RETRY_JITTER, 1.0))))
+                metrics.RETRIES.labels(job.server, str(min(copy.attempt, 10))).inc(len(recipients))
                 out.append(self._event(job, batch, "deferred", recipients, reply, at_ms))
                 metrics.MAILS.labels(job.server, "deferred", reply.category).inc(len(recipients))
         for reply, recipients in _group(outcome.failed):

@@ -410,3 +410,22 @@ def test_ready_reflects_redis(settings: Settings) -> None:
     finally:
         stage.close()
         down.close()
+
+
+def test_retries_wait_with_jitter_below_their_queue_delay(settings: Settings, bus: Bus) -> None:
+    jobs = [make_job(f"u{i}@example.com") for i in range(20)]
+    with SmtpPeer() as peer:
+        peer.refuse(None, 451, "4.7.1 Greylisted, try again later")
+        write_servers(settings, peer.port)
+        bus.send(granted(jobs))
+        run_sender(settings)
+    delay_ms = bus.topology.retry_delay_s(1) * 1000
+    expirations = []
+    while True:
+        method, props, _body = bus.channel.basic_get(bus.topology.retry_queue(1), auto_ack=True)
+        if method is None:
+            break
+        expirations.append(int(props.expiration))
+    assert len(expirations) == 20
+    assert all(0.8 * delay_ms <= e <= delay_ms for e in expirations)
+    assert len(set(expirations)) > 10, "spread, not all the same"
