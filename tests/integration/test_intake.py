@@ -39,7 +39,7 @@ def ok(i: int, **fields: object) -> IntakeRequest:
 
 # Each fault: how to spoil a request, and a fragment its dead-letter reason must hold.
 FAULTS: list[tuple[str, dict[str, object], str]] = [
-    ("bad address", dict(to=("not-an-address",)), "to[0]: 'not-an-address' is not an address"),
+    ("bad address", dict(to=("not-an-address",)), "to[0]: 'not-an-address' is not a valid address"),
     ("CR/LF in a header", dict(subject="Hi\r\nBcc: victim@example.com"), "subject: contains CR, LF or NUL"),
     ("unknown tenant", dict(tenant="nobody"), "unknown tenant 'nobody'"),
     ("unknown server", dict(server="nowhere"), "unknown server 'nowhere'"),
