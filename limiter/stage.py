@@ -78,8 +78,7 @@ class Round:
 
     def flush(self, broker: Broker, stage: str) -> None:
         broker.publish(self.outgoing)
-        for tag in self.acks:
-            broker.ack(tag)
+        broker.ack_all(self.acks)
         for out in self.outgoing:
             metrics.MESSAGES_OUT.labels(stage, out.routing_key).inc()
         for batch, wait_ms in self.released:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -264,10 +264,16 @@ class Broker:
         with _translated("ack"):
             self.channel().basic_ack(delivery_tag=tag, multiple=multiple)
 
-    def ack_all(self, deliveries: Sequence[Delivery]) -> None:
-        """Ack every delivery given (in any order)."""
-        for d in deliveries:
-            self.ack(d.tag)
+    def ack_all(self, tags: Iterable[int]) -> None:
+        """Ack every delivery tag given, in any order, in one write: BlockingChannel.basic_ack
+        flushes the socket once per ack, which cost the packer half its time (py-spy)."""
+        if self._consume_ch is None:
+            raise BrokerUnavailable("RabbitMQ: not connected")
+        channel = self._consume_ch._impl
+        with _translated("ack"):
+            for tag in tags:
+                channel.basic_ack(delivery_tag=tag)
+            self._connection().process_data_events(time_limit=0)
 
     def requeue(self, tag: int) -> None:
         """Give a delivery back to its queue (counts as a delivery for the delivery limit)."""

@@ -76,8 +76,7 @@ class PackerStage(Stage):
                                       priority=job.priority)
         if set_aside:
             broker.publish([out for _, out in set_aside])
-            for delivery, _ in set_aside:
-                broker.ack(delivery.tag)
+            broker.ack_all(delivery.tag for delivery, _ in set_aside)
         self.ship(broker, closed)
 
     def tick(self, broker: Broker) -> None:
@@ -95,9 +94,8 @@ class PackerStage(Stage):
         batches = [Batch(id=new_id(), server=b.server, jobs=tuple(b.jobs), mails=b.mails, bytes=b.bytes,
                          created_ms=now_ms(), tenants=dict(b.tenants), priority=b.priority) for b in closed]
         broker.publish([Outgoing(self.topology.batches, encode_batch(b), message_id=b.id) for b in batches])
-        for batch, open_batch in zip(batches, closed, strict=True):
-            for tag in open_batch.tags:
-                broker.ack(tag)
+        broker.ack_all(tag for open_batch in closed for tag in open_batch.tags)
+        for batch in batches:
             BATCH_MAILS.labels(batch.server).observe(batch.mails)
             BATCH_BYTES.labels(batch.server).observe(batch.bytes)
             log.debug("batch %s: %d mails, %d bytes for %s", batch.id, batch.mails, batch.bytes,
