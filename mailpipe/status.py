@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 from mailpipe.amqp import Broker
@@ -21,14 +22,25 @@ def queue_depths(settings: Settings) -> dict[str, int]:
         broker.close()
 
 
+def dead_by_reason(settings: Settings, limit: int = 10_000) -> dict[str, int]:
+    """Dead letters counted by category (the first ``limit``; they stay in the queue)."""
+    from mailpipe.dead import DeadQueue
+
+    with DeadQueue(settings) as dead:
+        return dict(Counter(d.category or "unknown" for d in dead.letters(limit)))
+
+
 def show_status(settings: Settings, limits: list[dict[str, Any]], as_json: bool = False) -> int:
     depths = queue_depths(settings)
+    dead = dead_by_reason(settings)
     if as_json:
-        print(json.dumps({"queues": depths, "limits": limits}))
+        print(json.dumps({"queues": depths, "limits": limits, "dead_by_reason": dead}))
         return 0
     print(f"{'queue':40} {'ready':>8}")
     for queue, depth in depths.items():
         print(f"{queue:40} {depth:>8}")
+    if dead:
+        print("\ndead letters by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(dead.items())))
     if limits:
         columns = list(limits[0])
         print()

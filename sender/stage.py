@@ -259,8 +259,10 @@ class SenderStage(Stage):
                         (ended_ms - batch.deadline_ms) / 1000)
         broker.publish(outputs)
         broker.ack(flight.delivery.tag)
-        log.debug("batch %s: %d mail(s) attempted in %.1f s, %d given back", batch.id,
-                  len(result.outcomes) - len(unattempted), result.ended - result.started, len(unattempted))
+        log.info("batch %s: %d mail(s) attempted in %.1f s, %d given back", batch.id,
+                 len(result.outcomes) - len(unattempted), result.ended - result.started, len(unattempted),
+                 extra={"batch_id": batch.id, "server": batch.server, "mails": batch.mails,
+                        "given_back": len(unattempted)})
 
     def _suppress(self, outcomes: list[JobOutcome]) -> None:
         """Recipients the server says do not exist are suppressed for their tenant: the intake
