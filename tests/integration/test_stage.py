@@ -63,3 +63,19 @@ def test_a_poison_message_is_dead_lettered_with_the_error_and_the_others_pass(se
     reason = props.headers[DEAD_REASON]
     assert "fragile failed on this message 4 times" in reason
     assert "RuntimeError: a bug that this message sets off every time" in reason
+
+
+def test_sigterm_during_start_up_is_a_clean_exit(settings: Settings) -> None:
+    """A rolling restart may stop a replica that is still importing: that is exit 0 too."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.stages import settings_env
+
+    proc = subprocess.Popen([sys.executable, "-m", "mailpipe", "run", "packer"], env=settings_env(settings),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.15)  # the interpreter is up; the stage is not yet
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
