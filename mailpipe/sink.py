@@ -34,6 +34,12 @@ class _Handler:
     def __init__(self, sink: LocalSink) -> None:
         self.sink = sink
 
+    async def handle_EHLO(self, _server: Any, session: Any, _envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname  # this hook replaces aiosmtpd's own bookkeeping
+        responses.insert(-1, "250-PIPELINING")  # aiosmtpd reads commands one by one: pipelined ones work
+        return responses
+
     async def handle_DATA(self, _server: Any, _session: Any, envelope: Any) -> str:
         content: bytes = envelope.original_content or envelope.content
         match = _MESSAGE_ID.search(content[:16384])

@@ -59,16 +59,14 @@ async def _check(server: ServerConfig, timeout_s: float, out: TextIO) -> bool:
         elapsed = time.monotonic() - started
         say(f"connected in {elapsed:.2f} s")
         if conn.tls:
-            version = conn.client.get_transport_info("ssl_object")
-            protocol = version.version() if version is not None else "TLS"
-            say(f"TLS ok ({protocol}, {verify})")
+            say(f"TLS ok ({conn.tls_version or 'TLS'}, {verify})")
         elif server.tls == "opportunistic":
             say("server does not offer STARTTLS: mail goes in clear (opportunistic)")
         else:
             say("no TLS (tls = none): mail goes in clear")
         if conn.authenticated:
             say(f"AUTH ok as {user}")
-        size = conn.client.esmtp_extensions.get("size")
+        size = conn.session.extensions.get("size")
         if size:
             say(f"server accepts messages up to {int(size) / 1024 / 1024:.1f} MiB")
         say("OK")

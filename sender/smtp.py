@@ -39,6 +39,7 @@ from sender.replies import (
     classify,
     connection_failure,
 )
+from sender.session import ServerReply, Session, address_arg, data_payload
 
 log = logging.getLogger(__name__)
 
@@ -115,28 +116,28 @@ def tls_context(server: ServerConfig) -> ssl.SSLContext:
 class Connection:
     """One open, ready (TLS negotiated, authenticated) SMTP session."""
 
-    client: aiosmtplib.SMTP
+    session: Session
     server: str
     opened: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     mails: int = 0
     tls: bool = False
+    tls_version: str | None = None
     authenticated: bool = False
     broken: bool = False
+
+    @property
+    def is_connected(self) -> bool:
+        return self.session.is_connected
 
     def close(self) -> None:
         """Drop the socket at once (no QUIT): for a broken session, or on shutdown."""
         self.broken = True
-        self.client.close()
+        self.session.close()
 
     async def quit(self, timeout_s: float = 2.0) -> None:
         """End a healthy session politely; a failure to do so does not matter."""
-        try:
-            await asyncio.wait_for(self.client.quit(), timeout_s)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError):
-            pass
-        finally:
-            self.client.close()
+        await self.session.quit(timeout_s)
 
 
 async def open_connection(server: ServerConfig, *, timeout_s: float, resolver: MxResolver | None = None,
@@ -167,7 +168,8 @@ async def _open_one(server: ServerConfig, host: str, *, timeout_s: float,
     during = "connect"
     try:
         await client.connect()
-        conn = Connection(client=client, server=server.name, tls=mode == "implicit")
+        tls = mode == "implicit"
+        authenticated = False
         if mode in ("starttls", "opportunistic"):
             during = "EHLO"
             await client.ehlo()
@@ -179,7 +181,7 @@ async def _open_one(server: ServerConfig, host: str, *, timeout_s: float,
             if offered:
                 during = "STARTTLS"
                 await client.starttls(tls_context=context)
-                conn.tls = True
+                tls = True
                 await client.ehlo()  # RFC 3207: what was learnt before TLS is forgotten; ask again
         if server.credentials is not None:
             during = "AUTH"
@@ -187,10 +189,18 @@ async def _open_one(server: ServerConfig, host: str, *, timeout_s: float,
                 await client.ehlo()
             if not client.supports_extension("auth"):
                 raise error_for(connection_failure(
-                    f"{address} does not offer AUTH" + ("" if conn.tls else " without TLS"), AUTH_FAILED),
+                    f"{address} does not offer AUTH" + ("" if tls else " without TLS"), AUTH_FAILED),
                     f"SMTP {server.name}: AUTH not offered")
             await client.login(server.credentials.username, server.credentials.password)
-            conn.authenticated = True
+            authenticated = True
+        if client.is_ehlo_or_helo_needed:  # the extensions (PIPELINING, SIZE) are known before the first mail
+            during = "EHLO"
+            try:
+                await client.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                await client.helo()  # a server from before ESMTP
+        ssl_object = client.get_transport_info("ssl_object")
+        session = Session.take_over(client, timeout_s)
     except BaseException as exc:
         client.close()
         if isinstance(exc, asyncio.CancelledError):
@@ -200,7 +210,8 @@ async def _open_one(server: ServerConfig, host: str, *, timeout_s: float,
         raise error from exc
     metrics.CONNECTIONS.labels(server.name, "opened").inc()
     metrics.REPLY_SECONDS.labels(server.name, "connect").observe(time.monotonic() - started)
-    return conn
+    return Connection(session=session, server=server.name, tls=tls, authenticated=authenticated,
+                      tls_version=ssl_object.version() if ssl_object is not None else None)
 
 
 @dataclass(frozen=True)
@@ -212,66 +223,73 @@ class MailResult:
 
 
 async def send_mail(conn: Connection, sender: str, recipients: Sequence[str], message: bytes) -> MailResult:
-    """One transaction: MAIL, RCPT per recipient, DATA. Per-recipient replies are kept apart.
+    """One transaction: MAIL, RCPT per recipient, DATA, pipelined when the server offers it.
 
-    aiosmtplib's ``sendmail`` returns refused recipients as a dict only when some are accepted
-    and raises when all are refused, and loses the RCPT replies when DATA is refused; so the
-    transaction is spelt out here. A reply to MAIL or DATA applies to every recipient it covers.
-    Raises SmtpTransient/SmtpPermanent only for what breaks the session (and marks it broken).
+    Per-recipient replies are kept apart; a reply to MAIL or DATA applies to every recipient it
+    covers. Raises SmtpTransient/SmtpPermanent only for what breaks the session (and marks it
+    broken).
     """
-    client = conn.client
+    session = conn.session
     server = conn.server
-    refused: dict[str, Reply] = {}
     conn.mails += 1
     conn.last_used = time.monotonic()
+    refused: dict[str, Reply] = {}
     try:
-        options = []
-        if client.supports_extension("size"):
-            options.append(f"SIZE={len(message)}")
-        if client.supports_extension("8bitmime") and not message[:65536].isascii():
-            options.append("BODY=8BITMIME")
-        started = time.monotonic()
-        try:
-            await client.mail(sender, options=options)
-        except aiosmtplib.SMTPSenderRefused as exc:
-            reply = classify(exc.code, exc.message)
-            await _reset(conn, exc.code)
-            return MailResult(accepted=(), refused=dict.fromkeys(recipients, reply))
-        finally:
-            metrics.REPLY_SECONDS.labels(server, "mail").observe(time.monotonic() - started)
-        accepted: list[str] = []
-        for recipient in recipients:
-            started = time.monotonic()
-            try:
-                await client.rcpt(recipient)
-                accepted.append(recipient)
-            except aiosmtplib.SMTPRecipientRefused as exc:
-                refused[recipient] = classify(exc.code, exc.message)
-                if exc.code == 421:  # the server is closing the session: nothing more goes now
-                    conn.close()
-                    return MailResult(accepted=(), refused=dict.fromkeys(recipients, refused[recipient]))
-            except ValueError as exc:  # an address aiosmtplib will not put on the wire (CR, LF)
-                refused[recipient] = classify(553, f"5.1.3 address not sendable: {exc}")
-            finally:
-                metrics.REPLY_SECONDS.labels(server, "rcpt").observe(time.monotonic() - started)
-        if not accepted:
-            await _reset(conn, 0)
-            return MailResult(accepted=(), refused=refused)
-        started = time.monotonic()
-        try:
-            await client.data(message)
-        except aiosmtplib.SMTPDataError as exc:
-            reply = classify(exc.code, exc.message)
-            await _reset(conn, exc.code)
-            refused.update(dict.fromkeys(accepted, reply))
-            return MailResult(accepted=(), refused=refused)
-        finally:
-            metrics.REPLY_SECONDS.labels(server, "data").observe(time.monotonic() - started)
-        return MailResult(accepted=tuple(accepted), refused=refused)
-    except ValueError as exc:  # the sender address cannot be sent (CR, LF, non-ASCII)
+        mail_from = address_arg(sender)
+    except ValueError as exc:
         reply = classify(553, f"5.1.7 sender address not sendable: {exc}")
-        await _reset(conn, 0)
         return MailResult(accepted=(), refused=dict.fromkeys(recipients, reply))
+    envelope: list[tuple[str, bytes]] = []
+    for recipient in recipients:
+        try:
+            envelope.append((recipient, address_arg(recipient)))
+        except ValueError as exc:
+            refused[recipient] = classify(553, f"5.1.3 address not sendable: {exc}")
+    if not envelope:
+        return MailResult(accepted=(), refused=refused)
+    mail = b"MAIL FROM:" + mail_from
+    if session.supports("size"):
+        mail += b" SIZE=%d" % len(message)
+    if session.supports("8bitmime") and not message.isascii():
+        mail += b" BODY=8BITMIME"
+    try:
+        started = time.monotonic()
+        replies = await _envelope(session, mail + b"\r\n", [arg for _, arg in envelope])
+        metrics.REPLY_SECONDS.labels(server, "envelope").observe(time.monotonic() - started)
+        mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
+        if not mail_reply.ok:
+            reply = classify(mail_reply.code, mail_reply.text)
+            refused.update(dict.fromkeys((r for r, _ in envelope), reply))
+            await _reset(conn, replies)
+            return MailResult(accepted=(), refused=refused)
+        accepted: list[str] = []
+        for (recipient, _), answer in zip(envelope, rcpt_replies, strict=False):
+            if answer.ok:
+                accepted.append(recipient)
+            else:
+                refused[recipient] = classify(answer.code, answer.text)
+        closing = next((answer for answer in replies if answer.code == 421), None)
+        if closing is not None:  # the server is closing the session: nothing more goes now
+            conn.close()
+            reply = classify(closing.code, closing.text)
+            return MailResult(accepted=(), refused=dict.fromkeys(recipients, reply))
+        if data_reply.code != 354:
+            if accepted:  # DATA itself refused: it covers every recipient RCPT accepted
+                refused.update(dict.fromkeys(accepted, classify(data_reply.code, data_reply.text)))
+            await _reset(conn, replies)
+            return MailResult(accepted=(), refused=refused)
+        if not accepted:  # RFC 2920: a DATA that got 354 with no recipient is ended at once
+            await session.command(b".\r\n")
+            await _reset(conn, replies)
+            return MailResult(accepted=(), refused=refused)
+        started = time.monotonic()
+        final = await session.command(data_payload(message))
+        metrics.REPLY_SECONDS.labels(server, "data").observe(time.monotonic() - started)
+        if not final.ok:
+            refused.update(dict.fromkeys(accepted, classify(final.code, final.text)))
+            await _reset(conn, [final])
+            return MailResult(accepted=(), refused=refused)
+        return MailResult(accepted=tuple(accepted), refused=refused)
     except BaseException as exc:
         conn.close()
         if isinstance(exc, asyncio.CancelledError):
@@ -281,14 +299,33 @@ async def send_mail(conn: Connection, sender: str, recipients: Sequence[str], me
         conn.last_used = time.monotonic()
 
 
-async def _reset(conn: Connection, code: int) -> None:
+async def _envelope(session: Session, mail: bytes, rcpts: list[bytes]) -> list[ServerReply]:
+    """The replies to MAIL, each RCPT and DATA (padded with the last one when the server
+    stopped early: a refused MAIL, a 421). Pipelined: one write, one wait."""
+    commands = [mail, *(b"RCPT TO:" + arg + b"\r\n" for arg in rcpts), b"DATA\r\n"]
+    if session.pipelining:
+        session.write(b"".join(commands))
+        replies = await session.replies(len(commands))
+    else:
+        replies = []
+        for i, command in enumerate(commands):
+            replies.append(await session.command(command))
+            if replies[-1].code == 421 or (i == 0 and not replies[0].ok):
+                break
+            if i == len(commands) - 2 and not any(r.ok for r in replies[1:]):
+                break  # no recipient accepted: no DATA
+    return replies + [replies[-1]] * (len(commands) - len(replies))
+
+
+async def _reset(conn: Connection, replies: Sequence[ServerReply]) -> None:
     """RSET after a refused transaction; a 421 or a failing RSET ends the session."""
-    if code == 421:
+    if any(reply.code == 421 for reply in replies):
         conn.close()
         return
     try:
-        await conn.client.rset()
-    except (aiosmtplib.SMTPException, OSError, TimeoutError):
+        if not (await conn.session.command(b"RSET\r\n")).ok:
+            conn.close()
+    except (ConnectionError, TimeoutError):
         conn.close()
 
 
@@ -328,13 +365,14 @@ class ServerPool:
 
     async def _usable(self, conn: Connection) -> bool:
         idle = time.monotonic() - conn.last_used
-        if conn.broken or not conn.client.is_connected or idle > self.idle_timeout_s:
+        if conn.broken or not conn.is_connected or idle > self.idle_timeout_s:
             await self._retire(conn)
             return False
         if idle > PROBE_AFTER_S:
             try:
-                await conn.client.noop(timeout=min(self.timeout_s, 5.0))
-            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                if not (await conn.session.command(b"NOOP\r\n", min(self.timeout_s, 5.0))).ok:
+                    raise ConnectionResetError("NOOP refused")
+            except (ConnectionError, TimeoutError):
                 conn.close()
                 return False
         return True
@@ -342,7 +380,7 @@ class ServerPool:
     def release(self, conn: Connection) -> None:
         """Give a connection back: kept for reuse if healthy, closed otherwise."""
         try:
-            if self._closed or conn.broken or not conn.client.is_connected:
+            if self._closed or conn.broken or not conn.is_connected:
                 conn.close()
             elif conn.mails >= self.server.max_mails_per_connection:
                 task = asyncio.get_running_loop().create_task(conn.quit())
@@ -354,7 +392,7 @@ class ServerPool:
             self._slots.release()
 
     async def _retire(self, conn: Connection) -> None:
-        if conn.broken or not conn.client.is_connected:
+        if conn.broken or not conn.is_connected:
             conn.close()
         else:
             await conn.quit()

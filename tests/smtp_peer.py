@@ -18,6 +18,8 @@ Behaviours a test can switch on, each before or while clients talk to it:
   recorded once the stall is over, as a real server that is slow to answer may still deliver).
 - ``reply_delay_s``: every reply, the greeting included, is delayed that long.
 
+PIPELINING (RFC 2920) is offered unless ``pipelining=False``.
+
 The peer binds port 0 by default (a free port, read from ``.port``). Implicit TLS with
 ``tls_context``; STARTTLS with ``starttls_context`` (``require_starttls=True`` refuses mail
 before it). ``auth={"user": "password"}`` requires AUTH PLAIN/LOGIN before MAIL.
@@ -104,11 +106,21 @@ class _Handler:
     def __init__(self, peer: SmtpPeer) -> None:
         self.peer = peer
 
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname  # this hook replaces aiosmtpd's own bookkeeping
+        if self.peer.pipelining:  # aiosmtpd reads commands one by one: pipelined ones work
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
         if self.peer._take_drop("mail"):
             _cut(server)
             return "421 4.3.0 dropped"  # never reaches the client: the transport is closed
+        # A client that pipelines has written RCPT before MAIL's reply: it is already read in.
+        reader = getattr(server, "_reader", None)
+        self.peer._count_mail(pipelined=bool(reader is not None and reader._buffer))
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -150,7 +162,7 @@ class SmtpPeer:
     def __init__(self, port: int = 0, *, host: str = "127.0.0.1", tls_context: ssl.SSLContext | None = None,
                  starttls_context: ssl.SSLContext | None = None, require_starttls: bool = False,
                  auth: dict[str, str] | None = None, reply_delay_s: float = 0.0,
-                 data_size_limit: int | None = 64 * 1024 * 1024) -> None:
+                 data_size_limit: int | None = 64 * 1024 * 1024, pipelining: bool = True) -> None:
         if tls_context is not None and starttls_context is not None:
             raise ValueError("give tls_context (implicit TLS) or starttls_context, not both")
         if require_starttls and starttls_context is None:
@@ -163,6 +175,7 @@ class SmtpPeer:
         self.auth = dict(auth) if auth is not None else None
         self.reply_delay_s = reply_delay_s
         self.data_size_limit = data_size_limit
+        self.pipelining = pipelining
         self._lock = threading.Lock()
         self._messages: list[Received] = []
         self._rcpt_rules: list[_Rule] = []
@@ -171,6 +184,8 @@ class SmtpPeer:
         self._stall_s = 0.0
         self._stall_times: int | None = None
         self._connections = 0
+        self._mails = 0
+        self._pipelined = 0
         self._transports: list[asyncio.BaseTransport] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -277,6 +292,18 @@ class SmtpPeer:
             return list(self._messages)
 
     @property
+    def pipelined_mails(self) -> int:
+        """MAIL commands that arrived with the next command already sent behind them."""
+        with self._lock:
+            return self._pipelined
+
+    @property
+    def mails(self) -> int:
+        """MAIL commands received."""
+        with self._lock:
+            return self._mails
+
+    @property
     def connections(self) -> int:
         """How many connections the peer has accepted so far."""
         with self._lock:
@@ -303,6 +330,11 @@ class SmtpPeer:
     def _record(self, received: Received) -> None:
         with self._lock:
             self._messages.append(received)
+
+    def _count_mail(self, pipelined: bool) -> None:
+        with self._lock:
+            self._mails += 1
+            self._pipelined += pipelined
 
     def _count_connection(self, transport: asyncio.BaseTransport) -> None:
         with self._lock:
