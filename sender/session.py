@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import aiosmtplib
 
@@ -65,9 +65,9 @@ class Session(asyncio.Protocol):
     def take_over(cls, client: aiosmtplib.SMTP, timeout_s: float) -> Session:
         """The session of a client whose handshake is done; the client is not used after this."""
         transport = client.transport
-        if not isinstance(transport, asyncio.Transport) or transport.is_closing():
+        if transport is None or transport.is_closing():
             raise ConnectionResetError("the connection closed during its handshake")
-        session = cls(transport, dict(client.esmtp_extensions), timeout_s)
+        session = cls(cast(asyncio.Transport, transport), dict(client.esmtp_extensions), timeout_s)
         transport.set_protocol(session)
         return session
 
