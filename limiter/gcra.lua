@@ -17,7 +17,11 @@
 --                                per-tenant..."), so a
 --                                redelivered batch gets the same grant, not a second one
 --   KEYS[5] {p}:refund:<batch>   set once this batch's refund is applied (idempotent refunds)
---   KEYS[5+i] {n:<tenant's server>}:day:<tenant>  hash: day = local midnight (epoch s) of the
+--   KEYS[6] {p}:queue:<round>    set when a decision of this round is refused: the batches
+--                                after it in the same pipelined round (the same server's line,
+--                                in order) are then not decided, so a small batch never
+--                                overtakes a larger one refused ahead of it
+--   KEYS[6+i] {n:<tenant's server>}:day:<tenant>  hash: day = local midnight (epoch s) of the
 --                                counted day, n = mails released that day
 --
 -- ARGV[1] cost: mails in the batch (N)          ARGV[2] refund: tokens given back (R)
@@ -31,7 +35,8 @@
 --         midnights (epoch s, ascending) around now, from which the script picks today
 --
 -- Returns {granted, retry_after_us, now_us, cached, granted per tenant...}: granted = 0 with
--- retry_after_us > 0 means "ask again then"; cached = 1 when KEYS[4] answered.
+-- retry_after_us > 0 means "ask again then"; retry_after_us = -1: not decided (KEYS[6] is
+-- set); cached = 1 when KEYS[4] answered.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -40,6 +45,12 @@ local cost, refund = tonumber(ARGV[1]), tonumber(ARGV[2])
 local interval, burst = tonumber(ARGV[3]), tonumber(ARGV[4])
 local m_interval, m_burst = tonumber(ARGV[5]), tonumber(ARGV[6])
 local mark_ttl, horizon, k = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+
+if redis.call('EXISTS', KEYS[6]) == 1 then return {0, -1, now, 0} end
+local function refused(retry)
+  redis.call('SET', KEYS[6], '1', 'PX', 10000)
+  return {0, retry, now, 0}
+end
 
 -- The local day containing `s`: the index i with midnights[i] <= s < midnights[i+1].
 local function day_of(base, s)
@@ -58,7 +69,7 @@ for i = 1, k do
   if type(today) == 'table' then return today end
   local back = day_of(base + 2, math.floor((now - horizon) / 1000000))
   if type(back) == 'table' then return back end
-  local day = redis.call('HMGET', KEYS[5 + i], 'day', 'n')
+  local day = redis.call('HMGET', KEYS[6 + i], 'day', 'n')
   local used = 0
   if tonumber(day[1]) == today then used = tonumber(day[2]) or 0 end
   tenants[i] = {count = tonumber(ARGV[base]), limit = tonumber(ARGV[base + 1]), today = today,
@@ -101,7 +112,7 @@ if refund > 0 and redis.call('SET', KEYS[5], '1', 'NX', 'EX', mark_ttl) then
     left = left - back
     if tn.same_day and tn.used > 0 and back > 0 then
       tn.used = math.max(0, tn.used - back)
-      redis.call('HSET', KEYS[5 + i], 'day', tn.today, 'n', tn.used)
+      redis.call('HSET', KEYS[6 + i], 'day', tn.today, 'n', tn.used)
     end
   end
 end
@@ -130,7 +141,7 @@ for i = 1, k do
   end
 end
 if k == 0 then allowed_total = cost end
-if allowed_total == 0 then return {0, retry, now, 0} end
+if allowed_total == 0 then return refused(retry) end
 
 -- 4. The request: the smallest of the batch, the caps' room and each burst.
 local ask = allowed_total
@@ -146,7 +157,7 @@ local wait, tat, m_wait, m_tat = 0, 0, 0, 0
 if interval > 0 then wait, tat = gcra_wait(KEYS[1], interval, burst) end
 if m_interval > 0 then m_wait, m_tat = gcra_wait(KEYS[2], m_interval, m_burst) end
 wait = math.max(wait, m_wait)
-if wait > 0 then return {0, wait, now, 0} end
+if wait > 0 then return refused(wait) end
 
 -- 6. Granted: move the TATs, count the mails per tenant and per 10 s bucket, remember the grant.
 if interval > 0 then store_tat(KEYS[1], tat + ask * interval, interval) end
@@ -160,8 +171,8 @@ for i = 1, k do
   local g = math.min(tn.allowed, left)
   left = left - g
   if g > 0 then
-    redis.call('HSET', KEYS[5 + i], 'day', tn.today, 'n', tn.used + g)
-    redis.call('EXPIRE', KEYS[5 + i], 3 * 86400)
+    redis.call('HSET', KEYS[6 + i], 'day', tn.today, 'n', tn.used + g)
+    redis.call('EXPIRE', KEYS[6 + i], 3 * 86400)
   end
   out[#out + 1] = g
   grant[#grant + 1] = string.format('%d', g)

@@ -21,10 +21,11 @@ import hashlib
 import importlib.resources
 import itertools
 import math
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from typing import NamedTuple
+from typing import NamedTuple, cast
 from zoneinfo import ZoneInfo
 
 import redis
@@ -87,6 +88,11 @@ class Decision(NamedTuple):
     @property
     def now_ms(self) -> int:
         return self.now_us // 1000
+
+    @property
+    def skipped(self) -> bool:
+        """Not decided: a batch ahead of it in the same round and line was refused."""
+        return self.retry_after_us < 0
 
 
 # -- pure maths -------------------------------------------------------------------------------
@@ -289,8 +295,22 @@ def connect(url: str, timeout_s: float = 1.0) -> redis.Redis:
                                 retry=Retry(NoBackoff(), 0))
 
 
+class Ask(NamedTuple):
+    """One batch's request: refund ``refund`` (once per ``batch_id``), then ask for ``cost``.
+    ``tenant_servers[i]`` is the server tenant i is configured on (its day key lives under
+    that server's hash tag); by default the batch's server."""
+
+    server: str
+    batch_id: str
+    cost: int
+    limits: Limits
+    refund: int = 0
+    tenants: Sequence[TenantAsk] = ()
+    tenant_servers: Sequence[str] | None = None
+
+
 class RedisLimiter:
-    """The script, registered once, behind a typed call. Redis errors become LimiterUnavailable."""
+    """The script, loaded once, behind a typed call. Redis errors become LimiterUnavailable."""
 
     def __init__(self, client: redis.Redis, namespace: str, *, mark_ttl_s: int = 86400,
                  refund_horizon_us: int = 5 * MINUTE_US) -> None:
@@ -298,36 +318,62 @@ class RedisLimiter:
         self.namespace = namespace
         self.mark_ttl_s = mark_ttl_s
         self.refund_horizon_us = refund_horizon_us
-        lua = importlib.resources.files("limiter").joinpath("gcra.lua").read_bytes()
-        self._script = client.register_script(lua)
+        self._lua = importlib.resources.files("limiter").joinpath("gcra.lua").read_bytes()
+        self._sha = hashlib.sha1(self._lua).hexdigest()
 
     def acquire(self, server: str, batch_id: str, cost: int, limits: Limits, *,
                 refund: int = 0, tenants: Sequence[TenantAsk] = (),
                 tenant_servers: Sequence[str] | None = None) -> Decision:
-        """Refund ``refund`` (once per ``batch_id``), then ask for ``cost`` mails.
+        """One decision, one round trip."""
+        return self.acquire_many([Ask(server, batch_id, cost, limits, refund, tenants, tenant_servers)])[0]
 
-        ``tenant_servers[i]`` is the server tenant i is configured on (its day key lives under
-        that server's hash tag); by default the batch's server.
-        """
-        p = server_prefix(self.namespace, server)
-        homes = tenant_servers or [server] * len(tenants)
-        keys = [f"{p}:tat", f"{p}:tat:minute", f"{p}:released", f"{p}:grant:{batch_id}",
-                f"{p}:refund:{batch_id}"]
-        keys += [tenant_day_key(self.namespace, home, t.name) for t, home in zip(tenants, homes, strict=True)]
-        args: list[int] = [cost, refund, limits.interval_us, limits.burst, limits.minute_interval_us,
-                           limits.minute_burst, self.mark_ttl_s, self.refund_horizon_us, len(tenants)]
-        for t in tenants:
-            if len(t.midnights_s) != MIDNIGHTS:
-                raise ValueError(f"tenant {t.name}: expected {MIDNIGHTS} midnights")
-            args += [t.mails, t.daily_limit, *t.midnights_s]
+    def acquire_many(self, asks: Sequence[Ask]) -> list[Decision]:
+        """Every decision in one round trip, made by Redis in order, each atomic. The asks of
+        one server are its line: once one is refused, the ones after it are not decided
+        (``Decision.skipped``) and keep their place."""
+        queue = f"queue:{uuid.uuid4().hex}"
+        commands = [self._command(ask, queue) for ask in asks]
         try:
-            reply = self._script(keys=keys, args=args)
+            try:
+                replies = self._run(commands)
+            except redis.exceptions.NoScriptError:  # Redis restarted or flushed its scripts
+                self.client.script_load(self._lua)
+                replies = self._run(commands)
         except redis.RedisError as exc:
             raise LimiterUnavailable(
                 f"Redis: rate limit decision failed: {type(exc).__name__}: {exc}") from exc
-        values = [int(v) for v in reply]
-        return Decision(granted=values[0], retry_after_us=values[1], now_us=values[2],
-                        cached=bool(values[3]), tenant_grants=tuple(values[4:]))
+        decisions = []
+        for reply in replies:
+            values = [int(v) for v in reply]
+            decisions.append(Decision(granted=values[0], retry_after_us=values[1], now_us=values[2],
+                                      cached=bool(values[3]), tenant_grants=tuple(values[4:])))
+        return decisions
+
+    def _run(self, commands: list[list[str]]) -> list[list[int]]:
+        # EVALSHA, not redis-py's Script: in a pipeline that asks SCRIPT EXISTS first, a
+        # second round trip per round.
+        if len(commands) == 1:
+            return [cast("list[int]", self.client.evalsha(self._sha, *commands[0]))]  # type: ignore[arg-type]
+        with self.client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.evalsha(self._sha, *command)  # type: ignore[arg-type]
+            return cast("list[list[int]]", pipe.execute())
+
+    def _command(self, ask: Ask, queue: str) -> list[str]:
+        """The KEYS count, KEYS and ARGV of one ask (gcra.lua's header documents them)."""
+        p = server_prefix(self.namespace, ask.server)
+        homes = ask.tenant_servers or [ask.server] * len(ask.tenants)
+        keys = [f"{p}:tat", f"{p}:tat:minute", f"{p}:released", f"{p}:grant:{ask.batch_id}",
+                f"{p}:refund:{ask.batch_id}", f"{p}:{queue}"]
+        keys += [tenant_day_key(self.namespace, home, t.name) for t, home in zip(ask.tenants, homes, strict=True)]
+        limits = ask.limits
+        args: list[int] = [ask.cost, ask.refund, limits.interval_us, limits.burst, limits.minute_interval_us,
+                           limits.minute_burst, self.mark_ttl_s, self.refund_horizon_us, len(ask.tenants)]
+        for t in ask.tenants:
+            if len(t.midnights_s) != MIDNIGHTS:
+                raise ValueError(f"tenant {t.name}: expected {MIDNIGHTS} midnights")
+            args += [t.mails, t.daily_limit, *t.midnights_s]
+        return [str(len(keys)), *keys, *map(str, args)]
 
     def ping(self) -> None:
         try:

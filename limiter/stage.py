@@ -30,7 +30,17 @@ from dataclasses import dataclass, field
 import redis
 from prometheus_client import Counter, Gauge, Histogram
 
-from limiter.gcra import US, Decision, Limits, RedisLimiter, TenantAsk, connect, derived_id, local_midnights
+from limiter.gcra import (
+    US,
+    Ask,
+    Decision,
+    Limits,
+    RedisLimiter,
+    TenantAsk,
+    connect,
+    derived_id,
+    local_midnights,
+)
 from mailpipe import metrics
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.codec import decode_batch, decode_job, encode_batch
@@ -55,6 +65,8 @@ HELD = Gauge("mailpipe_limiter_held_batches", "Batches held unacked, waiting for
 PARKED = Counter("mailpipe_limiter_parked_total", "Batches sent through the delay queue to wait.",
                  ["server", "reason"])
 
+# A round asks Redis for up to this many due batches of each line in one round trip.
+ROUND_PER_LINE = 32
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 2.0  # recover within seconds of Redis coming back
 
@@ -170,34 +182,60 @@ class LimiterStage(Stage):
         if not self.redis_ok and now < self.redis_retry_at:
             self._park_overdue(out, now)
             return
+        while self._round(out, config, now):
+            pass
+        if not self.redis_ok:
+            return
         for server, line in list(self.lines.items()):
-            while line and line[0].due <= now:
-                head = line[0]
-                try:
-                    waiting = self._decide(out, head, config, now)
-                except LimiterUnavailable as exc:
-                    self._redis_failed(exc, now)
-                    self._park_overdue(out, now)
-                    return
-                self._redis_worked()
-                if not waiting:
-                    line.popleft()
-                elif head.due - now > self.settings.limiter_hold_s:
-                    line.popleft()
-                    self._park(out, head, head.due - now, "wait")
-                else:
-                    break
             self._park_far_turns(out, line, config, now)
             if not line:
                 del self.lines[server]
 
-    def _decide(self, out: Round, held: Held, config: Config, now: float) -> bool:
-        """One decision for the head of a line; True if it must wait (``held.due`` is set)."""
-        batch = held.batch
-        problem = unknown_names(batch, held.tenants, config)  # the file may have changed
-        if problem:
-            self._dead(out, held.delivery, problem, "config", server=batch.server)
+    def _round(self, out: Round, config: Config, now: float) -> bool:
+        """One round trip to Redis: the due batches at the front of every line, each line in
+        order. True when a line moved and its new head may be due: another round then."""
+        asked: list[tuple[Held, Ask, list[str]]] = []
+        for line in self.lines.values():
+            for held in list(line)[:ROUND_PER_LINE]:
+                if held.due > now:
+                    break
+                problem = unknown_names(held.batch, held.tenants, config)  # the file may have changed
+                if problem:
+                    line.remove(held)
+                    self._dead(out, held.delivery, problem, "config", server=held.batch.server)
+                    continue
+                asked.append((held, *self._ask(held, config)))
+        if not asked:
             return False
+        try:
+            decisions = self.limiter.acquire_many([ask for _, ask, _ in asked])
+        except LimiterUnavailable as exc:
+            self._redis_failed(exc, now)
+            self._park_overdue(out, now)
+            return False
+        self._redis_worked()
+        moved = False
+        for (held, _, names), decision in zip(asked, decisions, strict=True):
+            line = self.lines[held.batch.server]
+            if decision.skipped or held not in line:
+                continue
+            if decision.granted:
+                self._release(out, held, decision, names)
+            elif held.batch.mails == 0:  # a bare refund: applied, nothing to send
+                out.acks.append(held.delivery.tag)
+            else:
+                DECISIONS.labels(held.batch.server, "refused").inc()
+                held.due = now + decision.retry_after_us / US
+                if held.due - now <= self.settings.limiter_hold_s:
+                    continue  # the head of its line, due again soon
+                self._park(out, held, held.due - now, "wait")
+            line.remove(held)
+            moved = True
+        return moved
+
+    def _ask(self, held: Held, config: Config) -> tuple[Ask, list[str]]:
+        """The request for a held batch, and its tenants in the order of the grant."""
+        batch = held.batch
         server = config.servers[batch.server]
         limits = Limits.for_server(server.rate_per_hour, self.settings.burst, server.per_minute,
                                    server.unlimited)
@@ -206,17 +244,7 @@ class LimiterStage(Stage):
         asks = [TenantAsk(n, held.tenants[n], config.tenants[n].daily_limit,
                           local_midnights(config.tenants[n].timezone, wall)) for n in names]
         homes = [config.tenants[n].server for n in names]
-        decision = self.limiter.acquire(batch.server, batch.id, batch.mails, limits, refund=batch.refund,
-                                        tenants=asks, tenant_servers=homes)
-        if decision.granted == 0:
-            if batch.mails == 0:  # a bare refund: applied, nothing to send
-                out.acks.append(held.delivery.tag)
-                return False
-            DECISIONS.labels(batch.server, "refused").inc()
-            held.due = now + decision.retry_after_us / US
-            return True
-        self._release(out, held, decision, names)
-        return False
+        return Ask(batch.server, batch.id, batch.mails, limits, batch.refund, asks, homes), names
 
     def _release(self, out: Round, held: Held, decision: Decision, names: list[str]) -> None:
         batch = held.batch

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from limiter.gcra import Limits, RedisLimiter, State, TenantAsk, connect, decide, local_midnights
+from limiter.gcra import Ask, Limits, RedisLimiter, State, TenantAsk, connect, decide, local_midnights
 from limiter.status import released_since, snapshot
 from mailpipe.errors import LimiterUnavailable
 from mailpipe.servers import parse_config
@@ -119,3 +119,29 @@ def test_unreachable_redis_is_limiter_unavailable() -> None:
         limiter.acquire("s", "b", 1, Limits.for_server(1200, 500))
     with pytest.raises(LimiterUnavailable):
         limiter.ping()
+
+
+def test_one_round_decides_each_line_in_order_and_a_refusal_holds_the_rest(
+        client: redis.Redis, namespace: str) -> None:
+    """Pipelined: the line of s1 is granted until one is refused; the small batch behind the
+    refused one is not decided (it would fit, but must not overtake it); s2's line goes on."""
+    limiter = RedisLimiter(client, namespace)
+    limits = Limits.for_server(3600, 10)  # 10 at once, then one a second
+    asks = [Ask("s1", "a", 4, limits), Ask("s2", "x", 10, limits), Ask("s1", "b", 4, limits),
+            Ask("s1", "c", 5, limits), Ask("s1", "d", 1, limits), Ask("s2", "y", 1, limits)]
+    a, x, b, c, d, y = limiter.acquire_many(asks)
+    assert (a.granted, b.granted, x.granted) == (4, 4, 10)
+    assert c.granted == 0 and c.retry_after_us > 0 and not c.skipped
+    assert d.skipped and d.granted == 0
+    assert y.granted == 0 and not y.skipped  # s2's own bucket is empty: refused, not skipped
+    # The next round is a new one: the small batch is decided on its own.
+    assert limiter.acquire("s1", "d", 1, limits).granted == 1
+
+
+def test_a_flushed_script_cache_is_loaded_again(client: redis.Redis, namespace: str) -> None:
+    limiter = RedisLimiter(client, namespace)
+    client.script_flush()
+    assert limiter.acquire("s", "b1", 1, Limits.for_server(3600, 10)).granted == 1
+    client.script_flush()
+    decisions = limiter.acquire_many([Ask("s", f"b{i}", 1, Limits.for_server(3600, 10)) for i in (2, 3)])
+    assert [d.granted for d in decisions] == [1, 1]
