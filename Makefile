@@ -32,11 +32,13 @@ lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+## make bench: every benchmark (about 15 minutes, the 10-minute soak included); JSON and PNGs in bench/out
+BENCHMARKS := pipeline limiter sender soak
 bench: $(INSTALLED)
 	scripts/install-tools postfix
 	$(BIN)/python -m mailpipe.services
 	mkdir -p bench/out
-	for b in bench/*.py; do $(BIN)/python $$b | tee bench/out/$$(basename $$b .py).json; done
+	for b in $(BENCHMARKS); do $(BIN)/python bench/$$b.py | tee bench/out/$$b.json || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

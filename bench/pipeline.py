@@ -7,7 +7,9 @@
   the same run (8 connections) and their ratio;
 - latency: p50/p99 enqueue-to-250 at half that load, published evenly;
 - the seed's batch: 500 mails of 160 KB (80 MB), packed, granted and delivered, in seconds;
-- CPU per mail per stage (user + system microseconds) and peak RSS per stage.
+- CPU per mail per stage (user + system microseconds) and peak RSS per stage;
+- ``bench/out/pipeline_throughput.png``: mails per second per stage over the full-load run,
+  from each stage's /metrics, sampled every half second.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 import aiosmtplib
+from charts import throughput_png
 
 from mailpipe.demo import run_pipeline
 from mailpipe.services import ensure
@@ -65,7 +68,9 @@ def per_mail_us(summary: dict[str, object], mails: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mails", type=int, default=20_000)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out", help="where the PNG goes")
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     settings = Settings.from_env()
     problems = ensure(settings, say=False)
     if problems:
@@ -77,7 +82,8 @@ def main() -> None:
     try:
         time.sleep(0.5)
         raw = asyncio.run(raw_rate(port, 8000, 8, 2048))
-        full, _, _ = run_pipeline(settings, args.mails, 2048, None, smtp_port=port, out=quiet)
+        full, _, _ = run_pipeline(settings, args.mails, 2048, None, smtp_port=port, out=quiet,
+                                  sample_every_s=0.5)
         half_rate = max(1.0, full["mails_per_s"] / 2)
         half, _, _ = run_pipeline(settings, min(args.mails, int(half_rate * 20)), 2048, None,
                                   smtp_port=port, publish_per_s=half_rate, out=quiet)
@@ -86,6 +92,9 @@ def main() -> None:
     finally:
         sink.terminate()
         sink.wait()
+    chart = args.out / "pipeline_throughput.png"
+    throughput_png(full.get("samples", {}), chart,
+                   f"{full['sent']:,} mails of 2 KB through four stages: mails per second per stage")
     print(json.dumps({
         "mails": full["sent"], "mails_per_s": full["mails_per_s"], "seconds": full["seconds"],
         "raw_aiosmtplib_8_connections_mails_per_s": round(raw, 1),
@@ -95,6 +104,7 @@ def main() -> None:
         "batch_80mb_mails": big["sent"], "batch_80mb_seconds": big["seconds"],
         "cpu_us_per_mail": per_mail_us(full, full["sent"] or 1),
         "peak_rss_mb": {s: u.get("peak_rss_mb") for s, u in full["stages"].items()},
+        "chart": str(chart.relative_to(ROOT) if chart.is_relative_to(ROOT) else chart),
         "target_mails_per_s": 1500, "target_batch_80mb_s": 3.0, "target_half_load_p99_ms": 2000,
     }))
 

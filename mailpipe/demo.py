@@ -14,7 +14,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 import uuid
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from typing import Any, TextIO
 
 import pika.exceptions
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from mailpipe.amqp import Broker
 from mailpipe.codec import decode_event
@@ -30,10 +33,66 @@ from mailpipe.errors import MailpipeError
 from mailpipe.model import IntakeRequest, new_id, now_ms
 from mailpipe.services import ensure
 from mailpipe.settings import Settings
-from mailpipe.sink import LocalSink
+from mailpipe.sink import LocalSink, free_port
 from mailpipe.topology import Topology
 
 STAGES = ("producer", "packer", "limiter", "sender")
+
+# The counter of mails each stage has passed on, as its /metrics reports it.
+MAIL_COUNTERS = {
+    "producer": ("mailpipe_messages_out_total", {"stage": "producer"}),
+    "packer": ("mailpipe_messages_in_total", {"stage": "packer"}),
+    "limiter": ("mailpipe_limiter_released_mails_total", {}),
+    "sender": ("mailpipe_sender_mails_total", {"outcome": "sent"}),
+}
+
+
+class Sampler(threading.Thread):
+    """Every ``every_s``: each stage's mail counter (from its /metrics) and RSS (from /proc),
+    as ``samples[stage] = [(seconds since start, mails, rss_mb), ...]``."""
+
+    def __init__(self, procs: dict[str, subprocess.Popen[bytes]], ports: dict[str, int], every_s: float) -> None:
+        super().__init__(name="demo-sampler", daemon=True)
+        self.procs, self.ports, self.every_s = procs, ports, every_s
+        self.samples: dict[str, list[tuple[float, float, float]]] = {stage: [] for stage in procs}
+        self.stopped = threading.Event()
+        self.started_at = time.monotonic()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            at = round(time.monotonic() - self.started_at, 2)
+            for stage, proc in self.procs.items():
+                mails = scrape_mails(self.ports[stage], *MAIL_COUNTERS[stage])
+                if mails is not None:
+                    self.samples[stage].append((at, mails, rss_mb(proc.pid)))
+
+    def stop(self) -> dict[str, list[tuple[float, float, float]]]:
+        self.stopped.set()
+        self.join(5)
+        return self.samples
+
+
+def scrape_mails(port: int, name: str, labels: dict[str, str]) -> float | None:
+    """The sum of a counter's samples that carry ``labels``; None when /metrics does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return None
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0.0)
 
 
 @dataclass
@@ -114,11 +173,12 @@ def run_demo(mails: int, size: int, rate_per_hour: int | None, as_json: bool,
 
 def run_pipeline(settings: Settings, mails: int, size: int, rate_per_hour: int | None, *,
                  smtp_port: int | None = None, publish_per_s: float | None = None,
-                 timeout_s: float = 600.0, out: TextIO = sys.stderr,
+                 timeout_s: float = 600.0, out: TextIO = sys.stderr, sample_every_s: float | None = None,
                  ) -> tuple[dict[str, Any], dict[str, int], Progress]:
     """Every stage as its own process, N mails through them to the local sink (or to an SMTP
     server of the caller's on 127.0.0.1:``smtp_port``). Returns the summary, the stages' exit
-    codes, and the progress; the summary holds each stage's CPU seconds and peak RSS."""
+    codes, and the progress; the summary holds each stage's CPU seconds and peak RSS, and with
+    ``sample_every_s`` each stage's mails and RSS over time (``samples``, see ``Sampler``)."""
     namespace = f"demo-{uuid.uuid4().hex[:8]}"
     workdir = Path(tempfile.mkdtemp(prefix="mailpipe-demo-"))
     topology = Topology.from_settings(settings.replace(namespace=namespace))
@@ -138,26 +198,34 @@ def run_pipeline(settings: Settings, mails: int, size: int, rate_per_hour: int |
         servers_file = workdir / "servers.toml"
         write_servers_file(servers_file, smtp_port or sink.port, rate_per_hour, mails)
         env = stage_env(settings, namespace, servers_file)
+        ports = {stage: free_port() for stage in STAGES} if sample_every_s else {}
         for stage in STAGES:
+            metrics = ["--metrics-port", str(ports[stage])] if stage in ports else []
             with (workdir / f"{stage}.log").open("wb") as log:  # the child keeps its own copy
-                procs[stage] = subprocess.Popen([sys.executable, "-m", "mailpipe", "run", stage],
+                procs[stage] = subprocess.Popen([sys.executable, "-m", "mailpipe", "run", stage, *metrics],
                                                 env=env, stdout=log, stderr=subprocess.STDOUT)
+        sampler = Sampler(procs, ports, sample_every_s) if sample_every_s else None
         print(f"started {', '.join(STAGES)} (logs in {workdir}); SMTP server on "
               f"127.0.0.1:{smtp_port or sink.port}", file=out)
         try:
+            if sampler is not None:
+                sampler.start()
             progress = follow(broker, events, namespace, settings, mails, size, timeout_s, out, procs,
                               publish_per_s)
         finally:
+            samples = sampler.stop() if sampler is not None else {}
             usage = {stage: stage_usage(proc.pid) for stage, proc in procs.items()}
             for proc in procs.values():
                 proc.send_signal(signal.SIGTERM)
             codes = {stage: _wait(proc) for stage, proc in procs.items()}
-            _delete(broker, topology, settings.redis_url)
+            _delete(settings, topology)
             broker.close()
         received = sink.snapshot()
 
     summary = summarize(progress, received)
     summary["stages"] = usage
+    if samples:
+        summary["samples"] = samples
     unclean = {s: c for s, c in codes.items() if c != 0}
     if unclean:
         print(f"stages that did not exit cleanly: {unclean} (logs in {workdir})", file=out)
@@ -185,40 +253,53 @@ def follow(broker: Broker, events: str, namespace: str, settings: Settings, mail
     wait_for_consumers(broker, Topology.from_settings(settings.replace(namespace=namespace)), procs)
     started = time.monotonic()
     chunk = 200 if publish_per_s is None else max(1, int(publish_per_s / 20))
-    with Producer(settings.amqp_url, namespace) as producer:
-        for first in range(0, mails, chunk):
-            producer.publish_requests(make_requests(first, min(chunk, mails - first), size))
-            if publish_per_s is not None:  # an even load: this chunk's share of a second
-                time.sleep(max(0.0, started + (first + chunk) / publish_per_s - time.monotonic()))
     broker.consume(events, prefetch=1000)
     last_print = 0.0
     deadline = started + timeout_s
-    while progress.done < mails:
-        for delivery in broker.poll(0.2):
-            event = decode_event(delivery.body)
-            if event.outcome == "sent":
-                progress.sent[event.job_id] = event.batch_id
-                progress.latencies_ms.append(event.at_ms - event.created_ms)
-            elif event.outcome in ("failed", "expired"):
-                progress.failed[event.job_id] = f"{event.code} {event.text}".strip()
-            else:
-                progress.deferred += 1
-            broker.ack(delivery.tag)
-        now = time.monotonic()
-        # On a terminal, one line redrawn twice a second; in a log, a line every 5 s.
-        every_s, end = (0.5, "\r") if out.isatty() else (5.0, "\n")
-        if now - last_print > every_s or progress.done == mails:
-            last_print = now
-            rate = len(progress.sent) / max(now - started, 1e-6)
-            print(f"sent {len(progress.sent)}/{mails}  failed {len(progress.failed)}  "
-                  f"deferred {progress.deferred}  {rate:,.0f} mails/s", end=end, file=out, flush=True)
-        dead = [s for s, p in procs.items() if p.poll() is not None]
-        if dead:
-            print(f"\nstage(s) exited early: {', '.join(dead)}", file=out)
-            break
-        if now > deadline:
-            print(f"\ngave up after {timeout_s:.0f} s", file=out)
-            break
+    published = 0
+    with Producer(settings.amqp_url, namespace) as producer:
+        while progress.done < mails:
+            wait_s = 0.2
+            if published < mails:
+                # Publishing and following the events interleave: the events connection stays
+                # serviced (heartbeats) however long an even load lasts.
+                due = started + published / publish_per_s if publish_per_s else 0.0
+                if time.monotonic() >= due:
+                    count = min(chunk, mails - published)
+                    producer.publish_requests(make_requests(published, count, size))
+                    published += count
+                    wait_s = 0.0
+                    if published == mails:
+                        producer.close()  # idle from here on: no heartbeats to miss
+                else:
+                    wait_s = min(wait_s, due - time.monotonic())
+            deliveries = broker.poll(max(0.0, wait_s))
+            for delivery in deliveries:
+                event = decode_event(delivery.body)
+                if event.outcome == "sent":
+                    progress.sent[event.job_id] = event.batch_id
+                    progress.latencies_ms.append(event.at_ms - event.created_ms)
+                elif event.outcome in ("failed", "expired"):
+                    progress.failed[event.job_id] = f"{event.code} {event.text}".strip()
+                else:
+                    progress.deferred += 1
+            if deliveries:
+                broker.ack(deliveries[-1].tag, multiple=True)
+            now = time.monotonic()
+            # On a terminal, one line redrawn twice a second; in a log, a line every 5 s.
+            every_s, end = (0.5, "\r") if out.isatty() else (5.0, "\n")
+            if now - last_print > every_s or progress.done == mails:
+                last_print = now
+                rate = len(progress.sent) / max(now - started, 1e-6)
+                print(f"sent {len(progress.sent)}/{mails}  failed {len(progress.failed)}  "
+                      f"deferred {progress.deferred}  {rate:,.0f} mails/s", end=end, file=out, flush=True)
+            dead = [s for s, p in procs.items() if p.poll() is not None]
+            if dead:
+                print(f"\nstage(s) exited early: {', '.join(dead)}", file=out)
+                break
+            if now > deadline:
+                print(f"\ngave up after {timeout_s:.0f} s", file=out)
+                break
     if out.isatty():
         print(file=out)
     progress.seconds = time.monotonic() - started
@@ -265,15 +346,18 @@ def _wait(proc: subprocess.Popen[bytes], timeout_s: float = 40.0) -> int:
         return proc.wait()
 
 
-def _delete(broker: Broker, topology: Topology, redis_url: str) -> None:
-    """The demo's namespace is its own: remove its queues and its Redis keys."""
+def _delete(settings: Settings, topology: Topology) -> None:
+    """The demo's namespace is its own: remove its queues and its Redis keys. On a connection
+    of its own: the demo's may be the very thing that failed."""
+    broker = Broker(settings.amqp_url, client_name="mailpipe-demo-cleanup")
     with suppress(pika.exceptions.AMQPError, MailpipeError):
-        channel = broker.channel()
+        channel = broker.connect().channel()
         for queue in topology.all_queues:
             channel.queue_delete(queue)
         channel.exchange_delete(topology.events)
+    broker.close()
     with suppress(redis.RedisError):
-        client = redis.Redis.from_url(redis_url)
+        client = redis.Redis.from_url(settings.redis_url)
         for key in client.scan_iter(match=f"*{topology.namespace}:*", count=1000):
             client.delete(key)
         client.close()

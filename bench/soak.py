@@ -1,0 +1,80 @@
+"""Memory over a long run: every stage's RSS under a steady load, to Postfix's smtp-sink.
+
+    python bench/soak.py [--minutes 10] [--rate 500]   (make bench runs it; prints one JSON object)
+
+Publishes ``rate`` mails of 2 KB a second, evenly, for ``minutes``, through all four stages
+as separate processes, and samples each stage's RSS (and mails passed on) every 5 s. After
+a minute of warm-up, RSS must stay flat: ``flat`` is true when no stage grew by more than
+10% (or 10 MB, whichever is larger) from its first minute to its end.
+``bench/out/soak_rss.png`` draws RSS per stage over the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from charts import rss_png
+from pipeline import ROOT, smtp_sink
+
+from mailpipe.demo import run_pipeline
+from mailpipe.services import ensure
+from mailpipe.settings import Settings
+from mailpipe.sink import free_port
+
+WARM_UP_S = 60.0
+
+
+def growth(points: list[tuple[float, float, float]]) -> dict[str, float]:
+    warm = [rss for t, _, rss in points if t >= WARM_UP_S]
+    if not warm:
+        return {}
+    first = warm[0]
+    return {"after_warm_up_mb": round(first, 1), "end_mb": round(warm[-1], 1), "max_mb": round(max(warm), 1),
+            "growth_mb": round(warm[-1] - first, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--rate", type=float, default=500.0, help="mails published per second")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out", help="where the PNG goes")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = Settings.from_env()
+    problems = ensure(settings, say=False)
+    if problems:
+        sys.exit(f"bench: {'; '.join(problems)}")
+    port = free_port()
+    sink = subprocess.Popen([smtp_sink(), "-u", "nobody", f"127.0.0.1:{port}", "1024"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    mails = int(args.rate * args.minutes * 60)
+    quiet = open("/dev/null", "w")  # noqa: SIM115 (lives as long as the run)
+    try:
+        time.sleep(0.5)
+        summary, codes, _ = run_pipeline(settings, mails, 2048, None, smtp_port=port, out=quiet,
+                                         publish_per_s=args.rate, sample_every_s=5.0,
+                                         timeout_s=args.minutes * 60 + 600)
+    finally:
+        sink.terminate()
+        sink.wait()
+    samples = summary.get("samples", {})
+    chart = args.out / "soak_rss.png"
+    rss_png(samples, chart, f"RSS per stage, {args.rate:,.0f} mails/s for {args.minutes:g} minutes")
+    stages = {stage: growth(points) for stage, points in samples.items()}
+    flat = bool(stages) and all(
+        g and g["growth_mb"] <= max(10.0, 0.1 * g["after_warm_up_mb"]) for g in stages.values())
+    print(json.dumps({
+        "minutes": args.minutes, "rate_per_s": args.rate, "mails": mails, "sent": summary["sent"],
+        "failed": summary["failed"], "mails_per_s": summary["mails_per_s"], "p99_ms": summary["p99_ms"],
+        "rss": stages, "flat": flat, "clean_exit": all(c == 0 for c in codes.values()),
+        "chart": str(chart.relative_to(ROOT) if chart.is_relative_to(ROOT) else chart),
+    }))
+
+
+if __name__ == "__main__":
+    main()
