@@ -109,12 +109,15 @@ class Progress:
         return len(self.sent) + len(self.failed)
 
 
-def stage_env(settings: Settings, namespace: str, servers_file: Path) -> dict[str, str]:
+DEMO_LINGER_MS = 200  # unless MAILPIPE_LINGER_MS says otherwise: a demo's batches close quickly
+
+
+def stage_env(settings: Settings, namespace: str, servers_file: Path, linger_ms: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "MAILPIPE_NAMESPACE": namespace, "MAILPIPE_SERVERS_FILE": str(servers_file),
         "MAILPIPE_AMQP_URL": settings.amqp_url, "MAILPIPE_REDIS_URL": settings.redis_url,
-        "MAILPIPE_LINGER_MS": env.get("MAILPIPE_LINGER_MS", "200"),
+        "MAILPIPE_LINGER_MS": str(linger_ms),
         "PYTHONUNBUFFERED": "1",
     })
     return env
@@ -174,7 +177,7 @@ def run_demo(mails: int, size: int, rate_per_hour: int | None, as_json: bool,
 def run_pipeline(settings: Settings, mails: int, size: int, rate_per_hour: int | None, *,
                  smtp_port: int | None = None, publish_per_s: float | None = None,
                  timeout_s: float = 600.0, out: TextIO = sys.stderr, sample_every_s: float | None = None,
-                 ) -> tuple[dict[str, Any], dict[str, int], Progress]:
+                 linger_ms: int | None = None) -> tuple[dict[str, Any], dict[str, int], Progress]:
     """Every stage as its own process, N mails through them to the local sink (or to an SMTP
     server of the caller's on 127.0.0.1:``smtp_port``). Returns the summary, the stages' exit
     codes, and the progress; the summary holds each stage's CPU seconds and peak RSS, and with
@@ -197,7 +200,9 @@ def run_pipeline(settings: Settings, mails: int, size: int, rate_per_hour: int |
     with LocalSink() as sink:
         servers_file = workdir / "servers.toml"
         write_servers_file(servers_file, smtp_port or sink.port, rate_per_hour, mails)
-        env = stage_env(settings, namespace, servers_file)
+        if linger_ms is None:
+            linger_ms = settings.linger_ms if "MAILPIPE_LINGER_MS" in os.environ else DEMO_LINGER_MS
+        env = stage_env(settings, namespace, servers_file, linger_ms)
         ports = {stage: free_port() for stage in STAGES} if sample_every_s else {}
         for stage in STAGES:
             metrics = ["--metrics-port", str(ports[stage])] if stage in ports else []

@@ -2,7 +2,8 @@
 
 ``deliver`` runs up to the pool's size of workers; each takes the next job, skips the
 recipients a previous delivery of the same job already got accepted (Redis "sent" marks),
-sends the rest in one SMTP transaction, and marks the accepted ones right after the 250.
+sends the rest in one SMTP transaction, and marks the accepted ones right after the 250
+(written by group commit, all in Redis before ``deliver`` returns and the batch is acked).
 No mail is started later than ``deadline - margin``: what is left is returned unattempted, for
 the stage to hand back to the limiter with its tokens.
 
@@ -42,6 +43,9 @@ class SentMarks:
         self.client = client
         self.namespace = namespace
         self.ttl_s = ttl_s
+        self._pending: list[tuple[str, Sequence[str], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self.failing = False  # the last write failed: mail sent now could not be marked
 
     def key(self, job: Job) -> str:
         return f"{self.namespace}:sent:{job.id}:{job.attempt}"
@@ -56,20 +60,40 @@ class SentMarks:
         except (redis.exceptions.RedisError, OSError) as exc:
             metrics.MARK_ERRORS.labels("read").inc()
             raise MarksUnavailable(f"Redis: reading sent marks failed: {exc}") from exc
+        self.failing = False  # Redis answers again: this batch may try (its first mark tells)
         return [{m.decode() if isinstance(m, bytes) else str(m) for m in members} for members in found]
 
-    async def mark(self, job: Job, recipients: Sequence[str]) -> None:
-        if not recipients:
-            return
-        key = self.key(job)
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:  # one round trip
-                pipe.sadd(key, *recipients)
-                pipe.expire(key, self.ttl_s)
-                await pipe.execute()
-        except (redis.exceptions.RedisError, OSError) as exc:
-            metrics.MARK_ERRORS.labels("write").inc()
-            raise MarksUnavailable(f"Redis: writing sent marks failed: {exc}") from exc
+    def mark(self, job: Job, recipients: Sequence[str]) -> asyncio.Future[None]:
+        """Mark ``recipients`` of ``job`` as accepted; the future is done once Redis has them
+        (or fails with MarksUnavailable). Group commit: marks asked for while a write is on
+        its way go together in the next one, so a mail costs no Redis round trip of its own."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((self.key(job), recipients, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+        return done
+
+    async def _write(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            error: MarksUnavailable | None = None
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for key, recipients, _ in batch:
+                        pipe.sadd(key, *recipients)
+                        pipe.expire(key, self.ttl_s)
+                    await pipe.execute()
+            except (redis.exceptions.RedisError, OSError) as exc:
+                metrics.MARK_ERRORS.labels("write").inc()
+                error = MarksUnavailable(f"Redis: writing sent marks failed: {exc}")
+            self.failing = error is not None
+            for _, _, done in batch:
+                if done.done():
+                    continue
+                if error is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(error)
 
     async def ping(self) -> bool:
         try:
@@ -133,6 +157,9 @@ async def deliver(jobs: Sequence[Job], server: ServerConfig, pool: ServerPool, d
             while pending and not state.stopped_by:
                 if stop():
                     state.stop("stop")
+                elif marks is not None and marks.failing:
+                    log.warning("Redis does not take the sent marks: sending stops for this batch")
+                    state.stop("redis")
                 elif time.monotonic() >= cutoff:
                     state.stop("deadline")
                 elif conn is None:
@@ -147,11 +174,7 @@ async def deliver(jobs: Sequence[Job], server: ServerConfig, pool: ServerPool, d
                 else:
                     index = pending.pop()
                     outcome = outcomes[index]
-                    try:
-                        await _send_job(conn, outcome, server, marks, already[index])
-                    except MarksUnavailable as exc:
-                        log.warning("%s: sending stops for this batch", exc.reason)
-                        state.stop("redis")
+                    await _send_job(conn, outcome, server, marks, already[index], marking)
                     if conn.broken or conn.mails >= server.max_mails_per_connection:
                         pool.release(conn)  # retired: the next mail gets a fresh connection
                         conn = None
@@ -159,8 +182,15 @@ async def deliver(jobs: Sequence[Job], server: ServerConfig, pool: ServerPool, d
             if conn is not None:
                 pool.release(conn)
 
+    marking: list[tuple[Job, asyncio.Future[None]]] = []  # accepted, being marked
     workers = max(1, min(pool.size, len(jobs)))
     await asyncio.gather(*(worker() for _ in range(workers)))
+    for job, done in marking:  # the batch is acked after this: every mark is in Redis by then
+        try:
+            await done
+        except MarksUnavailable as exc:
+            # The mail is sent; only a redelivery of this batch could send it again.
+            log.error("job %s sent but not marked: %s", job.id, exc.reason)
     if pending and not state.stopped_by and state.connect_failure is not None:
         # No worker could connect: the server is unreachable or refuses us. Defer the rest
         # (connection failures are transient) rather than knock again once per mail.
@@ -197,7 +227,8 @@ async def _acquire(pool: ServerPool, cutoff: float) -> Connection | Reply | None
 
 
 async def _send_job(conn: Connection, outcome: JobOutcome, server: ServerConfig,
-                    marks: SentMarks | None, already: set[str]) -> None:
+                    marks: SentMarks | None, already: set[str],
+                    marking: list[tuple[Job, asyncio.Future[None]]]) -> None:
     job = outcome.job
     outcome.attempted = True
     outcome.already_sent = [r for r in job.recipients if r in already]
@@ -222,11 +253,7 @@ async def _send_job(conn: Connection, outcome: JobOutcome, server: ServerConfig,
     if result.accepted:
         metrics.LATENCY_SECONDS.labels(server.name).observe(max(0, outcome.at_ms - job.created_ms) / 1000)
         if marks is not None:
-            try:
-                await marks.mark(job, result.accepted)
-            except MarksUnavailable as exc:
-                # The mail is sent; only a redelivery of this batch could send it again.
-                log.error("job %s sent but not marked: %s", job.id, exc.reason)
+            marking.append((job, marks.mark(job, result.accepted)))
 
 
 __all__ = ["DEFERRED", "BatchDelivery", "JobOutcome", "MarksUnavailable", "SentMarks", "deliver"]

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio
 
 from mailpipe.errors import SmtpPermanent, SmtpTransient
 from mailpipe.model import Job, new_id, now_ms
 from mailpipe.servers import Config, ServerConfig, parse_config
 from sender.check import check_servers
-from sender.delivery import BatchDelivery, deliver
+from sender.delivery import BatchDelivery, SentMarks, deliver
 from sender.smtp import Pools, ServerPool, open_connection
 from tests.smtp_peer import SmtpPeer, TestCerts, make_test_ca
 
@@ -222,3 +223,34 @@ def test_500_mails_of_160_kb_with_50_ms_replies_inside_one_minute() -> None:
         assert len(peer.messages) == 500
     assert result.unattempted == [] and not result.stopped_by
     assert elapsed < 60, f"{elapsed:.1f} s"
+
+
+def test_marks_that_redis_will_not_take_stop_the_batch(redis_url: str) -> None:
+    """Redis pauses writes (CLIENT PAUSE WRITE): the first marks time out, and the batch stops
+    rather than send mail it could not mark; the rest is left unattempted, to go back. Once
+    Redis takes writes again, the next delivery sends it all."""
+    async def go(port: int) -> tuple[BatchDelivery, BatchDelivery]:
+        client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=0.3)
+        pools = Pools(default_size=1, timeout_s=5.0, idle_timeout_s=60)
+        marks = SentMarks(client, f"test-{new_id()}", ttl_s=60)
+        srv = server(port)
+        try:
+            await client.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+            first = await deliver(jobs, srv, pools.get(srv), time.monotonic() + 30, marks=marks, margin_s=0.2)
+            await asyncio.sleep(1.6)  # the pause is over
+            rest = [jobs[i] for i in first.unattempted]
+            second = await deliver(rest, srv, pools.get(srv), time.monotonic() + 30, marks=marks, margin_s=0.2)
+            return first, second
+        finally:
+            await pools.close()
+            await client.aclose()
+
+    jobs = [job(f"u{i}@example.com") for i in range(40)]
+    with SmtpPeer(reply_delay_s=0.01) as peer:
+        first, second = asyncio.run(go(peer.port))
+        received = peer.recipients()
+    sent_first = sum(1 for o in first.outcomes if o.sent)
+    assert first.stopped_by == "redis"
+    assert 0 < sent_first < 40 and len(first.unattempted) == 40 - sent_first
+    assert not second.stopped_by and all(o.sent for o in second.outcomes)
+    assert sorted(received) == sorted(f"u{i}@example.com" for i in range(40))  # each once
