@@ -6,7 +6,8 @@
   from the first publish to the last 250, beside the raw aiosmtplib-to-smtp-sink figure of
   the same run (8 connections) and their ratio;
 - latency: p50/p99 enqueue-to-250 at half that load, published evenly;
-- the seed's batch: 500 mails of 160 KB (80 MB), packed, granted and delivered, in seconds;
+- the seed's batch: 500 mails of 160 KB (80 MB) as one batch, packed, granted and delivered,
+  in seconds (the median of three runs);
 - CPU per mail per stage (user + system microseconds) and peak RSS per stage;
 - ``bench/out/pipeline_throughput.png``: mails per second per stage over the full-load run,
   from each stage's /metrics, sampled every half second.
@@ -87,9 +88,11 @@ def main() -> None:
         half_rate = max(1.0, full["mails_per_s"] / 2)
         half, _, _ = run_pipeline(settings, min(args.mails, int(half_rate * 20)), 2048, None,
                                   smtp_port=port, publish_per_s=half_rate, out=quiet)
-        # A linger of 5 s: the batch closes at 500 mails (80 MB), not on time.
-        big, _, _ = run_pipeline(settings, 500, 160 * 1024 - 2500, None, smtp_port=port, out=quiet,
-                                 linger_ms=5000)
+        # A linger of 5 s: the batch closes at 500 mails (80 MB), not on time. Three runs, the
+        # median counts: now and then RabbitMQ pauses to roll its quorum-queue log over.
+        bigs = [run_pipeline(settings, 500, 160 * 1024 - 2500, None, smtp_port=port, out=quiet,
+                             linger_ms=5000)[0] for _ in range(3)]
+        big = sorted(bigs, key=lambda run: float(run["seconds"]))[1]
     finally:
         sink.terminate()
         sink.wait()
@@ -103,7 +106,7 @@ def main() -> None:
         "half_load_mails_per_s": round(half_rate, 1), "half_load_p50_ms": half["p50_ms"],
         "half_load_p99_ms": half["p99_ms"],
         "batch_80mb_mails": big["sent"], "batch_80mb_batches": big["batches"],
-        "batch_80mb_seconds": big["seconds"],
+        "batch_80mb_seconds": big["seconds"], "batch_80mb_runs_s": [run["seconds"] for run in bigs],
         "cpu_us_per_mail": per_mail_us(full, full["sent"] or 1),
         "peak_rss_mb": {s: u.get("peak_rss_mb") for s, u in full["stages"].items()},
         "chart": str(chart.relative_to(ROOT) if chart.is_relative_to(ROOT) else chart),

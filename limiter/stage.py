@@ -256,6 +256,7 @@ class LimiterStage(Stage):
             granted = dataclasses.replace(batch, **stamp)  # type: ignore[arg-type]
             out.outgoing.append(Outgoing(self.topology.send, encode_batch(granted), message_id=granted.id))
             DECISIONS.labels(batch.server, "granted").inc()
+            log.debug("batch %s: %d mails granted", batch.id, batch.mails)
         else:
             granted, rest = split(batch, grant)
             granted = dataclasses.replace(granted, **stamp)  # type: ignore[arg-type]

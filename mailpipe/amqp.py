@@ -27,6 +27,7 @@ import pika.exceptions
 import pika.frame
 import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.utils import io_services_utils
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from mailpipe.errors import BrokerUnavailable, PublishRejected, Unroutable
@@ -35,6 +36,11 @@ from mailpipe.settings import redact_url
 log = logging.getLogger(__name__)
 
 PERSISTENT = pika.DeliveryMode.Persistent
+
+# pika reads 4 KB per recv(), and appends each read to its frame buffer: an 80 MB batch took
+# 20,000 reads and over a GB of buffer copies. One frame (RabbitMQ's default frame_max, 128 KB)
+# per read halves the time to consume it (0.28 -> 0.14 s here); larger reads are slower again.
+io_services_utils._AsyncTransportBase._MAX_RECV_BYTES = 128 * 1024
 MAX_NACK_RETRIES = 5
 
 

@@ -164,6 +164,7 @@ class SenderStage(Stage):
         if outputs:  # the invalid jobs' dead letters go now; the batch is acked after delivery
             broker.publish(outputs)
         deadline = time.monotonic() + remaining_s
+        log.debug("batch %s: %d mails, %.1f s left in its window", batch.id, len(jobs), remaining_s)
         future = self._submit(self._deliver(jobs, server, deadline))
         self._in_flight.append(_InFlight(delivery, batch, raws, jobs, server, future))
 
