@@ -48,7 +48,10 @@ def data_payload(message: bytes) -> bytes:
 
 
 class Session(asyncio.Protocol):
-    """The protocol of one open session: replies are parsed as they arrive and queued."""
+    """The protocol of one open session: replies are parsed as they arrive and queued.
+
+    No write flow control: a session never has more than one message unanswered in its
+    transport's buffer (the next write waits for the reply)."""
 
     def __init__(self, transport: asyncio.Transport, extensions: dict[str, str], timeout_s: float) -> None:
         self.transport = transport

@@ -1,9 +1,11 @@
 """SMTP connections to one server: open (TLS, AUTH), send one mail, pool and reuse.
 
-aiosmtplib errors are translated here into ``SmtpTransient`` / ``SmtpPermanent`` carrying the
-reply code, text and category. A client object that saw a protocol error (timeout, dropped
-connection, unexpected reply) is closed and never reused: aiosmtplib is known to hang when one
-client object reconnects, so every connection is a fresh ``aiosmtplib.SMTP``.
+aiosmtplib opens each connection (connect, EHLO, STARTTLS, AUTH); then ``sender/session.py``
+takes its transport over and carries the mail transactions, pipelined when the server offers
+PIPELINING. Errors of either are translated here into ``SmtpTransient`` / ``SmtpPermanent``
+carrying the reply code, text and category. A connection that saw a protocol error (timeout,
+dropped connection, unexpected reply) is closed and never reused; every connection is a fresh
+``aiosmtplib.SMTP`` (aiosmtplib is known to hang when one client object reconnects).
 
 TLS by ``ServerConfig.tls``:
 - ``implicit``: TLS from the first byte (port 465, the seeds' "SSL").
