@@ -71,7 +71,7 @@ BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 2.0  # recover within seconds of Redis coming back
 
 
-@dataclass
+@dataclass(eq=False)  # a held batch is itself: line.remove() and ``in`` go by identity
 class Held:
     delivery: Delivery
     batch: Batch

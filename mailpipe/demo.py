@@ -60,15 +60,20 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped.wait(self.every_s):
-            at = round(time.monotonic() - self.started_at, 2)
-            for stage, proc in self.procs.items():
-                mails = scrape_mails(self.ports[stage], *MAIL_COUNTERS[stage])
-                if mails is not None:
-                    self.samples[stage].append((at, mails, rss_mb(proc.pid)))
+            self.sample()
+
+    def sample(self) -> None:
+        at = round(time.monotonic() - self.started_at, 2)
+        for stage, proc in self.procs.items():
+            mails = scrape_mails(self.ports[stage], *MAIL_COUNTERS[stage])
+            if mails is not None:
+                self.samples[stage].append((at, mails, rss_mb(proc.pid)))
 
     def stop(self) -> dict[str, list[tuple[float, float, float]]]:
+        """Stop sampling, after one last sample: the counts as the run ends."""
         self.stopped.set()
         self.join(5)
+        self.sample()
         return self.samples
 
 
@@ -87,12 +92,13 @@ def scrape_mails(port: int, name: str, labels: dict[str, str]) -> float | None:
     return total
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process's memory from /proc (Linux): resident now, or at its peak with ``VmHWM``."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return 0.0
-    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0.0)
+    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith(f"{field}:")), 0.0)
 
 
 @dataclass
@@ -241,12 +247,11 @@ def stage_usage(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) and peak RSS of a process, from /proc (Linux)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return {}
     ticks = os.sysconf("SC_CLK_TCK")
-    peak_kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
-    return {"cpu_s": round((int(fields[11]) + int(fields[12])) / ticks, 2), "peak_rss_mb": round(peak_kb / 1024, 1)}
+    return {"cpu_s": round((int(fields[11]) + int(fields[12])) / ticks, 2),
+            "peak_rss_mb": round(rss_mb(pid, "VmHWM"), 1)}
 
 
 def follow(broker: Broker, events: str, namespace: str, settings: Settings, mails: int, size: int,
