@@ -22,6 +22,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import aiosmtplib
@@ -33,6 +35,24 @@ from mailpipe.settings import Settings
 from mailpipe.sink import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def services_and_sink(settings: Settings) -> Iterator[int]:
+    """RabbitMQ and Redis checked (started if installed and stopped), and smtp-sink on a free
+    loopback port for the block: yields the port."""
+    problems = ensure(settings, say=False)
+    if problems:
+        sys.exit(f"bench: {'; '.join(problems)}")
+    port = free_port()
+    sink = subprocess.Popen([smtp_sink(), "-u", "nobody", f"127.0.0.1:{port}", "1024"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)  # listening
+        yield port
+    finally:
+        sink.terminate()
+        sink.wait()
 
 
 def smtp_sink() -> str:
@@ -73,15 +93,8 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     settings = Settings.from_env()
-    problems = ensure(settings, say=False)
-    if problems:
-        sys.exit(f"bench: {'; '.join(problems)}")
-    port = free_port()
-    sink = subprocess.Popen([smtp_sink(), "-u", "nobody", f"127.0.0.1:{port}", "1024"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     quiet = open("/dev/null", "w")  # noqa: SIM115 (lives as long as the run)
-    try:
-        time.sleep(0.5)
+    with services_and_sink(settings) as port:
         raw = asyncio.run(raw_rate(port, 8000, 8, 2048))
         full, _, _ = run_pipeline(settings, args.mails, 2048, None, smtp_port=port, out=quiet,
                                   sample_every_s=0.5)
@@ -93,9 +106,6 @@ def main() -> None:
         bigs = [run_pipeline(settings, 500, 160 * 1024 - 2500, None, smtp_port=port, out=quiet,
                              linger_ms=5000)[0] for _ in range(3)]
         big = sorted(bigs, key=lambda run: float(run["seconds"]))[1]
-    finally:
-        sink.terminate()
-        sink.wait()
     chart = args.out / "pipeline_throughput.png"
     throughput_png(full.get("samples", {}), chart,
                    f"{full['sent']:,} mails of 2 KB through four stages: mails per second per stage")

@@ -15,18 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from charts import rss_png
-from pipeline import ROOT, smtp_sink
+from pipeline import ROOT, services_and_sink
 
 from mailpipe.demo import run_pipeline
-from mailpipe.services import ensure
 from mailpipe.settings import Settings
-from mailpipe.sink import free_port
 
 
 def growth(points: list[tuple[float, float, float]]) -> dict[str, float]:
@@ -48,22 +43,12 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     settings = Settings.from_env()
-    problems = ensure(settings, say=False)
-    if problems:
-        sys.exit(f"bench: {'; '.join(problems)}")
-    port = free_port()
-    sink = subprocess.Popen([smtp_sink(), "-u", "nobody", f"127.0.0.1:{port}", "1024"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     mails = int(args.rate * args.minutes * 60)
     quiet = open("/dev/null", "w")  # noqa: SIM115 (lives as long as the run)
-    try:
-        time.sleep(0.5)
+    with services_and_sink(settings) as port:
         summary, codes, _ = run_pipeline(settings, mails, 2048, None, smtp_port=port, out=quiet,
                                          publish_per_s=args.rate, sample_every_s=5.0,
                                          timeout_s=args.minutes * 60 + 600)
-    finally:
-        sink.terminate()
-        sink.wait()
     samples = summary.get("samples", {})
     chart = args.out / "soak_rss.png"
     rss_png(samples, chart, f"RSS per stage, {args.rate:,.0f} mails/s for {args.minutes:g} minutes")
