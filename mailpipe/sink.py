@@ -30,15 +30,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def ehlo_offering_pipelining(session: Any, hostname: str, responses: list[str]) -> list[str]:
+    """An aiosmtpd ``handle_EHLO`` hook's work: its EHLO reply with PIPELINING (RFC 2920)
+    offered. aiosmtpd reads commands one by one, so pipelined ones work; it just never says so."""
+    session.host_name = hostname  # the hook replaces aiosmtpd's own bookkeeping
+    responses.insert(-1, "250-PIPELINING")
+    return responses
+
+
 class _Handler:
     def __init__(self, sink: LocalSink) -> None:
         self.sink = sink
 
     async def handle_EHLO(self, _server: Any, session: Any, _envelope: Any, hostname: str,
                           responses: list[str]) -> list[str]:
-        session.host_name = hostname  # this hook replaces aiosmtpd's own bookkeeping
-        responses.insert(-1, "250-PIPELINING")  # aiosmtpd reads commands one by one: pipelined ones work
-        return responses
+        return ehlo_offering_pipelining(session, hostname, responses)
 
     async def handle_DATA(self, _server: Any, _session: Any, envelope: Any) -> str:
         content: bytes = envelope.original_content or envelope.content

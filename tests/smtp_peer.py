@@ -44,6 +44,8 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from mailpipe.sink import ehlo_offering_pipelining
+
 Match = str | Callable[[str], bool] | None
 
 # A reply must be a three-digit code and text without line breaks.
@@ -108,10 +110,10 @@ class _Handler:
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
                           responses: list[str]) -> list[str]:
-        session.host_name = hostname  # this hook replaces aiosmtpd's own bookkeeping
-        if self.peer.pipelining:  # aiosmtpd reads commands one by one: pipelined ones work
-            responses.insert(-1, "250-PIPELINING")
-        return responses
+        if not self.peer.pipelining:
+            session.host_name = hostname  # the hook replaces aiosmtpd's own bookkeeping
+            return responses
+        return ehlo_offering_pipelining(session, hostname, responses)
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
