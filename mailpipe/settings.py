@@ -34,6 +34,7 @@ class Settings:
     max_message_bytes: int = 25 * MIB
     max_recipients: int = 100
     idempotency_ttl_s: int = 24 * 3600
+    idempotency_lease_s: float = 30.0  # a claimed key whose holder died is free again after this
     suppress_days: int = 30
     # Deliverability lint rules that refuse a mail; every other finding is a warning on the job.
     lint_refuse: str = "executable_attachment,script"

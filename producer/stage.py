@@ -5,17 +5,22 @@ render the RFC 5322 message once (every later size is exact); publish the jobs, 
 then ack. A request that fails any check goes to the dead-letter queue with a reason that
 names the problem, and the stage goes on.
 
-Idempotency: a job with an idempotency key is marked "queued" in Redis once its publish is
-confirmed; a later request with the same key (a retrying upstream) is acked and dropped as
-a duplicate. The mark is set after the confirm, never before, so a crash in between queues
-the job twice rather than never (the sender's per-recipient marks catch that duplicate).
+Idempotency (producer/idempotency.py): a job with an idempotency key claims it in Redis before
+its publish and marks it "queued" after the confirm. A request whose key is queued already (a
+retrying upstream) is acked and dropped as a duplicate. A request whose key another holder has
+claimed (a copy in flight) is neither published nor acked: the stage holds it and asks again
+about every second, until the key is queued (a duplicate) or its lease has run out (the holder
+died: claim it and go on).
+
+Acks are exact: the runner hands over redelivered messages apart from fresh ones, and held
+requests stay unacked, so a multiple ack up to the last tag would ack what is not handled yet.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
-from typing import cast
 
 import redis
 from prometheus_client import Counter
@@ -29,6 +34,7 @@ from mailpipe.servers import Config, ConfigWatcher
 from mailpipe.settings import Settings
 from mailpipe.stage import Stage
 from producer.compose import dkim_sign, render, validate
+from producer.idempotency import Idempotency, Verdict
 from producer.lint import RULES, lint, text_from_html
 
 log = logging.getLogger(__name__)
@@ -38,6 +44,8 @@ LINT_FINDINGS = Counter("mailpipe_intake_lint_findings_total",
                         "Deliverability warnings found on queued mail, by rule.", ["rule"])
 DUPLICATES = Counter("mailpipe_intake_duplicates_total",
                      "Intake requests dropped because their idempotency key was queued already.")
+
+RECHECK_S = 1.0  # how often a held request asks again about the key another holder claimed
 
 
 class EnqueueStage(Stage):
@@ -52,18 +60,28 @@ class EnqueueStage(Stage):
             raise ConfigError(f"MAILPIPE_LINT_REFUSE: unknown rule(s) {sorted(unknown)}; "
                               f"known: {', '.join(RULES)}")
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+        self.idempotency = Idempotency(self.redis, settings.namespace, lease_s=settings.idempotency_lease_s,
+                                       ttl_s=settings.idempotency_ttl_s)
+        # Requests whose key another holder has claimed, unacked, by delivery tag; asked again
+        # on tick() at the earliest at _recheck_at (monotonic).
+        self._held: dict[int, tuple[Delivery, Job]] = {}
+        self._recheck_at = 0.0
 
     @property
     def input_queue(self) -> str:
         return self.topology.intake
 
+    def start(self, broker: Broker) -> None:
+        self._held.clear()  # unacked on the old connection: redelivered
+
     def handle(self, broker: Broker, deliveries: list[Delivery]) -> None:
         config = self.config.current()
         out: list[Outgoing] = []
-        jobs: list[Job] = []
+        jobs: list[tuple[Delivery, Job]] = []
         for delivery in deliveries:
             try:
-                jobs.append(self.to_job(decode_intake(delivery.body, self.settings.max_message_bytes), config))
+                jobs.append((delivery, self.to_job(decode_intake(delivery.body, self.settings.max_message_bytes),
+                                                   config)))
             except InvalidMessage as exc:
                 REJECTS.labels("invalid").inc()
                 out.append(self.dead_letter(delivery.body, exc.reason, "invalid"))
@@ -71,32 +89,66 @@ class EnqueueStage(Stage):
                 REJECTS.labels("routing").inc()
                 out.append(self.dead_letter(delivery.body, exc.reason, "routing"))
         jobs = self.drop_suppressed(jobs, out)
-        duplicates = self.already_queued([j for j in jobs if j.idempotency_key is not None])
-        DUPLICATES.inc(len(duplicates))
-        queued = [j for j in jobs if j.id not in duplicates]
-        out += [Outgoing(self.topology.jobs, encode_job(j), message_id=j.id) for j in queued]
-        broker.publish(out)
-        self.mark_queued([j for j in queued if j.idempotency_key is not None])
-        metrics.MESSAGES_OUT.labels(self.name, self.topology.jobs).inc(len(queued))
-        broker.ack(deliveries[-1].tag, multiple=True)
+        self.enqueue(broker, deliveries, jobs, out)
 
-    def drop_suppressed(self, jobs: list[Job], out: list[Outgoing]) -> list[Job]:
+    def enqueue(self, broker: Broker, deliveries: list[Delivery], jobs: list[tuple[Delivery, Job]],
+                out: list[Outgoing]) -> None:
+        """Publish ``out`` and the jobs whose key is free or that have none, confirmed; then ack
+        every delivery except those whose key another holder has claimed: those are held."""
+        keyed = [(d, j) for d, j in jobs if j.idempotency_key is not None]
+        claim = self.idempotency.claim([j for _d, j in keyed])
+        verdicts = {d.tag: v for (d, _j), v in zip(keyed, claim.verdicts, strict=True)}
+        queued = [j for d, j in jobs if verdicts.get(d.tag, Verdict.MINE) is Verdict.MINE]
+        claimed = [j for d, j in keyed if verdicts[d.tag] is Verdict.MINE]
+        held = {d.tag: (d, j) for d, j in keyed if verdicts[d.tag] is Verdict.PENDING}
+        out += [Outgoing(self.topology.jobs, encode_job(j), message_id=j.id) for j in queued]
+        try:
+            broker.publish(out)
+        except BaseException:
+            self.idempotency.release(claimed, claim.token)  # a retry need not wait out the lease
+            raise
+        self.idempotency.confirm(claimed)
+        metrics.MESSAGES_OUT.labels(self.name, self.topology.jobs).inc(len(queued))
+        DUPLICATES.inc(sum(1 for v in verdicts.values() if v is Verdict.DUPLICATE))
+        done = [d.tag for d in deliveries if d.tag not in held]
+        if done:
+            broker.ack_all(done)
+        if held and not self._held:
+            self._recheck_at = time.monotonic() + RECHECK_S
+        self._held.update(held)
+
+    def tick(self, broker: Broker) -> None:
+        if not self._held or time.monotonic() < self._recheck_at:
+            return
+        self._recheck_at = time.monotonic() + RECHECK_S
+        held, self._held = list(self._held.values()), {}
+        self.enqueue(broker, [d for d, _j in held], held, [])
+
+    def busy(self) -> bool:
+        return bool(self._held)
+
+    def drain(self, broker: Broker, deadline: float) -> None:
+        # Held requests wait for another holder: leave them unacked, they are redelivered.
+        self._held.clear()
+
+    def drop_suppressed(self, jobs: list[tuple[Delivery, Job]],
+                        out: list[Outgoing]) -> list[tuple[Delivery, Job]]:
         """Fail the recipients suppressed for their tenant (an event each; the whole job to the
         dead-letter queue when none is left); return the jobs with what remains."""
         if not jobs:
             return jobs
         try:
             with self.redis.pipeline(transaction=False) as pipe:
-                for job in jobs:
+                for _delivery, job in jobs:
                     pipe.mget([suppression.key(self.settings.namespace, job.tenant, r) for r in job.recipients])
                 found = pipe.execute()
         except redis.RedisError as exc:
             raise LimiterUnavailable(f"Redis: cannot check suppressed recipients: {exc}") from exc
         kept = []
-        for job, marks in zip(jobs, found, strict=True):
+        for (delivery, job), marks in zip(jobs, found, strict=True):
             blocked = {r: m.decode("utf-8", "replace") for r, m in zip(job.recipients, marks, strict=True) if m}
             if not blocked:
-                kept.append(job)
+                kept.append((delivery, job))
                 continue
             REJECTS.labels("suppressed").inc(len(blocked))
             reason = "suppressed: " + "; ".join(f"{r} ({why})" for r, why in blocked.items())
@@ -108,7 +160,7 @@ class EnqueueStage(Stage):
                        "remove` once it is fixed")), exchange=self.topology.events, mandatory=False))
             remaining = tuple(r for r in job.recipients if r not in blocked)
             if remaining:
-                kept.append(replace(job, recipients=remaining))
+                kept.append((delivery, replace(job, recipients=remaining)))
             else:
                 out.append(self.dead_letter(encode_job(job), reason, "suppressed",
                                             **{"x-mailpipe-tenant": job.tenant, "x-mailpipe-job-id": job.id}))
@@ -136,29 +188,6 @@ class EnqueueStage(Stage):
             enqueued_ms=now_ms(), idempotency_key=req.idempotency_key,
             findings=tuple(str(f) for f in findings), send_at_ms=req.send_at_ms, priority=req.priority,
         )
-
-    def _key(self, job: Job) -> str:
-        return f"{self.settings.namespace}:queued:{job.id}"
-
-    def already_queued(self, jobs: list[Job]) -> set[str]:
-        if not jobs:
-            return set()
-        try:
-            found = cast(list[bytes | None], self.redis.mget([self._key(j) for j in jobs]))
-        except redis.RedisError as exc:
-            raise LimiterUnavailable(f"Redis: cannot check idempotency keys: {exc}") from exc
-        return {j.id for j, mark in zip(jobs, found, strict=True) if mark is not None}
-
-    def mark_queued(self, jobs: list[Job]) -> None:
-        if not jobs:
-            return
-        try:
-            with self.redis.pipeline(transaction=False) as pipe:
-                for job in jobs:
-                    pipe.set(self._key(job), b"1", ex=self.settings.idempotency_ttl_s)
-                pipe.execute()
-        except redis.RedisError as exc:
-            raise LimiterUnavailable(f"Redis: cannot mark idempotency keys: {exc}") from exc
 
     def ready(self) -> bool:
         try:
