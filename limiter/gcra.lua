@@ -5,7 +5,8 @@
 -- allow the release and the smallest wins: the server's rate (GCRA, cost N, burst B), its
 -- optional per-minute ceiling (a second GCRA), and each tenant's daily cap. A batch asks for
 -- min(N, B, minute burst, what the daily caps still allow): a larger batch is split (the
--- caller returns the rest), never stuck.
+-- caller returns the rest), never stuck. B here is the grant burst: the server's burst less
+-- what its rate sends in one delivery window (limiter/gcra.py says why).
 --
 -- Key layout, p = "<namespace>:<server>", all under one hash tag so they share a cluster slot:
 --   KEYS[1] {p}:tat              rate GCRA, hash: tat = theoretical arrival time (us), step = the
@@ -13,10 +14,12 @@
 --   KEYS[2] {p}:tat:minute       per-minute ceiling GCRA: the same
 --   KEYS[3] {p}:released         hash, ring of 10 s buckets over the last hour: b<i> = bucket
 --                                number, c<i> = mails released in it (i = bucket mod 361)
---   KEYS[4] {p}:grant:<batch>    the grant already made for this batch id ("granted now_us
---                                per-tenant..."), so a
---                                redelivered batch gets the same grant, not a second one
---   KEYS[5] {p}:refund:<batch>   set once this batch's refund is applied (idempotent refunds)
+--   KEYS[4] {p}:grant:<batch>    hash, the grant made for this batch id: n = mails, at = Redis
+--                                time (us), tat / mtat = each TAT just after it, g = mails per
+--                                tenant; a redelivered batch gets the same grant, not a second one
+--   KEYS[5] {p}:grant:<refund_of> the grant a give-back returns; `refunded` is set in it once
+--                                applied, so a refund is applied once and only while the grant
+--                                is known (an expired grant refunds nothing)
 --   KEYS[6] {p}:queue:<round>    set when a decision of this round is refused: the batches
 --                                after it in the same pipelined round (the same server's line,
 --                                in order) are then not decided, so a small batch never
@@ -24,15 +27,14 @@
 --   KEYS[6+i] {n:<tenant's server>}:day:<tenant>  hash: day = local midnight (epoch s) of the
 --                                counted day, n = mails released that day
 --
--- ARGV[1] cost: mails in the batch (N)          ARGV[2] refund: tokens given back (R)
+-- ARGV[1] cost: mails in the batch (N)          ARGV[2] refund: mails given back (R)
 -- ARGV[3] interval_us: us per mail at the rate, 0 = unlimited (no GCRA, daily caps still apply)
--- ARGV[4] burst: mails the rate lets through at once (B)
+-- ARGV[4] burst: mails one grant may take (B)
 -- ARGV[5] minute_interval_us: us per mail of the per-minute ceiling, 0 = none
--- ARGV[6] minute_burst                           ARGV[7] mark_ttl_s: life of KEYS[4], KEYS[5]
--- ARGV[8] refund_horizon_us: a refund lowers today's counts only if the grant it returns
---         (at most this long ago) was made today, so a cap is never exceeded across midnight
--- ARGV[9] k: tenants; then per tenant, in KEYS order: count, daily_limit, and 6 local
---         midnights (epoch s, ascending) around now, from which the script picks today
+-- ARGV[6] minute_burst                           ARGV[7] mark_ttl_s: life of KEYS[4]
+-- ARGV[8] k: tenants; then per tenant, in KEYS order: count, daily_limit, refund (its share of
+--         R), and 6 local midnights (epoch s, ascending) around now, from which the script
+--         picks today
 --
 -- Returns {granted, retry_after_us, now_us, cached, granted per tenant...}: granted = 0 with
 -- retry_after_us > 0 means "ask again then"; retry_after_us = -1: not decided (KEYS[6] is
@@ -44,7 +46,8 @@ local now_s = tonumber(t[1])
 local cost, refund = tonumber(ARGV[1]), tonumber(ARGV[2])
 local interval, burst = tonumber(ARGV[3]), tonumber(ARGV[4])
 local m_interval, m_burst = tonumber(ARGV[5]), tonumber(ARGV[6])
-local mark_ttl, horizon, k = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local mark_ttl, k = tonumber(ARGV[7]), tonumber(ARGV[8])
+local PER_TENANT = 9
 
 if redis.call('EXISTS', KEYS[6]) == 1 then return {0, -1, now, 0} end
 local function refused(retry)
@@ -52,32 +55,31 @@ local function refused(retry)
   return {0, retry, now, 0}
 end
 
--- The local day containing `s`: the index i with midnights[i] <= s < midnights[i+1].
+-- The local day containing `s` (its midnight and the next), or nil outside the days given.
 local function day_of(base, s)
   for i = 0, 4 do
     if tonumber(ARGV[base + i]) <= s and s < tonumber(ARGV[base + i + 1]) then
       return tonumber(ARGV[base + i]), tonumber(ARGV[base + i + 1])
     end
   end
-  return redis.error_reply('gcra.lua: the day boundaries given do not cover Redis time')
+  return nil
 end
 
 local tenants = {}
 for i = 1, k do
-  local base = 10 + (i - 1) * 8
-  local today, tomorrow = day_of(base + 2, now_s)
-  if type(today) == 'table' then return today end
-  local back = day_of(base + 2, math.floor((now - horizon) / 1000000))
-  if type(back) == 'table' then return back end
+  local base = 9 + (i - 1) * PER_TENANT
+  local today, tomorrow = day_of(base + 3, now_s)
+  if not today then return redis.error_reply('gcra.lua: the day boundaries given do not cover Redis time') end
   local day = redis.call('HMGET', KEYS[6 + i], 'day', 'n')
   local used = 0
   if tonumber(day[1]) == today then used = tonumber(day[2]) or 0 end
-  tenants[i] = {count = tonumber(ARGV[base]), limit = tonumber(ARGV[base + 1]), today = today,
-                tomorrow = tomorrow, same_day = (back == today), used = used}
+  tenants[i] = {count = tonumber(ARGV[base]), limit = tonumber(ARGV[base + 1]),
+                refund = tonumber(ARGV[base + 2]), base = base, today = today, tomorrow = tomorrow,
+                used = used}
 end
 
 local function store_tat(key, tat, step)
-  redis.call('HSET', key, 'tat', tat, 'step', step)
+  redis.call('HSET', key, 'tat', string.format('%d', tat), 'step', step)
   redis.call('PEXPIRE', key, math.floor((tat - now) / 1000) + 1000)
 end
 
@@ -93,37 +95,39 @@ local function load_tat(key, step)
   return tat
 end
 
-local function gcra_refund(key, step)
-  local tat = load_tat(key, step)
-  if tat then
-    -- Never below now: a refund cannot give more than a full bucket.
-    store_tat(key, math.max(now, tat - refund * step), step)
-  end
+-- Give back at most what the grant still owes: its mails whose time has not come yet. Only
+-- while that grant is the last one taken (the TAT is still where it left it): tokens of an
+-- older grant sit under later grants' mails, and handing them back would let the next grant
+-- take the same time twice.
+local function gcra_refund(key, step, tat_after)
+  local v = redis.call('HMGET', key, 'tat', 'step')
+  if not tat_after or tonumber(v[1]) ~= tat_after or tonumber(v[2]) ~= step then return end
+  local back = math.min(refund, math.floor((tat_after - now) / step))
+  if back > 0 then store_tat(key, tat_after - back * step, step) end
 end
 
--- 1. The refund, once per refunding batch id.
-if refund > 0 and redis.call('SET', KEYS[5], '1', 'NX', 'EX', mark_ttl) then
-  if interval > 0 then gcra_refund(KEYS[1], interval) end
-  if m_interval > 0 then gcra_refund(KEYS[2], m_interval) end
-  local left = refund
+-- 1. The refund, once per grant, and only while the grant is remembered.
+if refund > 0 and redis.call('HEXISTS', KEYS[5], 'n') == 1
+    and redis.call('HSETNX', KEYS[5], 'refunded', 1) == 1 then
+  local g = redis.call('HMGET', KEYS[5], 'at', 'tat', 'mtat')
+  if interval > 0 then gcra_refund(KEYS[1], interval, tonumber(g[2])) end
+  if m_interval > 0 then gcra_refund(KEYS[2], m_interval, tonumber(g[3])) end
+  local granted_s = math.floor(tonumber(g[1]) / 1000000)
   for i = 1, k do
     local tn = tenants[i]
-    local back = math.min(tn.count, left)
-    left = left - back
-    if tn.same_day and tn.used > 0 and back > 0 then
-      tn.used = math.max(0, tn.used - back)
+    -- Only a grant made today lowers today's count: a cap is never exceeded at midnight.
+    if tn.refund > 0 and tn.used > 0 and day_of(tn.base + 3, granted_s) == tn.today then
+      tn.used = math.max(0, tn.used - tn.refund)
       redis.call('HSET', KEYS[6 + i], 'day', tn.today, 'n', tn.used)
     end
   end
 end
 
 -- 2. A batch granted before (a redelivery) gets that grant again.
-local cached = redis.call('GET', KEYS[4])
-if cached then
-  local out = {}
-  for v in string.gmatch(cached, '%d+') do out[#out + 1] = tonumber(v) end
-  table.insert(out, 2, 0)
-  table.insert(out, 4, 1)
+local cached = redis.call('HMGET', KEYS[4], 'n', 'at', 'g')
+if cached[1] then
+  local out = {tonumber(cached[1]), 0, tonumber(cached[2]), 1}
+  for v in string.gmatch(cached[3] or '', '%d+') do out[#out + 1] = tonumber(v) end
   return out
 end
 if cost == 0 then return {0, 0, now, 0} end
@@ -160,11 +164,17 @@ wait = math.max(wait, m_wait)
 if wait > 0 then return refused(wait) end
 
 -- 6. Granted: move the TATs, count the mails per tenant and per 10 s bucket, remember the grant.
-if interval > 0 then store_tat(KEYS[1], tat + ask * interval, interval) end
-if m_interval > 0 then store_tat(KEYS[2], m_tat + ask * m_interval, m_interval) end
+local record = {'n', ask, 'at', string.format('%d', now)}
+if interval > 0 then
+  store_tat(KEYS[1], tat + ask * interval, interval)
+  table.insert(record, 'tat'); table.insert(record, string.format('%d', tat + ask * interval))
+end
+if m_interval > 0 then
+  store_tat(KEYS[2], m_tat + ask * m_interval, m_interval)
+  table.insert(record, 'mtat'); table.insert(record, string.format('%d', m_tat + ask * m_interval))
+end
 local out = {ask, 0, now, 0}
--- string.format: tostring() would keep only 14 digits of a microsecond time.
-local grant = {string.format('%d', ask), string.format('%d', now)}
+local per_tenant = {}
 local left = ask
 for i = 1, k do
   local tn = tenants[i]
@@ -175,7 +185,7 @@ for i = 1, k do
     redis.call('EXPIRE', KEYS[6 + i], 3 * 86400)
   end
   out[#out + 1] = g
-  grant[#grant + 1] = string.format('%d', g)
+  per_tenant[#per_tenant + 1] = string.format('%d', g)
 end
 local bucket = math.floor(now_s / 10)
 local slot = bucket % 361
@@ -184,5 +194,7 @@ if tonumber(redis.call('HGET', KEYS[3], 'b' .. slot)) ~= bucket then
 end
 redis.call('HINCRBY', KEYS[3], 'c' .. slot, ask)
 redis.call('EXPIRE', KEYS[3], 3700)
-redis.call('SET', KEYS[4], table.concat(grant, ' '), 'EX', mark_ttl)
+table.insert(record, 'g'); table.insert(record, table.concat(per_tenant, ' '))
+redis.call('HSET', KEYS[4], unpack(record))
+redis.call('EXPIRE', KEYS[4], mark_ttl)
 return out

@@ -8,8 +8,18 @@ at ``now`` is allowed when
     max(tat, now) + n*T - B*T <= now
 
 and then ``tat`` becomes ``max(tat, now) + n*T``. The bound this gives, for any replicas:
-in every interval of length ``w``, at most ``w/T + B`` mails are released. A refund of ``r``
-moves ``tat`` back by ``r*T`` but never before ``now`` (a bucket never holds more than ``B``).
+in every interval of length ``w``, at most ``w/T + B`` mails are granted.
+
+The promise is kept at the SMTP server, not at the grant. A granted batch may start its mails
+up to one delivery window ``W`` after its grant (the sender starts none later, judged in
+Redis time), so the mails a server receives in ``[a, b]`` were granted in ``[a - W, b]``: at
+most ``(b - a + W)/T + B_grant``. The limiter therefore grants with ``B_grant = B - ceil(W/T)``
+and the server sees at most ``w/T + B`` in every window ``w``, however late a sender starts.
+
+A refund hands back only what its grant still owes: the mails whose time (``tat`` after the
+grant, counting back) has not come yet, and only while no later grant has moved ``tat``;
+tokens the bucket has already refilled are never handed back twice. Once per grant, and only
+while the grant is remembered; a daily count is lowered only for a grant made today.
 
 ``decide`` below is the reference: ``limiter/gcra.lua`` does the same in Redis, atomically,
 with Redis ``TIME``. ``RedisLimiter`` is the typed wrapper around the script.
@@ -32,7 +42,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from mailpipe.errors import LimiterUnavailable
+from mailpipe.errors import ConfigError, LimiterUnavailable
+from mailpipe.servers import ServerConfig
+from mailpipe.settings import Settings
 
 US = 1_000_000
 HOUR_US = 3600 * US
@@ -43,7 +55,8 @@ MIDNIGHTS = 6  # local midnights passed per tenant: two days back to three ahead
 # -- the limits of one server, in the units the script uses -----------------------------------
 
 class Limits(NamedTuple):
-    """A server's limits: ``interval_us`` = 0 means unlimited (no rate, no minute ceiling)."""
+    """A server's limits: ``interval_us`` = 0 means unlimited (no rate, no minute ceiling).
+    ``burst`` is what one grant may take: the server's burst less one window at the rate."""
 
     interval_us: int
     burst: int
@@ -52,30 +65,39 @@ class Limits(NamedTuple):
 
     @classmethod
     def for_server(cls, rate_per_hour: int, burst: int, per_minute: int | None = None,
-                   unlimited: bool = False) -> Limits:
+                   unlimited: bool = False, reserve: int = 0) -> Limits:
+        """``burst`` is the server's (what it may receive at once above its rate); ``reserve``
+        of it is kept out of every grant for the mails a window lets start late."""
         if unlimited:
             return cls(0, burst)
         # Rounded up: a rate we cannot express exactly in microseconds errs on the slow side.
         interval = math.ceil(HOUR_US / rate_per_hour)
+        grant_burst = burst - reserve
+        if grant_burst < 1:
+            raise ConfigError(
+                f"a burst of {burst} mails leaves nothing to grant at {rate_per_hour} mails/hour: "
+                f"{reserve} are kept back for the delivery window "
+                "(raise MAILPIPE_BURST_MAILS or lower MAILPIPE_WINDOW_S)")
         if per_minute is None:
-            return cls(interval, burst)
-        return cls(interval, burst, math.ceil(MINUTE_US / per_minute), min(burst, per_minute))
+            return cls(interval, grant_burst)
+        return cls(interval, grant_burst, math.ceil(MINUTE_US / per_minute), min(grant_burst, per_minute))
 
-    @property
-    def capacity(self) -> int | None:
-        """The most one decision can ever grant (None: no rate limit)."""
-        if self.interval_us == 0:
-            return None
-        return min(self.burst, self.minute_burst) if self.minute_interval_us else self.burst
+    @classmethod
+    def of(cls, server: ServerConfig, settings: Settings) -> Limits:
+        """A configured server's limits under these settings."""
+        return cls.for_server(server.rate_per_hour, settings.burst(server.rate_per_hour), server.per_minute,
+                              server.unlimited, settings.window_reserve(server.rate_per_hour))
 
 
 class TenantAsk(NamedTuple):
-    """One tenant's share of a batch and its daily cap, with the local midnights around now."""
+    """One tenant's share of a batch and its daily cap, with the local midnights around now;
+    ``refund``: its mails a give-back returns."""
 
     name: str
     mails: int
     daily_limit: int
     midnights_s: tuple[int, ...]
+    refund: int = 0
 
 
 class Decision(NamedTuple):
@@ -132,10 +154,14 @@ def tokens_available(tat_us: int | None, now_us: int, interval_us: int, burst: i
     return max(0, (burst * interval_us - (tat - now_us)) // interval_us)
 
 
-def gcra_refund(tat_us: int | None, now_us: int, refund: int, interval_us: int) -> int | None:
-    if tat_us is None:
-        return None
-    return max(now_us, tat_us - refund * interval_us)
+def gcra_refund(tat_us: int | None, step_us: int | None, now_us: int, refund: int, interval_us: int,
+                grant_tat_us: int | None) -> int | None:
+    """The TAT after giving back ``refund`` mails of the grant that left it at ``grant_tat_us``:
+    at most the mails whose time has not come, and only while that grant is the last one."""
+    if tat_us is None or grant_tat_us is None or tat_us != grant_tat_us or step_us != interval_us:
+        return tat_us
+    back = min(refund, (grant_tat_us - now_us) // interval_us)
+    return grant_tat_us - back * interval_us if back > 0 else tat_us
 
 
 def local_midnights(timezone: str, around_s: float, count: int = MIDNIGHTS) -> tuple[int, ...]:
@@ -163,6 +189,18 @@ def day_of(midnights_s: Sequence[int], at_s: int) -> tuple[int, int]:
 
 
 @dataclass
+class Grant:
+    """What a grant leaves in Redis: its mails, its time, each TAT just after it, per tenant."""
+
+    mails: int
+    at_us: int
+    tat_us: int | None
+    minute_tat_us: int | None
+    per_tenant: tuple[int, ...]
+    refunded: bool = False
+
+
+@dataclass
 class State:
     """What Redis holds for one server and its tenants: the reference model of the keys."""
 
@@ -171,44 +209,39 @@ class State:
     minute_tat_us: int | None = None
     minute_step_us: int | None = None
     days: dict[str, tuple[int, int]] = field(default_factory=dict)  # tenant -> (day start, count)
-    refunded: set[str] = field(default_factory=set)
-    grants: dict[str, tuple[int, int, tuple[int, ...]]] = field(default_factory=dict)
+    grants: dict[str, Grant] = field(default_factory=dict)
     released: dict[int, int] = field(default_factory=dict)  # 10 s bucket -> mails
 
 
-def decide(state: State, now_us: int, batch_id: str, cost: int, refund: int, limits: Limits,
-           tenants: Sequence[TenantAsk], refund_horizon_us: int) -> Decision:
-    """One decision, exactly as ``gcra.lua`` makes it; mutates ``state`` as the script does Redis."""
+def decide(state: State, now_us: int, batch_id: str, cost: int, limits: Limits,
+           tenants: Sequence[TenantAsk], refund: int = 0, refund_of: str = "") -> Decision:
+    """One decision, exactly as ``gcra.lua`` makes it; mutates ``state`` as the script does Redis.
+    ``refund`` mails of the grant made to batch ``refund_of`` come back first."""
     now_s = now_us // US
     days = [day_of(t.midnights_s, now_s) for t in tenants]
-    back = [day_of(t.midnights_s, (now_us - refund_horizon_us) // US)[0] for t in tenants]
     used = [state.days[t.name][1] if t.name in state.days and state.days[t.name][0] == day[0] else 0
             for t, day in zip(tenants, days, strict=True)]
 
-    # 1. The refund, once per refunding batch id.
-    if refund > 0 and batch_id not in state.refunded:
-        state.refunded.add(batch_id)
-        if limits.interval_us and state.tat_us is not None:
-            tat = _load_tat(state, now_us, limits.interval_us)
-            state.tat_us = gcra_refund(tat, now_us, refund, limits.interval_us)
-            state.step_us = limits.interval_us
-        if limits.minute_interval_us and state.minute_tat_us is not None:
-            tat = _load_minute_tat(state, now_us, limits.minute_interval_us)
-            state.minute_tat_us = gcra_refund(tat, now_us, refund, limits.minute_interval_us)
-            state.minute_step_us = limits.minute_interval_us
-        left = refund
+    # 1. The refund, once per grant, and only while the grant is remembered.
+    given = state.grants.get(refund_of)
+    if refund > 0 and given is not None and not given.refunded:
+        given.refunded = True
+        if limits.interval_us:
+            state.tat_us = gcra_refund(state.tat_us, state.step_us, now_us, refund, limits.interval_us,
+                                       given.tat_us)
+        if limits.minute_interval_us:
+            state.minute_tat_us = gcra_refund(state.minute_tat_us, state.minute_step_us, now_us, refund,
+                                              limits.minute_interval_us, given.minute_tat_us)
         for i, t in enumerate(tenants):
-            give_back = min(t.mails, left)
-            left -= give_back
             # Only a grant made today lowers today's count: a cap is never exceeded at midnight.
-            if back[i] == days[i][0] and used[i] > 0 and give_back > 0:
-                used[i] = max(0, used[i] - give_back)
+            if t.refund > 0 and used[i] > 0 and _day_start(t.midnights_s, given.at_us // US) == days[i][0]:
+                used[i] = max(0, used[i] - t.refund)
                 state.days[t.name] = (days[i][0], used[i])
 
     # 2. A redelivered batch gets the grant it had.
     if batch_id in state.grants:
-        granted, at_us, per_tenant = state.grants[batch_id]
-        return Decision(granted, 0, at_us, True, per_tenant)
+        cached = state.grants[batch_id]
+        return Decision(cached.mails, 0, cached.at_us, True, cached.per_tenant)
     if cost == 0:
         return Decision(0, 0, now_us, False, ())
 
@@ -239,11 +272,14 @@ def decide(state: State, now_us: int, batch_id: str, cost: int, refund: int, lim
         return Decision(0, wait, now_us, False, ())
 
     # 6. Granted.
+    grant_tat = grant_minute_tat = None
     if limits.interval_us:
         state.tat_us, state.step_us = tat + ask * limits.interval_us, limits.interval_us
+        grant_tat = state.tat_us
     if limits.minute_interval_us:
         state.minute_tat_us = m_tat + ask * limits.minute_interval_us
         state.minute_step_us = limits.minute_interval_us
+        grant_minute_tat = state.minute_tat_us
     grants: list[int] = []
     left = ask
     for i, t in enumerate(tenants):
@@ -254,8 +290,16 @@ def decide(state: State, now_us: int, batch_id: str, cost: int, refund: int, lim
         grants.append(g)
     bucket = now_s // 10
     state.released[bucket] = state.released.get(bucket, 0) + ask
-    state.grants[batch_id] = (ask, now_us, tuple(grants))
+    state.grants[batch_id] = Grant(ask, now_us, grant_tat, grant_minute_tat, tuple(grants))
     return Decision(ask, 0, now_us, False, tuple(grants))
+
+
+def _day_start(midnights_s: Sequence[int], at_s: int) -> int | None:
+    """The local midnight starting the day of ``at_s``, or None outside the days given."""
+    for start, end in itertools.pairwise(midnights_s):
+        if start <= at_s < end:
+            return start
+    return None
 
 
 def derived_id(batch_id: str, what: str) -> str:
@@ -296,9 +340,9 @@ def connect(url: str, timeout_s: float = 1.0) -> redis.Redis:
 
 
 class Ask(NamedTuple):
-    """One batch's request: refund ``refund`` (once per ``batch_id``), then ask for ``cost``.
-    ``tenant_servers[i]`` is the server tenant i is configured on (its day key lives under
-    that server's hash tag); by default the batch's server."""
+    """One batch's request: give back ``refund`` mails of the grant made to ``refund_of`` (once),
+    then ask for ``cost``. ``tenant_servers[i]`` is the server tenant i is configured on (its
+    day key lives under that server's hash tag); by default the batch's server."""
 
     server: str
     batch_id: str
@@ -307,25 +351,25 @@ class Ask(NamedTuple):
     refund: int = 0
     tenants: Sequence[TenantAsk] = ()
     tenant_servers: Sequence[str] | None = None
+    refund_of: str = ""
 
 
 class RedisLimiter:
     """The script, loaded once, behind a typed call. Redis errors become LimiterUnavailable."""
 
-    def __init__(self, client: redis.Redis, namespace: str, *, mark_ttl_s: int = 86400,
-                 refund_horizon_us: int = 5 * MINUTE_US) -> None:
+    def __init__(self, client: redis.Redis, namespace: str, *, mark_ttl_s: int = 86400) -> None:
         self.client = client
         self.namespace = namespace
         self.mark_ttl_s = mark_ttl_s
-        self.refund_horizon_us = refund_horizon_us
         self._lua = importlib.resources.files("limiter").joinpath("gcra.lua").read_bytes()
         self._sha = hashlib.sha1(self._lua, usedforsecurity=False).hexdigest()  # the name Redis knows it by
 
     def acquire(self, server: str, batch_id: str, cost: int, limits: Limits, *,
                 refund: int = 0, tenants: Sequence[TenantAsk] = (),
-                tenant_servers: Sequence[str] | None = None) -> Decision:
+                tenant_servers: Sequence[str] | None = None, refund_of: str = "") -> Decision:
         """One decision, one round trip."""
-        return self.acquire_many([Ask(server, batch_id, cost, limits, refund, tenants, tenant_servers)])[0]
+        return self.acquire_many([Ask(server, batch_id, cost, limits, refund, tenants, tenant_servers,
+                                      refund_of)])[0]
 
     def acquire_many(self, asks: Sequence[Ask]) -> list[Decision]:
         """Every decision in one round trip, made by Redis in order, each atomic. The asks of
@@ -364,15 +408,16 @@ class RedisLimiter:
         p = server_prefix(self.namespace, ask.server)
         homes = ask.tenant_servers or [ask.server] * len(ask.tenants)
         keys = [f"{p}:tat", f"{p}:tat:minute", f"{p}:released", f"{p}:grant:{ask.batch_id}",
-                f"{p}:refund:{ask.batch_id}", f"{p}:{queue}"]
+                f"{p}:grant:{ask.refund_of or ask.batch_id}", f"{p}:{queue}"]
         keys += [tenant_day_key(self.namespace, home, t.name) for t, home in zip(ask.tenants, homes, strict=True)]
         limits = ask.limits
-        args: list[int] = [ask.cost, ask.refund, limits.interval_us, limits.burst, limits.minute_interval_us,
-                           limits.minute_burst, self.mark_ttl_s, self.refund_horizon_us, len(ask.tenants)]
+        refund = ask.refund if ask.refund_of else 0  # a refund without its grant returns nothing
+        args: list[int] = [ask.cost, refund, limits.interval_us, limits.burst, limits.minute_interval_us,
+                           limits.minute_burst, self.mark_ttl_s, len(ask.tenants)]
         for t in ask.tenants:
             if len(t.midnights_s) != MIDNIGHTS:
                 raise ValueError(f"tenant {t.name}: expected {MIDNIGHTS} midnights")
-            args += [t.mails, t.daily_limit, *t.midnights_s]
+            args += [t.mails, t.daily_limit, t.refund, *t.midnights_s]
         return [str(len(keys)), *keys, *map(str, args)]
 
     def ping(self) -> None:

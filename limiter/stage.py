@@ -44,7 +44,7 @@ from limiter.gcra import (
 from mailpipe import metrics
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.codec import decode_batch, decode_job, encode_batch
-from mailpipe.errors import InvalidMessage, LimiterUnavailable
+from mailpipe.errors import ConfigError, InvalidMessage, LimiterUnavailable
 from mailpipe.model import Batch
 from mailpipe.servers import Config, ConfigWatcher
 from mailpipe.settings import Settings
@@ -106,9 +106,7 @@ class LimiterStage(Stage):
         self.watcher = ConfigWatcher(settings.servers_path)
         # Short timeouts, no retries: a dead Redis must not stall the loop that serves RabbitMQ.
         self.redis = redis_client or connect(settings.redis_url)
-        # A refund comes back at most a window (plus transit) after its grant.
-        horizon_us = int((settings.window_s + 300) * US)
-        self.limiter = RedisLimiter(self.redis, settings.namespace, refund_horizon_us=horizon_us)
+        self.limiter = RedisLimiter(self.redis, settings.namespace)
         self.lines: dict[str, deque[Held]] = {}
         self._config = self.watcher.config
         self._gauged: set[str] = set()
@@ -200,11 +198,14 @@ class LimiterStage(Stage):
                 if held.due > now:
                     break
                 problem = unknown_names(held.batch, held.tenants, config)  # the file may have changed
-                if problem:
-                    line.remove(held)
-                    self._dead(out, held.delivery, problem, "config", server=held.batch.server)
-                    continue
-                asked.append((held, *self._ask(held, config)))
+                if problem is None:
+                    try:
+                        asked.append((held, *self._ask(held, config)))
+                        continue
+                    except ConfigError as exc:
+                        problem = exc.reason
+                line.remove(held)
+                self._dead(out, held.delivery, problem, "config", server=held.batch.server)
         if not asked:
             return False
         try:
@@ -236,22 +237,23 @@ class LimiterStage(Stage):
     def _ask(self, held: Held, config: Config) -> tuple[Ask, list[str]]:
         """The request for a held batch, and its tenants in the order of the grant."""
         batch = held.batch
-        server = config.servers[batch.server]
-        limits = Limits.for_server(server.rate_per_hour, self.settings.burst, server.per_minute,
-                                   server.unlimited)
+        limits = Limits.of(config.servers[batch.server], self.settings)
         wall = time.time()  # only to offer the days around now; Redis time picks today
-        names = sorted(held.tenants)
-        asks = [TenantAsk(n, held.tenants[n], config.tenants[n].daily_limit,
-                          local_midnights(config.tenants[n].timezone, wall)) for n in names]
+        names = sorted(held.tenants.keys() | batch.refund_tenants.keys())
+        asks = [TenantAsk(n, held.tenants.get(n, 0), config.tenants[n].daily_limit,
+                          local_midnights(config.tenants[n].timezone, wall), batch.refund_tenants.get(n, 0))
+                for n in names]
         homes = [config.tenants[n].server for n in names]
-        return Ask(batch.server, batch.id, batch.mails, limits, batch.refund, asks, homes), names
+        return Ask(batch.server, batch.id, batch.mails, limits, batch.refund, asks, homes,
+                   batch.refund_of or ""), names
 
     def _release(self, out: Round, held: Held, decision: Decision, names: list[str]) -> None:
         batch = held.batch
         grant = dict(zip(names, decision.tenant_grants, strict=True)) if names else {}
         stamp = {"grant_id": derived_id(batch.id, f"grant:{decision.now_us}"),
                  "granted_ms": decision.now_ms,
-                 "deadline_ms": decision.now_ms + int(self.settings.window_s * 1000), "refund": 0}
+                 "deadline_ms": decision.now_ms + int(self.settings.window_s * 1000), "refund": 0,
+                 "refund_of": None, "refund_tenants": {}}
         if decision.granted >= batch.mails:
             granted = dataclasses.replace(batch, **stamp)  # type: ignore[arg-type]
             out.outgoing.append(Outgoing(self.topology.send, encode_batch(granted), message_id=granted.id))
@@ -284,7 +286,7 @@ class LimiterStage(Stage):
         server = config.servers.get(line[0].batch.server) if line else None
         if server is None or server.unlimited:
             return
-        step_s = Limits.for_server(server.rate_per_hour, self.settings.burst).interval_us / US
+        step_s = 3600 / server.rate_per_hour
         turn = max(line[0].due, now)
         kept = 1
         for held in list(line)[1:]:
@@ -370,7 +372,7 @@ def unknown_names(batch: Batch, tenants: dict[str, int], config: Config) -> str 
     """Why this batch cannot be limited: a server or tenant the servers file does not name."""
     if batch.server not in config.servers:
         return f"unknown server {batch.server!r}: not in the servers file"
-    missing = sorted(t for t in tenants if t not in config.tenants)
+    missing = sorted(t for t in tenants.keys() | batch.refund_tenants.keys() if t not in config.tenants)
     if missing:
         return f"unknown tenant(s) {', '.join(repr(t) for t in missing)}: not in the servers file"
     return None

@@ -29,15 +29,15 @@ SLOTS = 361
 
 
 def snapshot(redis_client: redis.Redis, namespace: str, config: Config,
-             burst: int | None = None) -> list[dict[str, Any]]:
-    """One row per server, then one per tenant; ``burst`` defaults to the settings' default."""
-    burst = Settings().burst if burst is None else burst
+             settings: Settings | None = None) -> list[dict[str, Any]]:
+    """One row per server, then one per tenant; the limits as ``settings`` (default: the defaults) make them."""
+    settings = settings or Settings()
     seconds, micros = _time(redis_client)
     now_us = seconds * US + micros
     rows: list[dict[str, Any]] = []
     for name, server in sorted(config.servers.items()):
         p = server_prefix(namespace, name)
-        limits = Limits.for_server(server.rate_per_hour, burst, server.per_minute, server.unlimited)
+        limits = Limits.of(server, settings)
         released = _hash(redis_client, f"{p}:released")
         tokens: int | str = "unlimited"
         if limits.interval_us:

@@ -71,7 +71,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     snapshot = importlib.import_module("limiter.status").snapshot
     client = redis.Redis.from_url(settings.redis_url)
     try:
-        limits = snapshot(client, settings.namespace, load_config(settings.servers_path), burst=settings.burst)
+        limits = snapshot(client, settings.namespace, load_config(settings.servers_path), settings=settings)
     except redis.RedisError as exc:
         limits = [{"limiter": f"Redis unreachable: {type(exc).__name__}"}]
     finally:

@@ -190,7 +190,8 @@ def encode_batch(batch: Batch) -> bytes:
         "id": batch.id, "server": batch.server, "jobs": list(batch.jobs), "mails": batch.mails,
         "bytes": batch.bytes, "created_ms": batch.created_ms, "grant_id": batch.grant_id,
         "granted_ms": batch.granted_ms, "deadline_ms": batch.deadline_ms, "refund": batch.refund,
-        "tenants": batch.tenants, "priority": batch.priority,
+        "tenants": batch.tenants, "priority": batch.priority, "refund_of": batch.refund_of,
+        "refund_tenants": batch.refund_tenants,
     })
 
 
@@ -207,6 +208,8 @@ def decode_batch(data: bytes) -> Batch:
         granted_ms=f.integer("granted_ms", required=False, default=None),
         deadline_ms=f.integer("deadline_ms", required=False, default=None),
         refund=f.integer("refund", required=False), tenants=f.count_map("tenants"), priority=_priority(f),
+        refund_of=f.text("refund_of", required=False, max_len=64),
+        refund_tenants=f.count_map("refund_tenants"),
     )
 
 

@@ -96,8 +96,10 @@ class Job:
 class Batch:
     """Jobs for one SMTP server. ``jobs`` holds each job's encoded bytes, forwarded untouched.
 
-    ``refund`` is the number of tokens the sender returns with mail it did not attempt;
-    ``grant_id`` and ``deadline_ms`` are stamped by the limiter when the batch is released.
+    ``grant_id``, ``granted_ms`` and ``deadline_ms`` are stamped by the limiter when the batch
+    is released. A give-back (mail the sender did not send) carries ``refund``: how many of its
+    mails return their tokens to the grant of batch ``refund_of``, ``refund_tenants`` of them
+    per tenant.
     """
 
     id: str
@@ -112,6 +114,8 @@ class Batch:
     refund: int = 0
     tenants: dict[str, int] = field(default_factory=dict)
     priority: str = "normal"
+    refund_of: str | None = None
+    refund_tenants: dict[str, int] = field(default_factory=dict)
 
 
 OUTCOMES = ("sent", "deferred", "failed", "expired")

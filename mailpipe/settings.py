@@ -45,8 +45,11 @@ class Settings:
     linger_ms: int = 500
 
     # Release and delivery.
+    # A granted batch starts its mails within window_s of its grant (Redis time).
     window_s: float = 60.0
-    burst_mails: int = 0  # 0: one whole batch (max_batch_mails)
+    # What a server may receive at once above its rate. 0: one whole batch plus one window at
+    # the server's rate, which the limiter keeps back from every grant (limiter/gcra.py).
+    burst_mails: int = 0
     # Limiter: batches held unacked per replica (each up to max_batch_bytes in memory); a batch
     # not due within limiter_hold_s goes through a delay queue of limiter_park_s instead.
     limiter_prefetch: int = 32
@@ -117,9 +120,13 @@ class Settings:
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"MAILPIPE_LOG_FORMAT={self.log_format!r}: expected text or json")
 
-    @property
-    def burst(self) -> int:
-        return self.burst_mails or self.max_batch_mails
+    def window_reserve(self, rate_per_hour: int) -> int:
+        """Mails a server's rate sends in one delivery window: no grant may use them."""
+        return math.ceil(rate_per_hour * self.window_s / 3600 - 1e-9)
+
+    def burst(self, rate_per_hour: int) -> int:
+        """The burst a server may receive above its rate (see ``burst_mails``)."""
+        return self.burst_mails or self.max_batch_mails + self.window_reserve(rate_per_hour)
 
     @property
     def servers_path(self) -> Path | None:

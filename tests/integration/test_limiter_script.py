@@ -16,6 +16,7 @@ from limiter.gcra import Ask, Limits, RedisLimiter, State, TenantAsk, connect, d
 from limiter.status import released_since, snapshot
 from mailpipe.errors import LimiterUnavailable
 from mailpipe.servers import parse_config
+from mailpipe.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +41,7 @@ def namespace(client: redis.Redis) -> Iterator[str]:
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
 def test_script_decides_exactly_as_the_reference(client: redis.Redis, namespace: str, seed: int) -> None:
     rng = random.Random(seed)
-    limiter = RedisLimiter(client, namespace, refund_horizon_us=300_000_000)
+    limiter = RedisLimiter(client, namespace)
     # Each seed walks through rate changes, as a live servers file does.
     choices = [Limits.for_server(36_000, 10), Limits.for_server(360_000, 50, per_minute=600),
                Limits.for_server(7_000, 30, per_minute=100), Limits.for_server(1200, 500, unlimited=True)]
@@ -56,13 +57,18 @@ def test_script_decides_exactly_as_the_reference(client: redis.Redis, namespace:
         counts = {n: rng.randint(1, 25) for n in names}
         cost = sum(counts.values()) if names else rng.choice([0, rng.randint(1, 60)])
         refund = rng.choice([0, 0, 0, rng.randint(1, 30)])
+        refund_of = rng.choice(ids) if refund and ids else ""
         batch_id = rng.choice(ids) if ids and rng.random() < 0.15 else uuid.uuid4().hex
         ids.append(batch_id)
         wall = time.time()
-        tenants = [TenantAsk(n, counts[n], caps[n], local_midnights(zones[n], wall)) for n in names]
-        got = limiter.acquire("s", batch_id, cost, limits, refund=refund, tenants=tenants)
-        want = decide(state, got.now_us, batch_id, cost, refund, limits, tenants, 300_000_000)
-        assert got == want, f"seed {seed}: {batch_id} cost {cost} refund {refund} {counts}"
+        tenants = [TenantAsk(n, counts[n], caps[n], local_midnights(zones[n], wall),
+                             rng.randint(0, counts[n]) if refund_of else 0) for n in names]
+        got = limiter.acquire("s", batch_id, cost, limits, refund=refund, tenants=tenants, refund_of=refund_of)
+        want = decide(state, got.now_us, batch_id, cost, limits, tenants, refund if refund_of else 0, refund_of)
+        assert got == want, f"seed {seed}: {batch_id} cost {cost} refund {refund} of {refund_of} {counts}"
+        for n in names:
+            day: Any = client.hmget(f"{{{namespace}:s}}:day:{n}", "n")
+            assert int(day[0] or 0) == state.days.get(n, (0, 0))[1], f"seed {seed}: tenant {n} at step {step}"
         if rng.random() < 0.1:
             time.sleep(rng.random() / 20)
     tat: Any = client.hget(f"{{{namespace}:s}}:tat", "tat")
@@ -96,7 +102,8 @@ def test_status_snapshot_reads_what_the_script_wrote(client: redis.Redis, namesp
     for i in range(3):
         limiter.acquire("s1", f"b{i}", 4, limits, tenants=[TenantAsk("jp", 4, 50, local_midnights("Asia/Tokyo",
                                                                                                   time.time()))])
-    rows = {(r["kind"], r["name"]): r for r in snapshot(client, namespace, config, burst=10)}
+    no_window = Settings(burst_mails=10, window_s=0.0)
+    rows = {(r["kind"], r["name"]): r for r in snapshot(client, namespace, config, no_window)}
     s1 = rows[("server", "s1")]
     assert (s1["rate_per_hour"], s1["released_last_minute"], s1["released_last_hour"]) == (3600, 8, 8)
     assert s1["tokens_available"] == 2

@@ -7,6 +7,8 @@ import itertools
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from limiter.gcra import (
     HOUR_US,
@@ -23,21 +25,20 @@ from limiter.gcra import (
 )
 from limiter.stage import split, tenant_counts, unknown_names
 from mailpipe.codec import encode_job
-from mailpipe.errors import LimiterUnavailable
+from mailpipe.errors import ConfigError, LimiterUnavailable
 from mailpipe.model import Batch, Job
 from mailpipe.servers import parse_config
 
 T0 = 1_700_000_000 * US  # 2023-11-14 22:13:20 UTC
-HORIZON = 360 * US
 
 
 _ids = itertools.count()
 
 
 def ask(state: State, now_us: int, cost: int, limits: Limits, *, batch_id: str | None = None,
-        refund: int = 0, tenants: tuple[TenantAsk, ...] = ()) -> tuple[int, int]:
+        refund: int = 0, refund_of: str = "", tenants: tuple[TenantAsk, ...] = ()) -> tuple[int, int]:
     """One decision for a new batch id (unless given): (granted, retry_after_us)."""
-    d = decide(state, now_us, batch_id or f"b{next(_ids)}", cost, refund, limits, tenants, HORIZON)
+    d = decide(state, now_us, batch_id or f"b{next(_ids)}", cost, limits, tenants, refund, refund_of)
     return d.granted, d.retry_after_us
 
 
@@ -53,7 +54,6 @@ def test_limits_from_server_settings() -> None:
     assert Limits.for_server(6000, 500, per_minute=100) == Limits(600_000, 500, 600_000, 100)
     assert Limits.for_server(6000, 50, per_minute=100).minute_burst == 50
     assert Limits.for_server(1200, 500, unlimited=True) == Limits(0, 500)
-    assert Limits.for_server(1200, 500, unlimited=True).capacity is None
     # A rate that does not divide an hour rounds the interval up: never faster than configured.
     assert Limits.for_server(7000, 500).interval_us * 7000 >= HOUR_US
 
@@ -148,38 +148,94 @@ def test_unlimited_server_grants_at_once_but_daily_caps_hold() -> None:
 
 # -- refunds and redeliveries -----------------------------------------------------------------
 
-def test_refund_gives_tokens_back_once_per_batch_id() -> None:
+def test_refund_gives_back_what_the_grant_still_owes_once() -> None:
     limits = Limits.for_server(3600, 10)
     state = State()
-    assert ask(state, T0, 10, limits)[0] == 10
-    assert ask(state, T0, 0, limits, batch_id="r1", refund=4) == (0, 0)
-    assert ask(state, T0, 0, limits, batch_id="r1", refund=4) == (0, 0)  # redelivered: no-op
+    assert ask(state, T0, 10, limits, batch_id="a")[0] == 10
+    assert ask(state, T0, 0, limits, batch_id="r1", refund=4, refund_of="a") == (0, 0)
+    assert ask(state, T0, 0, limits, batch_id="r2", refund=4, refund_of="a") == (0, 0)  # once per grant
     assert ask(state, T0, 5, limits) == (0, US)  # four back, not eight
     assert ask(state, T0, 4, limits)[0] == 4
 
 
-def test_refund_never_fills_the_bucket_beyond_burst() -> None:
+def test_refund_of_tokens_the_bucket_has_refilled_gives_nothing() -> None:
+    """Grant A (never sent), the bucket refills, grant B, refund A, ask for C: C must wait.
+    Before, the refund handed A's tokens back and B + C, twice the burst, went out at once."""
     limits = Limits.for_server(3600, 10)
     state = State()
-    assert ask(state, T0, 2, limits)[0] == 2
-    ask(state, T0 + 60 * US, 0, limits, batch_id="late", refund=2)
-    assert tokens_available(state.tat_us, T0 + 60 * US, limits.interval_us, limits.burst) == 10
-    assert ask(state, T0 + 60 * US, 11, limits)[0] == 10
+    assert ask(state, T0, 10, limits, batch_id="a")[0] == 10
+    later = T0 + 60 * US
+    assert ask(state, later, 10, limits, batch_id="b")[0] == 10
+    assert ask(state, later, 0, limits, batch_id="back", refund=10, refund_of="a") == (0, 0)
+    assert ask(state, later + 2_000, 10, limits) == (0, 10 * US - 2_000)
 
 
-def test_refund_and_ask_in_one_decision() -> None:
-    """The sender's returned batch carries its refund and asks for its mails again."""
+def test_refund_returns_only_the_part_whose_time_has_not_come() -> None:
     limits = Limits.for_server(3600, 10)
     state = State()
-    assert ask(state, T0, 10, limits)[0] == 10
-    assert ask(state, T0, 6, limits, batch_id="back", refund=6) == (6, 0)
+    assert ask(state, T0, 10, limits, batch_id="a")[0] == 10  # tat = T0 + 10 s
+    ask(state, T0 + 6 * US, 0, limits, batch_id="back", refund=10, refund_of="a")
+    # Four of the ten were still owed: the bucket is full again, not beyond.
+    assert state.tat_us == T0 + 6 * US
+    assert tokens_available(state.tat_us, T0 + 6 * US, limits.interval_us, limits.burst) == 10
+
+
+def test_refund_behind_a_later_grant_gives_nothing() -> None:
+    """A's tokens sit under B's: handing them back would let the next grant reuse B's time."""
+    limits = Limits.for_server(3600, 10)
+    state = State()
+    assert ask(state, T0, 5, limits, batch_id="a")[0] == 5
+    assert ask(state, T0, 5, limits, batch_id="b")[0] == 5
+    tat = state.tat_us
+    ask(state, T0 + US, 0, limits, batch_id="back", refund=5, refund_of="a")
+    assert state.tat_us == tat
+
+
+def test_refund_of_a_grant_no_longer_known_gives_nothing() -> None:
+    limits = Limits.for_server(3600, 10)
+    state = State()
+    assert ask(state, T0, 10, limits, batch_id="a")[0] == 10
+    tat = state.tat_us
+    ask(state, T0, 0, limits, batch_id="back", refund=10, refund_of="expired")
+    ask(state, T0, 0, limits, batch_id="back2", refund=10)
+    assert state.tat_us == tat
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3_000_000), st.integers(1, 12), st.integers(0, 12),
+                          st.integers(0, 30)), min_size=1, max_size=60))
+def test_grants_less_refunds_stay_within_rate_and_burst_in_every_window(
+        steps: list[tuple[int, int, int, int]]) -> None:
+    """Whatever comes back, and however late: what was granted and not refunded (the mail a
+    server can receive) stays within w/T + B in every window w."""
+    limits = Limits.for_server(3600, 10)
+    state = State()
+    now = T0
+    net: dict[str, tuple[int, int]] = {}  # grant -> (time ms, mails not refunded)
+    for n, (gap_us, cost, refund, pick) in enumerate(steps):
+        now += gap_us
+        refund_of = ""
+        if refund and net:
+            refund_of = sorted(net)[pick % len(net)]
+            refund = min(refund, net[refund_of][1])
+        if refund_of:  # a give-back first, then the ask (the script does both in one call)
+            tat_before = state.tat_us or 0
+            decide(state, now, f"r{n:03}", 0, limits, (), refund, refund_of)
+            back = (tat_before - (state.tat_us or 0)) // limits.interval_us
+            net[refund_of] = (net[refund_of][0], net[refund_of][1] - back)
+        d = decide(state, now, f"g{n:03}", cost, limits, ())
+        if d.granted and not d.cached:
+            net[f"g{n:03}"] = (now // 1000, d.granted)
+    releases = list(net.values())
+    for window_ms in (1_000, 10_000, 60_000):
+        assert worst_window(releases, window_ms) <= window_ms // 1000 + limits.burst
 
 
 def test_a_redelivered_batch_gets_the_same_grant_without_new_tokens() -> None:
     limits = Limits.for_server(3600, 10)
     state = State()
-    first = decide(state, T0, "same", 4, 0, limits, (tenant("a", 4),), HORIZON)
-    again = decide(state, T0 + 5 * US, "same", 4, 0, limits, (tenant("a", 4),), HORIZON)
+    first = decide(state, T0, "same", 4, limits, (tenant("a", 4),))
+    again = decide(state, T0 + 5 * US, "same", 4, limits, (tenant("a", 4),))
     assert (again.granted, again.now_us, again.cached) == (4, first.now_us, True)
     assert state.days["a"][1] == 4
     assert tokens_available(state.tat_us, T0, limits.interval_us, limits.burst) == 6
@@ -188,10 +244,19 @@ def test_a_redelivered_batch_gets_the_same_grant_without_new_tokens() -> None:
 def test_refund_lowers_the_tenant_count_of_the_same_day() -> None:
     limits = Limits.for_server(3600, 10)
     state = State()
-    ask(state, T0, 10, limits, tenants=(tenant("a", 10),))
+    ask(state, T0, 10, limits, batch_id="a", tenants=(tenant("a", 10),))
     assert state.days["a"][1] == 10
-    ask(state, T0 + 60 * US, 0, limits, batch_id="r", refund=4, tenants=(tenant("a", 4),))
+    ask(state, T0 + 60 * US, 0, limits, batch_id="r", refund=4, refund_of="a",
+        tenants=(tenant("a", 0)._replace(refund=4),))
     assert state.days["a"][1] == 6
+
+
+def test_window_reserve_keeps_a_late_start_within_the_servers_burst() -> None:
+    """A mail may start up to one window after its grant; the grant burst leaves that room."""
+    assert Limits.for_server(36_000, 20, reserve=10).burst == 10
+    assert Limits.for_server(6000, 600, reserve=100).burst == 500
+    with pytest.raises(ConfigError, match="MAILPIPE_BURST_MAILS"):
+        Limits.for_server(36_000, 20, reserve=600)
 
 
 # -- daily caps and days ----------------------------------------------------------------------
@@ -215,7 +280,7 @@ def test_daily_cap_grants_what_is_left_then_waits_for_local_midnight() -> None:
 def test_caps_fill_tenants_in_order_and_the_smallest_limit_wins() -> None:
     limits = Limits.for_server(3600, 10)
     state = State()
-    d = decide(state, T0, "mixed", 12, 0, limits, (tenant("a", 3, limit=2), tenant("b", 9)), HORIZON)
+    d = decide(state, T0, "mixed", 12, limits, (tenant("a", 3, limit=2), tenant("b", 9)))
     assert (d.granted, d.tenant_grants) == (10, (2, 8))  # a: its cap; then the burst
 
 
@@ -251,12 +316,12 @@ def test_refund_after_midnight_does_not_lower_the_new_days_count() -> None:
     limits = Limits.for_server(1_000_000, 500)
     state = State()
     midnight = int(datetime(2023, 11, 15, tzinfo=UTC).timestamp()) * US
-    ask(state, midnight - 30 * US, 4, limits, tenants=(tenant("a", 4, at_us=midnight),))
+    ask(state, midnight - 30 * US, 4, limits, batch_id="y", tenants=(tenant("a", 4, at_us=midnight),))
     ask(state, midnight + 10 * US, 5, limits, tenants=(tenant("a", 5, at_us=midnight),))
     assert state.days["a"] == (midnight // US, 5)
     # Yesterday's grant comes back 40 s later, after midnight: today's count stays.
-    ask(state, midnight + 10 * US, 0, limits, batch_id="r", refund=4,
-        tenants=(tenant("a", 4, at_us=midnight),))
+    ask(state, midnight + 10 * US, 0, limits, batch_id="r", refund=4, refund_of="y",
+        tenants=(tenant("a", 0, at_us=midnight)._replace(refund=4),))
     assert state.days["a"] == (midnight // US, 5)
 
 

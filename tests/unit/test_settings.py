@@ -103,10 +103,12 @@ def test_message_may_not_exceed_a_batch() -> None:
     Settings.from_env({"MAILPIPE_MAX_MESSAGE_BYTES": str(80 * MIB)})  # equal is fine
 
 
-def test_burst_defaults_to_one_batch() -> None:
-    assert Settings().burst == 500
-    assert Settings(max_batch_mails=100).burst == 100
-    assert Settings(burst_mails=40).burst == 40
+def test_burst_defaults_to_one_batch_plus_one_window_at_the_rate() -> None:
+    assert Settings().burst(6000) == 600  # the seeds: 500 a batch, 100 in the minute's window
+    assert Settings().burst(1200) == 520
+    assert Settings(max_batch_mails=100, window_s=0).burst(1200) == 100
+    assert Settings(burst_mails=40).burst(1200) == 40
+    assert Settings(window_s=1).window_reserve(36_000) == 10
 
 
 def test_servers_path() -> None:
