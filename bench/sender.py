@@ -41,7 +41,7 @@ async def timed(batch: list[Job], server: ServerConfig, connections: int) -> flo
     pool = ServerPool(server, size=connections, timeout_s=60, idle_timeout_s=60)
     try:
         started = time.monotonic()
-        result = await deliver(batch, server, pool, time.monotonic() + 3600, marks=None)
+        result = await deliver(batch, server, pool, time.monotonic() + 3600, hold=None)
         elapsed = time.monotonic() - started
     finally:
         await pool.close()

@@ -1,11 +1,13 @@
 """Deliver one batch's jobs over a server's pool before the batch's deadline.
 
-``deliver`` runs up to the pool's size of workers; each takes the next job, skips the
-recipients a previous delivery of the same job already got accepted (Redis "sent" marks),
-sends the rest in one SMTP transaction, and marks the accepted ones right after the 250
-(written by group commit, all in Redis before ``deliver`` returns and the batch is acked).
-No mail is started later than ``deadline - margin``: what is left is returned unattempted, for
-the stage to hand back to the limiter with its tokens.
+``deliver`` first claims every recipient of the batch in one round trip (sender/claims.py),
+which also reads Redis time: the deadline is judged by it, never by this worker's clock.
+Up to the pool's size of workers then each take the next job, send its claimed recipients in
+one SMTP transaction, and mark the accepted ones "sent" before the next mail on that
+connection starts (marks of concurrent connections share a round trip). Recipients another
+live holder has are asked for again until they are sent or released, or the cutoff comes.
+No mail is started later than ``deadline - margin``: what is left goes back to the limiter,
+with its token refunded only when nobody touched the job under this grant.
 
 Per recipient: 2xx sent, 4xx deferred, 5xx failed; a connection that fails defers every
 recipient of the mail it was carrying (connection failures are always transient).
@@ -19,99 +21,42 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import redis.asyncio
-import redis.exceptions
-
-from mailpipe.errors import SmtpError, TransientError
+from mailpipe.errors import SmtpError
 from mailpipe.model import Job, now_ms
 from mailpipe.servers import ServerConfig
 from sender import metrics
-from sender.replies import DEFERRED, FAILED, SENT, Reply
+from sender.claims import Claim, Claims, ClaimsUnavailable
+from sender.replies import FAILED, SENT, Reply
 from sender.smtp import Connection, ServerPool, reply_of, send_mail
 
 log = logging.getLogger(__name__)
 
 
-class MarksUnavailable(TransientError, ConnectionError):
-    """Redis cannot be reached: without the sent marks a redelivered mail could go twice."""
+@dataclass(frozen=True)
+class Hold:
+    """Who holds a granted batch, and until when, in Redis time: its claims are taken as
+    ``owner`` under ``grant`` and leased until ``deadline_us`` plus ``lease_extra_us`` (the
+    SMTP timeout: a mail started just before the deadline may still be on its way)."""
 
-
-class SentMarks:
-    """Per-job, per-attempt set of recipients the server accepted: ``{ns}:sent:{job_id}:{attempt}``."""
-
-    def __init__(self, client: redis.asyncio.Redis, namespace: str, ttl_s: int) -> None:
-        self.client = client
-        self.namespace = namespace
-        self.ttl_s = ttl_s
-        self._pending: list[tuple[str, Sequence[str], asyncio.Future[None]]] = []
-        self._writer: asyncio.Task[None] | None = None
-        self.failing = False  # the last write failed: mail sent now could not be marked
-
-    def key(self, job: Job) -> str:
-        return f"{self.namespace}:sent:{job.id}:{job.attempt}"
-
-    async def accepted(self, jobs: Sequence[Job]) -> list[set[str]]:
-        """The recipients already accepted for each job, in one round trip for the batch."""
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for job in jobs:
-                    pipe.smembers(self.key(job))
-                found = await pipe.execute()
-        except (redis.exceptions.RedisError, OSError) as exc:
-            metrics.MARK_ERRORS.labels("read").inc()
-            raise MarksUnavailable(f"Redis: reading sent marks failed: {exc}") from exc
-        self.failing = False  # Redis answers again: this batch may try (its first mark tells)
-        return [{m.decode() if isinstance(m, bytes) else str(m) for m in members} for members in found]
-
-    def mark(self, job: Job, recipients: Sequence[str]) -> asyncio.Future[None]:
-        """Mark ``recipients`` of ``job`` as accepted; the future is done once Redis has them
-        (or fails with MarksUnavailable). Group commit: marks asked for while a write is on
-        its way go together in the next one, so a mail costs no Redis round trip of its own."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((self.key(job), recipients, done))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(self._write())
-        return done
-
-    async def _write(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            error: MarksUnavailable | None = None
-            try:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for key, recipients, _ in batch:
-                        pipe.sadd(key, *recipients)
-                        pipe.expire(key, self.ttl_s)
-                    await pipe.execute()
-            except (redis.exceptions.RedisError, OSError) as exc:
-                metrics.MARK_ERRORS.labels("write").inc()
-                error = MarksUnavailable(f"Redis: writing sent marks failed: {exc}")
-            self.failing = error is not None
-            for _, _, done in batch:
-                if done.done():
-                    continue
-                if error is None:
-                    done.set_result(None)
-                else:
-                    done.set_exception(error)
-
-    async def ping(self) -> bool:
-        try:
-            return bool(await self.client.ping())  # type: ignore[misc]
-        except (redis.exceptions.RedisError, OSError):
-            return False
+    claims: Claims
+    owner: str
+    grant: str
+    deadline_us: int
+    lease_extra_us: int
 
 
 @dataclass
 class JobOutcome:
-    """What happened to one job of the batch (``attempted`` False: it was never started)."""
+    """What happened to one job of the batch in this delivery."""
 
     job: Job
-    attempted: bool = False
+    attempted: bool = False  # a transaction was started for it
     sent: list[str] = field(default_factory=list)
-    already_sent: list[str] = field(default_factory=list)  # marked by an earlier delivery
+    already_sent: list[str] = field(default_factory=list)  # accepted in an earlier delivery
     deferred: dict[str, Reply] = field(default_factory=dict)
     failed: dict[str, Reply] = field(default_factory=dict)
+    back: list[str] = field(default_factory=list)  # not sent under this grant: to the limiter
+    refundable: bool = False  # nothing of it was touched under this grant: its token comes back
     at_ms: int = 0
 
     def record(self, recipient: str, reply: Reply) -> None:
@@ -128,91 +73,195 @@ class BatchDelivery:
     outcomes: list[JobOutcome]
     started: float
     ended: float
-    stopped_by: str = ""  # "", "deadline", "stop" or "redis": why mails were left unattempted
+    stopped_by: str = ""  # "", "late", "deadline", "stop" or "redis": why mails were handed back
 
     @property
     def unattempted(self) -> list[int]:
-        return [i for i, o in enumerate(self.outcomes) if not o.attempted]
+        """The jobs with recipients to hand back."""
+        return [i for i, o in enumerate(self.outcomes) if o.back]
+
+    def releases(self, grant: str) -> list[tuple[Job, str, str]]:
+        """The claims to let go once the outputs are published: refused recipients as attempted
+        under ``grant``, handed-back ones as given back under it."""
+        out = [(o.job, r, f"x {grant}") for o in self.outcomes for r in (*o.deferred, *o.failed)]
+        return out + [(o.job, r, f"r {grant}") for o in self.outcomes for r in o.back]
 
 
 async def deliver(jobs: Sequence[Job], server: ServerConfig, pool: ServerPool, deadline: float, *,
-                  marks: SentMarks | None, margin_s: float = 1.0,
+                  hold: Hold | None, margin_s: float = 1.0,
                   stop: Callable[[], bool] = lambda: False) -> BatchDelivery:
-    """Send ``jobs`` over ``pool`` until done or ``deadline - margin_s`` (time.monotonic())."""
+    """Send ``jobs`` over ``pool`` until done or the deadline less ``margin_s``. With a ``hold``,
+    each recipient is claimed first and the deadline is ``hold.deadline_us`` in Redis time;
+    without one (tests, benchmarks), ``deadline`` in ``time.monotonic()`` and no claims."""
     outcomes = [JobOutcome(job) for job in jobs]
-    started = time.monotonic()
-    cutoff = deadline - margin_s
-    pending = list(range(len(jobs)))
-    pending.reverse()  # pop() from the end takes them in order
-    state = _State()
-    try:  # a redelivered batch skips what a previous delivery had accepted
-        already = await marks.accepted(jobs) if marks is not None else [set() for _ in jobs]
-    except MarksUnavailable as exc:
-        log.warning("%s: the batch goes back unsent", exc.reason)
-        return BatchDelivery(outcomes=outcomes, started=started, ended=time.monotonic(), stopped_by="redis")
-
-    async def worker() -> None:
-        conn: Connection | None = None
-        try:
-            while pending and not state.stopped_by:
-                if stop():
-                    state.stop("stop")
-                elif marks is not None and marks.failing:
-                    log.warning("Redis does not take the sent marks: sending stops for this batch")
-                    state.stop("redis")
-                elif time.monotonic() >= cutoff:
-                    state.stop("deadline")
-                elif conn is None:
-                    got = await _acquire(pool, cutoff)
-                    if isinstance(got, Reply):
-                        # This worker cannot connect: the others (if any) go on with the jobs.
-                        state.connect_failure = got
-                        return
-                    if got is None:
-                        state.stop("deadline")
-                    conn = got
-                else:
-                    index = pending.pop()
-                    outcome = outcomes[index]
-                    await _send_job(conn, outcome, server, marks, already[index], marking)
-                    if conn.broken or conn.mails >= server.max_mails_per_connection:
-                        pool.release(conn)  # retired: the next mail gets a fresh connection
-                        conn = None
-        finally:
-            if conn is not None:
-                pool.release(conn)
-
-    marking: list[tuple[Job, asyncio.Future[None]]] = []  # accepted, being marked
-    workers = max(1, min(pool.size, len(jobs)))
-    await asyncio.gather(*(worker() for _ in range(workers)))
-    for job, done in marking:  # the batch is acked after this: every mark is in Redis by then
-        try:
-            await done
-        except MarksUnavailable as exc:
-            # The mail is sent; only a redelivery of this batch could send it again.
-            log.error("job %s sent but not marked: %s", job.id, exc.reason)
-    if pending and not state.stopped_by and state.connect_failure is not None:
+    run = _Run(jobs, outcomes, server, pool, hold, stop)
+    if hold is None:
+        run.cutoff = deadline - margin_s
+        run.mine = {i: list(job.recipients) for i, job in enumerate(jobs)}
+        for outcome in outcomes:
+            outcome.refundable = True
+        await run.send_all()
+    else:
+        await run.claim_and_send(hold.deadline_us - int(margin_s * US))
+    if run.connect_failure is not None and not run.stopped_by:
         # No worker could connect: the server is unreachable or refuses us. Defer the rest
         # (connection failures are transient) rather than knock again once per mail.
-        for index in pending:
+        for index, recipients in run.mine.items():
             outcome = outcomes[index]
-            outcome.attempted = True
-            outcome.at_ms = now_ms()
-            for recipient in outcome.job.recipients:
-                outcome.record(recipient, state.connect_failure)
-    return BatchDelivery(outcomes=outcomes, started=started, ended=time.monotonic(),
-                         stopped_by=state.stopped_by)
+            outcome.attempted, outcome.at_ms = True, now_ms()
+            for recipient in recipients:
+                outcome.record(recipient, run.connect_failure)
+        run.mine = {}
+    for index, recipients in (*run.mine.items(), *run.waiting.items()):  # never started: back
+        outcomes[index].back += recipients
+    for outcome in outcomes:
+        outcome.refundable = outcome.refundable and not outcome.attempted and bool(outcome.back)
+    return BatchDelivery(outcomes=outcomes, started=run.started, ended=time.monotonic(),
+                         stopped_by=run.stopped_by)
 
 
-class _State:
-    """What the workers of one batch share."""
+US = 1_000_000
+RECLAIM_EVERY_S = 0.25
 
-    def __init__(self) -> None:
+
+class _Run:
+    """One delivery of a batch: what its workers share."""
+
+    def __init__(self, jobs: Sequence[Job], outcomes: list[JobOutcome], server: ServerConfig,
+                 pool: ServerPool, hold: Hold | None, stop: Callable[[], bool]) -> None:
+        self.jobs = jobs
+        self.outcomes = outcomes
+        self.server = server
+        self.pool = pool
+        self.hold = hold
+        self.should_stop = stop
+        self.started = time.monotonic()
+        self.cutoff = self.started
+        self.mine: dict[int, list[str]] = {}  # claimed, to send
+        self.waiting: dict[int, list[str]] = {}  # held by another live holder
+        self.marking: list[tuple[Job, asyncio.Future[None]]] = []
         self.stopped_by = ""
         self.connect_failure: Reply | None = None
 
     def stop(self, why: str) -> None:
         self.stopped_by = self.stopped_by or why
+
+    async def claim_and_send(self, cutoff_us: int) -> None:
+        """Claim every recipient, send what is ours; what a live holder has, ask for again
+        until it is sent or released, or the cutoff comes."""
+        asked = {i: list(job.recipients) for i, job in enumerate(self.jobs)}
+        first = True
+        while asked and not self.stopped_by:
+            try:
+                late = await self.claim(asked, cutoff_us, first)
+            except ClaimsUnavailable as exc:
+                log.warning("%s: the rest of the batch goes back", exc.reason)
+                self.waiting.update(asked)
+                self.stop("redis")
+                return
+            first = False
+            if late:
+                self.stop("late")
+                return
+            await self.send_all()
+            asked, self.waiting = self.waiting, {}
+            wait_s = min(RECLAIM_EVERY_S, self.cutoff - time.monotonic())
+            if asked and wait_s <= 0:
+                self.waiting = asked
+                self.stop("deadline")
+            elif asked and not self.stopped_by:
+                await asyncio.sleep(wait_s)
+
+    async def claim(self, asked: dict[int, list[str]], cutoff_us: int, first: bool) -> bool:
+        """Claim ``asked``; sort what comes back. True when the batch is past its cutoff. On
+        the ``first`` claim, a job none of whose recipients anyone touched may be refunded."""
+        hold = self.hold
+        assert hold is not None
+        indexes = list(asked)
+        before = time.monotonic()  # Redis time is mapped from before the call: the cutoff comes early, never late
+        snap = await hold.claims.claim(hold.owner, hold.grant, [self.jobs[i] for i in indexes],
+                                       [asked[i] for i in indexes], hold.deadline_us + hold.lease_extra_us,
+                                       cutoff_us)
+        self.cutoff = before + (cutoff_us - snap.now_us) / US
+        late = snap.now_us >= cutoff_us
+        for index, codes in zip(indexes, snap.codes, strict=True):
+            outcome = self.outcomes[index]
+            if first:
+                outcome.refundable = all(code == Claim.MINE for code in codes.values())
+            for recipient, code in codes.items():
+                if code == Claim.MINE:
+                    (outcome.back if late else self.mine.setdefault(index, [])).append(recipient)
+                elif code == Claim.SENT:
+                    outcome.already_sent.append(recipient)
+                    metrics.MAILS.labels(self.server.name, "skipped", "").inc()
+                elif code == Claim.HELD:
+                    self.waiting.setdefault(index, []).append(recipient)
+                elif code == Claim.TOUCHED:
+                    outcome.back.append(recipient)
+        return late
+
+    async def send_all(self) -> None:
+        todo = sorted(self.mine, reverse=True)  # pop() from the end takes them in order
+        workers = max(1, min(self.pool.size, len(todo)))
+        await asyncio.gather(*(self._worker(todo) for _ in range(workers)))
+
+    async def _worker(self, todo: list[int]) -> None:
+        conn: Connection | None = None
+        try:
+            while todo and not self.stopped_by:
+                if self.should_stop():
+                    self.stop("stop")
+                elif time.monotonic() >= self.cutoff:
+                    self.stop("deadline")
+                elif conn is None:
+                    got = await _acquire(self.pool, self.cutoff)
+                    if isinstance(got, Reply):
+                        # This worker cannot connect: the others (if any) go on with the jobs.
+                        self.connect_failure = got
+                        return
+                    if got is None:
+                        self.stop("deadline")
+                    conn = got
+                else:
+                    index = todo.pop()
+                    await self._send(conn, index, self.mine.pop(index))
+                    if conn.broken or conn.mails >= self.server.max_mails_per_connection:
+                        self.pool.release(conn)  # retired: the next mail gets a fresh connection
+                        conn = None
+        finally:
+            if conn is not None:
+                self.pool.release(conn)
+
+    async def _send(self, conn: Connection, index: int, recipients: list[str]) -> None:
+        outcome = self.outcomes[index]
+        job = outcome.job
+        outcome.attempted = True
+        try:
+            result = await send_mail(conn, job.sender, recipients, job.message)
+        except SmtpError as exc:
+            reply = reply_of(exc)
+            log.info("job %s: %s", job.id, exc.reason)
+            for recipient in recipients:
+                outcome.record(recipient, reply)
+            outcome.at_ms = now_ms()
+            return
+        outcome.at_ms = now_ms()
+        outcome.sent.extend(result.accepted)
+        for recipient, reply in result.refused.items():
+            outcome.record(recipient, reply)
+        if not result.accepted:
+            return
+        metrics.LATENCY_SECONDS.labels(self.server.name).observe(max(0, outcome.at_ms - job.created_ms) / 1000)
+        if self.hold is None:
+            return
+        # The mark is in Redis before the next mail on this connection starts: a holder that
+        # dies leaves at most its connections' last mails accepted and unmarked.
+        done = self.hold.claims.mark_sent(job, result.accepted)
+        try:
+            await done
+        except ClaimsUnavailable as exc:
+            log.warning("%s: sending stops for this batch", exc.reason)
+            self.stop("redis")
 
 
 async def _acquire(pool: ServerPool, cutoff: float) -> Connection | Reply | None:
@@ -226,34 +275,4 @@ async def _acquire(pool: ServerPool, cutoff: float) -> Connection | Reply | None
         return reply_of(exc)
 
 
-async def _send_job(conn: Connection, outcome: JobOutcome, server: ServerConfig,
-                    marks: SentMarks | None, already: set[str],
-                    marking: list[tuple[Job, asyncio.Future[None]]]) -> None:
-    job = outcome.job
-    outcome.attempted = True
-    outcome.already_sent = [r for r in job.recipients if r in already]
-    todo = [r for r in job.recipients if r not in already]
-    if outcome.already_sent:
-        metrics.MAILS.labels(server.name, "skipped", "").inc(len(outcome.already_sent))
-    if not todo:
-        return
-    try:
-        result = await send_mail(conn, job.sender, todo, job.message)
-    except SmtpError as exc:
-        reply = reply_of(exc)
-        log.info("job %s: %s", job.id, exc.reason)
-        for recipient in todo:
-            outcome.record(recipient, reply)
-        outcome.at_ms = now_ms()
-        return
-    outcome.at_ms = now_ms()
-    outcome.sent.extend(result.accepted)
-    for recipient, reply in result.refused.items():
-        outcome.record(recipient, reply)
-    if result.accepted:
-        metrics.LATENCY_SECONDS.labels(server.name).observe(max(0, outcome.at_ms - job.created_ms) / 1000)
-        if marks is not None:
-            marking.append((job, marks.mark(job, result.accepted)))
-
-
-__all__ = ["DEFERRED", "BatchDelivery", "JobOutcome", "MarksUnavailable", "SentMarks", "deliver"]
+__all__ = ["BatchDelivery", "Hold", "JobOutcome", "deliver"]

@@ -1,20 +1,26 @@
 """The sender stage: granted batches from ``send`` are delivered over SMTP inside their window.
 
 Read top to bottom, a batch goes:
-1. ``handle``: decode it. A batch picked up at or after its deadline is not sent at all: it
-   goes back to ``batches`` for a new grant, its tokens refunded (a backlog never bursts above
-   the rate). Otherwise its delivery starts on the SMTP event loop (a second thread), so
+1. ``handle``: decode it; its delivery starts on the SMTP event loop (a second thread), so
    several batches are in flight and connections persist across batches.
-2. ``deliver`` (sender/delivery.py) sends its jobs until done or the deadline.
+2. ``deliver`` (sender/delivery.py) claims its recipients in Redis (one holder per recipient;
+   Redis time says whether the batch is late) and sends its jobs until done or the deadline.
+   A batch picked up at or after its deadline sends nothing (a backlog never bursts above the
+   rate).
 3. ``tick`` collects finished deliveries and, for each batch, publishes every output with ONE
-   confirmed ``broker.publish`` call, then acks the batch:
+   confirmed ``broker.publish`` call, then releases its claims, then acks the batch:
    - events to the ``events`` exchange, routing key ``<outcome>.<tenant>``;
    - deferred recipients as a copy of the job (attempt + 1) to the retry queue, or, past
      ``retry_max_age_s``, to the dead-letter queue as ``expired``;
    - failed recipients as a copy of the job to the dead-letter queue, with the server's reply;
-   - mails not attempted before the deadline back to ``batches`` with ``refund`` = their count.
-Accepted recipients were marked in Redis right after their 250, before the ack, so a
-redelivered batch skips them.
+   - mail not sent under this grant back to ``batches``, refunding the tokens of the jobs
+     nobody touched under it (the limiter returns only what the grant still owes).
+Accepted recipients were marked "sent" right after their 250, before the next mail on their
+connection, so any other holder skips them.
+
+After a lost broker connection, the deliveries it started are fenced before consuming again:
+they start no more mail, finish what is on the wire, and release their claims as touched
+under their grant; the redelivered batch then skips what they sent and hands the rest back.
 """
 
 from __future__ import annotations
@@ -22,9 +28,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import random
+import socket
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Coroutine
 from concurrent.futures import Future
@@ -43,7 +52,8 @@ from mailpipe.servers import ConfigWatcher, ServerConfig
 from mailpipe.settings import Settings
 from mailpipe.stage import Stage
 from sender import metrics
-from sender.delivery import BatchDelivery, JobOutcome, SentMarks, deliver
+from sender.claims import Claims, ClaimsUnavailable
+from sender.delivery import US, BatchDelivery, Hold, JobOutcome, deliver
 from sender.mx import MxResolver
 from sender.replies import BAD_RECIPIENT, SENT_REPLY, Reply
 from sender.smtp import Pools
@@ -63,7 +73,9 @@ class _InFlight:
     raws: list[bytes]  # the valid jobs' bytes, in the order of ``jobs``
     jobs: list[Job]
     server: ServerConfig
+    owner: str  # this delivery's name in its claims
     future: Future[BatchDelivery]
+    stopping: bool = False  # set to fence it: it starts no more mail
 
 
 class SenderStage(Stage):
@@ -78,7 +90,7 @@ class SenderStage(Stage):
         self._thread: threading.Thread | None = None
         self._pools: Pools | None = None
         self._redis: redis.asyncio.Redis | None = None
-        self._marks: SentMarks | None = None
+        self._claims: Claims | None = None
         self._sync_redis: redis.Redis | None = None  # for suppression, from the main thread
         self._last_reap = time.monotonic()
 
@@ -110,7 +122,7 @@ class SenderStage(Stage):
         self._pools = Pools(default_size=s.send_concurrency, timeout_s=s.smtp_timeout_s,
                             idle_timeout_s=s.smtp_idle_timeout_s, resolver=MxResolver())
         self._redis = redis.asyncio.Redis.from_url(s.redis_url, socket_timeout=5, socket_connect_timeout=5)
-        self._marks = SentMarks(self._redis, s.namespace, s.sent_mark_ttl_s)
+        self._claims = Claims(self._redis, s.namespace, s.sent_mark_ttl_s)
 
     def _submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self._ensure_loop())
@@ -123,10 +135,31 @@ class SenderStage(Stage):
 
     def start(self, broker: Broker) -> None:
         self._ensure_loop()
-        # Deliveries of a lost connection are redelivered; their sent marks make the
-        # redelivery skip what these (still running) deliveries get accepted.
-        self._in_flight.clear()
+        self._fence(broker)
         self._stopping = False
+
+    def _fence(self, broker: Broker) -> None:
+        """Deliveries of a lost connection: their batches are being redelivered, so they start
+        no more mail, finish what is on the wire, and release their claims as touched under
+        their grant (their outcomes cannot be acked any more: the redelivery hands them back).
+        Only then does the stage consume again: it never runs two generations of one batch."""
+        fenced, self._in_flight = self._in_flight, []
+        for flight in fenced:
+            flight.stopping = True
+        give_up = time.monotonic() + self.settings.smtp_timeout_s + 5
+        while any(not f.future.done() for f in fenced) and time.monotonic() < give_up:
+            broker.sleep(0.05)  # keeps the new connection's heartbeats going
+        for flight in fenced:
+            try:
+                result = flight.future.result(0)
+            except Exception:  # its claims end with their lease instead
+                log.exception("fencing batch %s: its delivery did not end cleanly", flight.batch.id)
+                continue
+            touched = [(o.job, r, f"a {flight.batch.grant_id}") for o in result.outcomes
+                       for r in (*o.deferred, *o.failed, *o.back)]
+            self._release(flight.owner, touched)
+        if fenced:
+            log.info("fenced %d delivery(ies) of the lost connection", len(fenced))
 
     def handle(self, broker: Broker, deliveries: list[Delivery]) -> None:
         for delivery in deliveries:
@@ -150,28 +183,31 @@ class SenderStage(Stage):
             except InvalidMessage as exc:
                 outputs.append(self.dead_letter(raw, exc.reason, "invalid",
                                                 **{"x-mailpipe-batch-id": batch.id}))
-        remaining_s = ((batch.deadline_ms or 0) - now_ms()) / 1000
-        if batch.deadline_ms is None or remaining_s <= self.settings.send_margin_s or not jobs:
-            # Late (or never granted): send nothing, hand every mail back for a new grant.
+        if batch.deadline_ms is None or batch.grant_id is None or not jobs:
+            # Never granted: send nothing, hand every mail back for a grant.
             if jobs:
-                reason = "late" if batch.deadline_ms is not None else "ungranted"
-                outputs.append(self._give_back(batch, raws, jobs, reason))
-                log.info("batch %s picked up %.1f s after its deadline: %d mail(s) back to the limiter",
-                         batch.id, -remaining_s, len(jobs))
+                outputs.append(self._give_back(batch, raws, jobs, "ungranted", "", refund=0))
             broker.publish(outputs)
             broker.ack(delivery.tag)
             return
         if outputs:  # the invalid jobs' dead letters go now; the batch is acked after delivery
             broker.publish(outputs)
-        deadline = time.monotonic() + remaining_s
-        log.debug("batch %s: %d mails, %.1f s left in its window", batch.id, len(jobs), remaining_s)
-        future = self._submit(self._deliver(jobs, server, deadline))
-        self._in_flight.append(_InFlight(delivery, batch, raws, jobs, server, future))
+        flight = _InFlight(delivery, batch, raws, jobs, server, _owner(), Future())
+        hold = Hold(self._claims_or_fail(), flight.owner, batch.grant_id, batch.deadline_ms * 1000,
+                    int(self.settings.smtp_timeout_s * US))
+        flight.future = self._submit(self._deliver(flight, hold))
+        self._in_flight.append(flight)
 
-    async def _deliver(self, jobs: list[Job], server: ServerConfig, deadline: float) -> BatchDelivery:
+    def _claims_or_fail(self) -> Claims:
+        if self._claims is None:
+            raise ClaimsUnavailable("the SMTP event loop is not running")
+        return self._claims
+
+    async def _deliver(self, flight: _InFlight, hold: Hold) -> BatchDelivery:
         assert self._pools is not None
-        return await deliver(jobs, server, self._pools.get(server), deadline, marks=self._marks,
-                             margin_s=self.settings.send_margin_s, stop=lambda: self._stopping)
+        return await deliver(flight.jobs, flight.server, self._pools.get(flight.server), 0.0, hold=hold,
+                             margin_s=self.settings.send_margin_s,
+                             stop=lambda: self._stopping or flight.stopping)
 
     def tick(self, broker: Broker) -> None:
         done = [f for f in self._in_flight if f.future.done()]
@@ -199,10 +235,10 @@ class SenderStage(Stage):
                         len(self._in_flight))
 
     def ready(self) -> bool:
-        if self._loop is None or self._marks is None:
+        if self._loop is None or self._claims is None:
             return False
         try:
-            return self._call(self._marks.ping(), timeout_s=3.0)
+            return self._call(self._claims.ping(), timeout_s=3.0)
         except (TimeoutError, RuntimeError):
             return False
 
@@ -236,20 +272,22 @@ class SenderStage(Stage):
             result = flight.future.result()
         except Exception:
             # A bug of ours: give the batch back to its queue (the delivery limit bounds this);
-            # what was accepted is marked, so the next delivery does not send it twice.
+            # its claims are held until their lease ends, so no other holder sends them meanwhile.
             log.exception("delivering batch %s failed", batch.id)
             broker.requeue(flight.delivery.tag)
             return
         outputs: list[Outgoing] = []
         for outcome in result.outcomes:
-            if outcome.attempted:
-                outputs.extend(self._outputs(outcome, batch))
-        unattempted = result.unattempted
-        if unattempted:
-            reason = result.stopped_by or "deadline"
-            outputs.append(self._give_back(batch, [flight.raws[i] for i in unattempted],
-                                           [flight.jobs[i] for i in unattempted], reason))
-        self._suppress([o for o in result.outcomes if o.attempted])
+            outputs.extend(self._outputs(outcome, batch))
+        back = [i for i, o in enumerate(result.outcomes) if o.back]
+        if back:
+            outputs.append(self._give_back(
+                batch, [self._with_recipients(flight.raws[i], result.outcomes[i]) for i in back],
+                [replace(flight.jobs[i], recipients=tuple(result.outcomes[i].back)) for i in back],
+                result.stopped_by or "deadline", flight.owner,
+                refund=sum(1 for i in back if result.outcomes[i].refundable),
+                refund_tenants=Counter(flight.jobs[i].tenant for i in back if result.outcomes[i].refundable)))
+        self._suppress(result.outcomes)
         ended_ms = now_ms()
         if batch.granted_ms is not None:
             used_s = max(0, ended_ms - batch.granted_ms) / 1000
@@ -259,11 +297,30 @@ class SenderStage(Stage):
             log.warning("batch %s: delivery ended %.1f s after its deadline", batch.id,
                         (ended_ms - batch.deadline_ms) / 1000)
         broker.publish(outputs)
+        # Only now that the outcomes are confirmed: a holder that dies before this leaves its
+        # claims to expire, and the next holder hands them back rather than send them again.
+        self._release(flight.owner, result.releases(batch.grant_id or ""))
         broker.ack(flight.delivery.tag)
         log.info("batch %s: %d mail(s) attempted in %.1f s, %d given back", batch.id,
-                 len(result.outcomes) - len(unattempted), result.ended - result.started, len(unattempted),
+                 sum(1 for o in result.outcomes if o.attempted), result.ended - result.started, len(back),
                  extra={"batch_id": batch.id, "server": batch.server, "mails": batch.mails,
-                        "given_back": len(unattempted)})
+                        "given_back": len(back)})
+
+    def _release(self, owner: str, released: list[tuple[Job, str, str]]) -> None:
+        if not released:
+            return
+        try:
+            self._call(self._claims_or_fail().release(owner, released))
+        except (ClaimsUnavailable, TimeoutError) as exc:
+            # Harmless: the claims end with their lease, and a later holder hands them back.
+            log.warning("cannot release %d claim(s): %s", len(released), exc)
+
+    @staticmethod
+    def _with_recipients(raw: bytes, outcome: JobOutcome) -> bytes:
+        """The job's bytes as they came, or re-encoded for the recipients still to send."""
+        if list(outcome.back) == list(outcome.job.recipients):
+            return raw
+        return codec.encode_job(replace(outcome.job, recipients=tuple(outcome.back)))
 
     def _suppress(self, outcomes: list[JobOutcome]) -> None:
         """Recipients the server says do not exist are suppressed for their tenant: the intake
@@ -288,7 +345,7 @@ class SenderStage(Stage):
         at_ms = outcome.at_ms or now_ms()
         out: list[Outgoing] = []
         sent = outcome.already_sent + outcome.sent
-        if sent:
+        if sent:  # already_sent too: an event lost with the holder that sent it is not lost
             out.append(self._event(job, batch, "sent", sent, SENT_REPLY, at_ms))
             metrics.MAILS.labels(job.server, "sent", "").inc(len(outcome.sent))
         expired = outcome.deferred and at_ms - job.created_ms > self.settings.retry_max_age_s * 1000
@@ -334,18 +391,22 @@ class SenderStage(Stage):
         return Outgoing(f"{outcome}.{job.tenant}", codec.encode_event(event), exchange=self.topology.events,
                         mandatory=False)
 
-    def _give_back(self, batch: Batch, raws: list[bytes], jobs: list[Job], reason: str) -> Outgoing:
-        """The mails not attempted, as a new ungranted batch whose refund returns their tokens.
-
-        Its id is derived from the batch and its grant, so that a redelivered batch hands back
-        under the same id and the limiter applies the refund once.
-        """
-        back = Batch(id=hashlib.sha256(f"{batch.id}:{batch.grant_id}:back".encode()).hexdigest()[:32],
+    def _give_back(self, batch: Batch, raws: list[bytes], jobs: list[Job], reason: str, owner: str, *,
+                   refund: int, refund_tenants: dict[str, int] | None = None) -> Outgoing:
+        """Mail not sent under this grant, as a new ungranted batch; ``refund`` of its jobs give
+        their tokens back to this batch's grant (the limiter applies that once per grant)."""
+        back = Batch(id=hashlib.sha256(f"{batch.id}:{batch.grant_id}:{owner}:back".encode()).hexdigest()[:32],
                      server=batch.server, jobs=tuple(raws), mails=len(raws),
                      bytes=sum(job.size for job in jobs), created_ms=batch.created_ms,
-                     refund=len(raws), tenants=dict(Counter(job.tenant for job in jobs)))
+                     refund=refund, tenants=dict(Counter(job.tenant for job in jobs)),
+                     refund_of=batch.id if refund else None, refund_tenants=dict(refund_tenants or {}))
         metrics.REFUNDS.labels(batch.server, reason).inc(len(raws))
         return Outgoing(self.topology.batches, codec.encode_batch(back), message_id=back.id)
+
+
+def _owner() -> str:
+    """A holder's name in its claims: host, process and this delivery, so no two are alike."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

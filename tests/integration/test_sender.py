@@ -290,8 +290,8 @@ def test_redelivered_batch_skips_marked_recipients(settings: Settings, bus: Bus)
     assert bus.retries() == [] and bus.dead() == []
     client = redis.Redis.from_url(settings.redis_url)
     try:
-        key = f"{settings.namespace}:sent:{jobs[0].id}:0"
-        assert client.smembers(key) == {b"a0@example.com", b"b0@example.com"}
+        key = f"{{{settings.namespace}:{jobs[0].server}}}:claim:{jobs[0].tenant}:{jobs[0].id}:0"
+        assert client.hgetall(key) == {b"a0@example.com": b"s", b"b0@example.com": b"s"}
         ttl = client.ttl(key)
         assert isinstance(ttl, int) and 0 < ttl <= settings.sent_mark_ttl_s
     finally:

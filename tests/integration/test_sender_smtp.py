@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ from mailpipe.errors import SmtpPermanent, SmtpTransient
 from mailpipe.model import Job, new_id, now_ms
 from mailpipe.servers import Config, ServerConfig, parse_config
 from sender.check import check_servers
-from sender.delivery import BatchDelivery, SentMarks, deliver
+from sender.claims import Claims
+from sender.delivery import BatchDelivery, Hold, deliver
 from sender.smtp import Pools, ServerPool, open_connection
 from tests.smtp_peer import SmtpPeer, TestCerts, make_test_ca
 
@@ -49,7 +51,7 @@ def run_delivery(jobs: list[Job], srv: ServerConfig, window_s: float = 30.0, **p
         pools = Pools(default_size=pool.get("size", 4), timeout_s=pool.get("timeout_s", 5.0),
                       idle_timeout_s=60)
         try:
-            return await deliver(jobs, srv, pools.get(srv), time.monotonic() + window_s, marks=None,
+            return await deliver(jobs, srv, pools.get(srv), time.monotonic() + window_s, hold=None,
                                  margin_s=0.2)
         finally:
             await pools.close()
@@ -72,7 +74,7 @@ def test_pool_keeps_connections_between_batches() -> None:
         pool = ServerPool(srv, size=2, timeout_s=5, idle_timeout_s=60)
         for _ in range(3):
             await deliver([job("a@example.com"), job("b@example.com")], srv, pool, time.monotonic() + 10,
-                          marks=None)
+                          hold=None)
         assert pool.idle == 2
         await pool.close()
 
@@ -232,14 +234,26 @@ def test_marks_that_redis_will_not_take_stop_the_batch(redis_url: str) -> None:
     async def go(port: int) -> tuple[BatchDelivery, BatchDelivery]:
         client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=0.3)
         pools = Pools(default_size=1, timeout_s=5.0, idle_timeout_s=60)
-        marks = SentMarks(client, f"test-{new_id()}", ttl_s=60)
+        claims = Claims(client, f"test-{new_id()}", ttl_s=60)
         srv = server(port)
+        seconds, micros = await client.time()
+        deadline_us = (seconds + 30) * 1_000_000 + micros
+
+        def hold(grant: str) -> Hold:
+            return Hold(claims, f"holder-{grant}", grant, deadline_us, 5_000_000)
+
         try:
+            # Claims are taken before the pause: the marks after the first 250s time out.
+            first_task = asyncio.create_task(
+                deliver(jobs, srv, pools.get(srv), 0.0, hold=hold("g1"), margin_s=0.2))
+            while not peer.messages:
+                await asyncio.sleep(0.005)
             await client.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
-            first = await deliver(jobs, srv, pools.get(srv), time.monotonic() + 30, marks=marks, margin_s=0.2)
+            first = await first_task
             await asyncio.sleep(1.6)  # the pause is over
-            rest = [jobs[i] for i in first.unattempted]
-            second = await deliver(rest, srv, pools.get(srv), time.monotonic() + 30, marks=marks, margin_s=0.2)
+            await claims.release("holder-g1", first.releases("g1"))
+            rest = [replace(jobs[i], recipients=tuple(first.outcomes[i].back)) for i in first.unattempted]
+            second = await deliver(rest, srv, pools.get(srv), 0.0, hold=hold("g2"), margin_s=0.2)
             return first, second
         finally:
             await pools.close()

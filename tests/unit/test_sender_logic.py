@@ -110,13 +110,18 @@ def test_deferred_past_max_age_is_expired(stage: SenderStage) -> None:
     assert [codec.decode_event(o.body).outcome for o in out if o.exchange] == ["expired"]
 
 
-def test_given_back_batch_has_a_stable_id_and_the_refund(stage: SenderStage) -> None:
+def test_given_back_batch_names_its_grant_and_the_refund(stage: SenderStage) -> None:
     jobs = [make_job("a@x", id="j1"), make_job("b@x", id="j2", tenant="other")]
     raws = [codec.encode_job(j) for j in jobs]
-    first = codec.decode_batch(stage._give_back(BATCH, raws, jobs, "deadline").body)
-    again = codec.decode_batch(stage._give_back(BATCH, raws, jobs, "deadline").body)
-    assert first.id == again.id != BATCH.id
-    assert (first.refund, first.mails, first.grant_id, first.deadline_ms) == (2, 2, None, None)
+    first = codec.decode_batch(stage._give_back(BATCH, raws, jobs, "deadline", "h1", refund=1,
+                                                refund_tenants={"acme": 1}).body)
+    again = codec.decode_batch(stage._give_back(BATCH, raws, jobs, "deadline", "h1", refund=1,
+                                                refund_tenants={"acme": 1}).body)
+    other = codec.decode_batch(stage._give_back(BATCH, raws, jobs, "deadline", "h2", refund=0).body)
+    assert first.id == again.id != BATCH.id and other.id != first.id  # one per holder
+    assert (first.refund, first.mails, first.grant_id, first.deadline_ms) == (1, 2, None, None)
+    assert first.refund_of == BATCH.id and first.refund_tenants == {"acme": 1}
+    assert (other.refund, other.refund_of) == (0, None)
     assert first.tenants == {"acme": 1, "other": 1} and first.jobs == tuple(raws)
 
 

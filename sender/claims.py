@@ -1,0 +1,138 @@
+"""One holder per recipient: claims in Redis, taken before a mail is sent.
+
+Before it sends, the sender claims each (job, attempt, recipient) for itself, with a lease
+that ends after the batch's deadline plus the SMTP timeout; a 250 turns the claim into "sent";
+a refusal or a give-back releases it, naming the grant it was released under. A second holder
+(a redelivered batch whose first holder still runs, a copy of the job in the same or another
+batch, a re-packed batch, a second copy of a granted batch) skips what is sent, waits for
+what is held, and never sends under a grant what another holder of that grant has already
+touched. What is left are the two duplicates SMTP cannot rule out: a 250 received just before
+its holder died (its lease expires, unmarked), and a 250 lost on the wire.
+
+The states are documented in ``claims.lua``; every claim of a batch is one round trip, and it
+answers with Redis time, which is the only clock a deadline is judged by.
+
+Keys: ``{<namespace>:<server>}:claim:<tenant>:<job id>:<attempt>`` (one hash per job and
+attempt, one field per recipient), under the server's hash tag, so one batch's keys share a
+Redis Cluster slot; the tenant in the key keeps one tenant's job ids apart from another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import cast
+
+import redis.asyncio
+import redis.exceptions
+
+from mailpipe.errors import TransientError
+from mailpipe.model import Job
+from sender import metrics
+
+
+class ClaimsUnavailable(TransientError, ConnectionError):
+    """Redis cannot be reached: without claims a mail could be sent by two holders."""
+
+
+class Claim(IntEnum):
+    MINE = 1  # claimed by this holder now (or, past the cutoff, claimable)
+    SENT = 2  # accepted by the server before
+    HELD = 3  # a live holder has it: ask again later
+    TOUCHED = 4  # handled under this grant by a holder that is gone: not sent under it again
+    DONE = 5  # another holder of this grant released it and published its outcome
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one claim call found: Redis time and a code per recipient of each job."""
+
+    now_us: int
+    codes: list[dict[str, Claim]]
+
+
+def _script(name: str) -> bytes:
+    return importlib.resources.files("sender").joinpath(name).read_bytes()
+
+
+class Claims:
+    """The claims of one process; ``owner`` names this holder in every lease it takes."""
+
+    def __init__(self, client: redis.asyncio.Redis, namespace: str, ttl_s: int) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.ttl_s = ttl_s
+        self._claim = client.register_script(_script("claims.lua"))
+        self._release = client.register_script(_script("release.lua"))
+        self._pending: list[tuple[str, Sequence[str], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    def key(self, job: Job) -> str:
+        return f"{{{self.namespace}:{job.server}}}:claim:{job.tenant}:{job.id}:{job.attempt}"
+
+    async def claim(self, owner: str, grant: str, jobs: Sequence[Job], recipients: Sequence[Sequence[str]],
+                    lease_until_us: int, cutoff_us: int) -> Snapshot:
+        """Claim ``recipients[i]`` of ``jobs[i]`` for ``owner`` under ``grant``, all in one round
+        trip; past ``cutoff_us`` (Redis time) nothing is claimed, only classified."""
+        args: list[str | int] = [owner, grant, lease_until_us, cutoff_us, self.ttl_s]
+        for rcpts in recipients:
+            args += [len(rcpts), *rcpts]
+        try:
+            reply = cast("list[int]", await self._claim(keys=[self.key(j) for j in jobs], args=args))
+        except (redis.exceptions.RedisError, OSError) as exc:
+            metrics.MARK_ERRORS.labels("claim").inc()
+            raise ClaimsUnavailable(f"Redis: claiming recipients failed: {exc}") from exc
+        codes = iter(reply[1:])
+        return Snapshot(int(reply[0]), [{r: Claim(int(next(codes))) for r in rcpts} for rcpts in recipients])
+
+    async def release(self, owner: str, released: Sequence[tuple[Job, str, str]]) -> None:
+        """Let go of (job, recipient, new state) where ``owner`` still holds it."""
+        if not released:
+            return
+        keys = [self.key(job) for job, _, _ in released]
+        args: list[str | int] = [owner, self.ttl_s, *(f"{rcpt}\n{state}" for _, rcpt, state in released)]
+        try:
+            await self._release(keys=keys, args=args)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            metrics.MARK_ERRORS.labels("release").inc()
+            raise ClaimsUnavailable(f"Redis: releasing claims failed: {exc}") from exc
+
+    def mark_sent(self, job: Job, recipients: Sequence[str]) -> asyncio.Future[None]:
+        """Record ``recipients`` of ``job`` as sent; the future is done once Redis has them (or
+        fails with ClaimsUnavailable). Group commit: marks asked for while a write is on its
+        way go together in the next one, so concurrent connections share round trips."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((self.key(job), recipients, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+        return done
+
+    async def _write(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            error: ClaimsUnavailable | None = None
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for key, recipients, _ in batch:
+                        pipe.hset(key, mapping=dict.fromkeys(recipients, "s"))
+                        pipe.expire(key, self.ttl_s)
+                    await pipe.execute()
+            except (redis.exceptions.RedisError, OSError) as exc:
+                metrics.MARK_ERRORS.labels("write").inc()
+                error = ClaimsUnavailable(f"Redis: writing sent marks failed: {exc}")
+            for _, _, done in batch:
+                if done.done():
+                    continue
+                if error is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(error)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.client.ping())  # type: ignore[misc]
+        except (redis.exceptions.RedisError, OSError):
+            return False
