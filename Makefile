@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test unit lint bench clean
+.PHONY: demo test unit lint bench clean chaos
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,16 @@ bench: $(INSTALLED)
 	$(BIN)/python -m mailpipe.services
 	mkdir -p bench/out
 	for b in $(BENCHMARKS); do $(BIN)/python bench/$$b.py | tee bench/out/$$b.json || exit 1; done
+
+## make chaos [SEED=12 MAILS=3000]: the fault campaign, longer than in make test (more rounds of
+## every fault); its JSON printed and written to bench/out/chaos.json
+SEED ?= 12
+MAILS ?= 3000
+chaos: $(INSTALLED)
+	$(BIN)/python -m mailpipe.services
+	mkdir -p bench/out
+	CHAOS_SEED=$(SEED) CHAOS_MAILS=$(MAILS) CHAOS_REPORT=bench/out/chaos.json \
+		$(BIN)/pytest -s -p no:cacheprovider tests/faults/test_campaign.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

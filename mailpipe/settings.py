@@ -29,6 +29,7 @@ class Settings:
     prefetch: int = 500
     delivery_limit: int = 20
     reconnect_max_s: float = 10.0
+    heartbeat_s: int = 30  # the broker closes a connection silent for about twice this
 
     # Intake.
     max_message_bytes: int = 25 * MIB

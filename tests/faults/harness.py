@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pika
 import pika.exceptions
@@ -31,6 +31,7 @@ from mailpipe.model import IntakeRequest, new_id, now_ms
 from mailpipe.settings import Settings
 from mailpipe.topology import Topology
 from producer import Producer
+from tests.faults.checker import claim_held
 from tests.faults.ledger import Acceptance, Cut, Report, job_id_of, read_dead, reconcile
 from tests.smtp_peer import SmtpPeer, _Handler, _PeerSMTP
 from tests.stages import settings_env
@@ -407,3 +408,45 @@ def stopped(service: PrivateRedis, seconds: float) -> Iterator[None]:
     finally:
         time.sleep(max(0.0, seconds - (time.monotonic() - started)))
         service.start()
+
+
+# -- what is still in flight (the fault campaign's drain) ----------------------------------------
+
+def queue_depths(namespace: str, rabbit: PrivateRabbit | None = None) -> dict[str, tuple[int, int]] | None:
+    """Every queue of ``namespace`` with its (ready, unacked) counts, by ``rabbitmqctl`` (the
+    shared node's, as root; or the private node's, with its ``-n``); None while the node does not
+    answer."""
+    if rabbit is not None:
+        args = [str(RABBIT_BIN / "rabbitmqctl"), "-n", rabbit.node]
+    else:  # the system's wrapper, which runs the CLI as the node's user (its Erlang cookie)
+        args = [shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"]
+    args += ["list_queues", "-q", "--no-table-headers", "-p", "/", "name", "messages_ready",
+             "messages_unacknowledged"]
+    try:
+        out = subprocess.run(args, env=rabbit.env if rabbit is not None else None, capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    depths: dict[str, tuple[int, int]] = {}
+    for line in out.stdout.splitlines():
+        cols = line.split()
+        if cols and cols[0].startswith(f"{namespace}."):
+            counts = cols[1:]
+            # A queue whose counts the node cannot give (a quorum queue without its leader) is busy.
+            known = len(counts) == 2 and all(c.isdigit() for c in counts)
+            depths[cols[0]] = (int(counts[0]), int(counts[1])) if known else (-1, -1)
+    return depths
+
+
+def held_claims(redis_client: redis.Redis, namespace: str) -> int:
+    """Claims of ``namespace`` still held: hashes ``{<namespace>:<server>}:claim:*`` with a field
+    ``h <owner> <until_us> <grant>`` whose lease runs past Redis ``TIME``."""
+    seconds, micros = cast(tuple[int, int], redis_client.time())
+    now_us = int(seconds) * 1_000_000 + int(micros)
+    held = 0
+    for key in redis_client.scan_iter(match=f"{{{namespace}:*}}:claim:*", count=1000):
+        values: list[bytes] = redis_client.hvals(key)  # type: ignore[assignment]
+        held += claim_held(values, now_us)
+    return held
