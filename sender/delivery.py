@@ -31,6 +31,9 @@ from sender.smtp import Connection, ServerPool, reply_of, send_mail
 
 log = logging.getLogger(__name__)
 
+US = 1_000_000
+RECLAIM_EVERY_S = 0.25  # how often recipients a live holder has are asked for again
+
 
 @dataclass(frozen=True)
 class Hold:
@@ -119,9 +122,6 @@ async def deliver(jobs: Sequence[Job], server: ServerConfig, pool: ServerPool, d
     return BatchDelivery(outcomes=outcomes, started=run.started, ended=time.monotonic(),
                          stopped_by=run.stopped_by)
 
-
-US = 1_000_000
-RECLAIM_EVERY_S = 0.25
 
 
 class _Run:

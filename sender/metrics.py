@@ -27,4 +27,5 @@ RETRIES = Counter("mailpipe_sender_retries_total",
                   "Recipients sent to a retry queue, by the attempt they will make (10 means 10 or more).",
                   ["server", "attempt"])
 MARK_ERRORS = Counter("mailpipe_sender_mark_errors_total",
-                      "Redis failures reading or writing per-mail sent marks.", ["operation"])
+                      "Redis failures claiming, marking or releasing recipients (claim, write, release).",
+                      ["operation"])
