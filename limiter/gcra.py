@@ -363,6 +363,8 @@ class RedisLimiter:
         self.mark_ttl_s = mark_ttl_s
         self._lua = importlib.resources.files("limiter").joinpath("gcra.lua").read_bytes()
         self._sha = hashlib.sha1(self._lua, usedforsecurity=False).hexdigest()  # the name Redis knows it by
+        self._priority = client.register_script(
+            importlib.resources.files("limiter").joinpath("priority.lua").read_bytes())
 
     def acquire(self, server: str, batch_id: str, cost: int, limits: Limits, *,
                 refund: int = 0, tenants: Sequence[TenantAsk] = (),
@@ -419,6 +421,21 @@ class RedisLimiter:
                 raise ValueError(f"tenant {t.name}: expected {MIDNIGHTS} midnights")
             args += [t.mails, t.daily_limit, t.refund, *t.midnights_s]
         return [str(len(keys)), *keys, *map(str, args)]
+
+    def ration_high(self, server: str, tenants: dict[str, int], limits: Limits, share: float) -> bool:
+        """May these tenants' high-priority mails go ahead of the line? Each tenant has an
+        allowance per server of ``share`` of its rate and burst (``priority.lua``); a batch that
+        does not fit waits as normal mail, so no tenant can starve others by marking a campaign
+        "high"."""
+        if not limits.interval_us:
+            return True  # an unlimited server has no rate to share
+        keys = [f"{server_prefix(self.namespace, server)}:high:{name}" for name in sorted(tenants)]
+        args = [math.ceil(limits.interval_us / share), max(1, math.floor(limits.burst * share)),
+                *(tenants[name] for name in sorted(tenants))]
+        try:
+            return bool(self._priority(keys=keys, args=args))
+        except redis.RedisError as exc:
+            raise LimiterUnavailable(f"Redis: priority ration failed: {type(exc).__name__}: {exc}") from exc
 
     def ping(self) -> None:
         try:

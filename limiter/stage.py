@@ -62,6 +62,9 @@ GRANT_WAIT = Histogram("mailpipe_limiter_grant_wait_seconds",
 FAILING_CLOSED = Gauge("mailpipe_limiter_failing_closed",
                        "1 while Redis is unreachable: nothing is released.")
 HELD = Gauge("mailpipe_limiter_held_batches", "Batches held unacked, waiting for their turn.", ["server"])
+PRIORITY = Counter("mailpipe_limiter_high_priority_total",
+                   "High-priority batches: ahead of the line, or rationed (above the tenants' share).",
+                   ["server", "outcome"])
 PARKED = Counter("mailpipe_limiter_parked_total", "Batches sent through the delay queue to wait.",
                  ["server", "reason"])
 
@@ -78,6 +81,7 @@ class Held:
     tenants: dict[str, int]
     since: float  # monotonic
     due: float  # monotonic: when to ask Redis
+    ahead: bool = False  # transactional mail within its tenants' share: ahead of the line
 
 
 @dataclass
@@ -151,10 +155,11 @@ class LimiterStage(Stage):
                 continue
             line = self.lines.setdefault(batch.server, deque())
             held = Held(delivery, batch, tenants, since=now, due=now)
-            if batch.priority == "high":
+            if batch.priority == "high" and self._ahead(batch, tenants, config):
                 # Transactional mail goes ahead of every normal batch of its server: it is the
                 # next to ask for tokens, however much bulk mail waits.
-                line.insert(sum(1 for h in line if h.batch.priority == "high"), held)
+                held.ahead = True
+                line.insert(sum(1 for h in line if h.ahead), held)
             else:
                 line.append(held)
         self._decide_due(out, config, now)
@@ -233,6 +238,17 @@ class LimiterStage(Stage):
             line.remove(held)
             moved = True
         return moved
+
+    def _ahead(self, batch: Batch, tenants: dict[str, int], config: Config) -> bool:
+        """Within its tenants' share of the server for high priority? Above it, or while Redis
+        does not answer, the batch waits in line as normal mail."""
+        try:
+            limits = Limits.of(config.servers[batch.server], self.settings)
+            ahead = self.limiter.ration_high(batch.server, tenants, limits, self.settings.high_priority_share)
+        except (ConfigError, LimiterUnavailable):
+            ahead = False
+        PRIORITY.labels(batch.server, "ahead" if ahead else "rationed").inc()
+        return ahead
 
     def _ask(self, held: Held, config: Config) -> tuple[Ask, list[str]]:
         """The request for a held batch, and its tenants in the order of the grant."""

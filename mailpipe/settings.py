@@ -56,6 +56,9 @@ class Settings:
     limiter_prefetch: int = 32
     limiter_hold_s: float = 120.0
     limiter_park_s: int = 60
+    # A tenant's transactional mail (priority "high") goes ahead of the line up to this share
+    # of its server's rate and burst; above it, it waits in line as normal mail.
+    high_priority_share: float = 0.1
     send_concurrency: int = 4
     smtp_timeout_s: float = 30.0
     sent_mark_ttl_s: int = 7 * 24 * 3600
@@ -114,6 +117,8 @@ class Settings:
                 raise ConfigError(f"MAILPIPE_{field.name.upper()} must be a finite number, got {value}")
             if isinstance(value, int | float) and value < 0:
                 raise ConfigError(f"MAILPIPE_{field.name.upper()} must not be negative, got {value}")
+        if not 0 < self.high_priority_share <= 1:
+            raise ConfigError(f"MAILPIPE_HIGH_PRIORITY_SHARE must be in (0, 1], got {self.high_priority_share}")
         if self.max_message_bytes > self.max_batch_bytes:
             raise ConfigError("MAILPIPE_MAX_MESSAGE_BYTES must not exceed MAILPIPE_MAX_BATCH_BYTES")
         if not self.namespace.replace("-", "").replace("_", "").isalnum():

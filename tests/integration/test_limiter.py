@@ -9,6 +9,7 @@ batch carries ``granted_ms``, the Redis time of its grant.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import signal
 import socket
@@ -24,7 +25,7 @@ from typing import Any
 import pika.exceptions
 import pytest
 
-from limiter.gcra import connect, worst_window
+from limiter.gcra import Limits, RedisLimiter, connect, worst_window
 from limiter.stage import LimiterStage
 from mailpipe.amqp import Broker, Outgoing
 from mailpipe.codec import decode_batch, decode_job, encode_batch, encode_job
@@ -486,3 +487,33 @@ def _wait(condition: Callable[[], bool], timeout_s: float, logs: Callable[[], st
     raise AssertionError(f"timed out after {timeout_s} s\n{logs()}")
 
 
+
+
+def test_high_priority_goes_ahead_within_its_share_and_waits_in_line_above_it(
+        settings: Settings, harness: Harness, limiter: Callable[..., InProcess]) -> None:
+    """A tenant that marks a whole campaign "high" gets ahead of the line only for its share
+    of the server; the rest waits behind the mail already in line."""
+    write_servers(settings, SERVER.format(rate=360), TENANTS.format(cap=10_000))  # 1 mail / 10 s
+    stage = limiter(burst_mails=10 + RESERVE, high_priority_share=0.2)  # high: 2 at once
+    waiting = make_batch("s1", {"beta": 10})  # takes the whole burst: everything after it waits
+    normal = make_batch("s1", {"beta": 1})
+    harness.publish(waiting, normal)
+    stage.run(3, until=lambda: len(harness.collect()) >= 1)
+    campaign = [dataclasses.replace(make_batch("s1", {"acme": 1}), priority="high") for _ in range(4)]
+    harness.publish(*campaign)
+    stage.run(3, until=lambda: sum(len(line) for line in stage.stage.lines.values()) >= 5)
+    line = [h.batch.id for h in stage.stage.lines["s1"]]
+    assert line == [campaign[0].id, campaign[1].id, normal.id, campaign[2].id, campaign[3].id]
+
+
+def test_high_priority_allowance_is_per_tenant(settings: Settings, redis_url: str) -> None:
+    limiter = RedisLimiter(connect(redis_url), settings.namespace)
+    limits = Limits.for_server(3600, 10)
+    share = 0.2  # 2 at once, then one every 5 s
+    assert limiter.ration_high("s1", {"acme": 2}, limits, share)
+    assert not limiter.ration_high("s1", {"acme": 1}, limits, share)
+    assert limiter.ration_high("s1", {"beta": 1}, limits, share)  # another tenant's own allowance
+    assert not limiter.ration_high("s1", {"beta": 1, "acme": 1}, limits, share)  # all must fit
+    assert limiter.ration_high("s1", {"beta": 1}, limits, share)  # nothing was taken above
+    assert not limiter.ration_high("s2", {"acme": 3}, limits, share)  # more than the burst: never
+    assert limiter.ration_high("s2", {"acme": 1}, Limits(0, 10), share)  # unlimited server
