@@ -115,10 +115,10 @@ class Claims:
             batch, self._pending = self._pending, []
             error: ClaimsUnavailable | None = None
             try:
+                # No EXPIRE: the claim that came before set the key's life.
                 async with self.client.pipeline(transaction=False) as pipe:
                     for key, recipients, _ in batch:
                         pipe.hset(key, mapping=dict.fromkeys(recipients, "s"))
-                        pipe.expire(key, self.ttl_s)
                     await pipe.execute()
             except (redis.exceptions.RedisError, OSError) as exc:
                 metrics.MARK_ERRORS.labels("write").inc()

@@ -207,6 +207,7 @@ class _Run:
 
     async def _worker(self, todo: list[int]) -> None:
         conn: Connection | None = None
+        marking: asyncio.Future[None] | None = None  # the last mail's "sent" mark on ``conn``
         try:
             while todo and not self.stopped_by:
                 if self.should_stop():
@@ -224,44 +225,59 @@ class _Run:
                     conn = got
                 else:
                     index = todo.pop()
-                    await self._send(conn, index, self.mine.pop(index))
+                    marking = await self._send(conn, index, self.mine.pop(index), marking)
                     if conn.broken or conn.mails >= self.server.max_mails_per_connection:
+                        await self._marked(marking)
+                        marking = None
                         self.pool.release(conn)  # retired: the next mail gets a fresh connection
                         conn = None
         finally:
+            await self._marked(marking)  # before the connection serves anyone else
             if conn is not None:
                 self.pool.release(conn)
 
-    async def _send(self, conn: Connection, index: int, recipients: list[str]) -> None:
+    async def _marked(self, marking: asyncio.Future[None] | None) -> bool:
+        """Wait for a mark to be in Redis; False (and the batch stops) if Redis refused it."""
+        if marking is None:
+            return True
+        try:
+            await marking
+        except ClaimsUnavailable as exc:
+            log.warning("%s: sending stops for this batch", exc.reason)
+            self.stop("redis")
+            return False
+        return True
+
+    async def _send(self, conn: Connection, index: int, recipients: list[str],
+                    marking: asyncio.Future[None] | None) -> asyncio.Future[None] | None:
+        """One transaction; returns its "sent" mark on the way to Redis. The message goes only
+        once the previous mail's mark on this connection (``marking``) is in: a holder that
+        dies leaves at most one accepted, unmarked mail per connection, and the mark's round
+        trip overlaps this mail's envelope."""
         outcome = self.outcomes[index]
         job = outcome.job
         outcome.attempted = True
+        ready = (lambda: self._marked(marking)) if marking is not None else None
         try:
-            result = await send_mail(conn, job.sender, recipients, job.message)
+            result = await send_mail(conn, job.sender, recipients, job.message, ready=ready)
         except SmtpError as exc:
             reply = reply_of(exc)
             log.info("job %s: %s", job.id, exc.reason)
             for recipient in recipients:
                 outcome.record(recipient, reply)
             outcome.at_ms = now_ms()
-            return
+            return marking  # still to wait for, if the message never came to ask
+        if result.aborted:  # the previous mark failed (and was reported): this one was never sent
+            outcome.back += recipients
+            return None
         outcome.at_ms = now_ms()
         outcome.sent.extend(result.accepted)
         for recipient, reply in result.refused.items():
             outcome.record(recipient, reply)
         if not result.accepted:
-            return
+            return marking
         metrics.LATENCY_SECONDS.labels(self.server.name).observe(max(0, outcome.at_ms - job.created_ms) / 1000)
-        if self.hold is None:
-            return
-        # The mark is in Redis before the next mail on this connection starts: a holder that
-        # dies leaves at most its connections' last mails accepted and unmarked.
-        done = self.hold.claims.mark_sent(job, result.accepted)
-        try:
-            await done
-        except ClaimsUnavailable as exc:
-            log.warning("%s: sending stops for this batch", exc.reason)
-            self.stop("redis")
+        return self.hold.claims.mark_sent(job, result.accepted) if self.hold is not None else None
 
 
 async def _acquire(pool: ServerPool, cutoff: float) -> Connection | Reply | None:
