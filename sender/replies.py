@@ -63,7 +63,9 @@ ADVICE = {
                  "(\"username password\", one space between) and that the account may send mail.",
     TLS_FAILED: "TLS with the SMTP server failed: port 465 needs implicit TLS (SSL), 587 needs "
                 "STARTTLS (TLS); check the port, and give the server's CA in ca_file if its "
-                "certificate is not publicly trusted.",
+                "certificate is not publicly trusted. Credentials are sent only over TLS: a server "
+                "with a \"username password\" must offer STARTTLS or implicit TLS (port 465), "
+                "and tls = \"none\" cannot be used with credentials.",
     CONNECTION: "The SMTP server could not be reached or dropped the connection; the mail is retried "
                 "automatically. Check the server's address and port if this persists.",
     OTHER: "",

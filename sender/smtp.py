@@ -11,9 +11,13 @@ TLS by ``ServerConfig.tls``:
 - ``implicit``: TLS from the first byte (port 465, the seeds' "SSL").
 - ``starttls``: STARTTLS is required (port 587, the seeds' "TLS"); a server that does not offer
   it is refused with category ``tls_failed``, never used in clear.
-- ``opportunistic``: STARTTLS if the server offers it (port 25).
+- ``opportunistic``: STARTTLS if the server offers it (port 25, and any port but 465/587).
 - ``none``: clear text.
 Certificates are verified unless the server says ``tls_verify = false``; ``ca_file`` adds a CA.
+
+No AUTH in clear: credentials go only over TLS. A server with credentials whose mode is
+``opportunistic`` must offer STARTTLS (else ``tls_failed``, the credentials unsent); with
+``tls = "none"`` it is refused before any connection is opened.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiosmtplib
@@ -157,10 +161,25 @@ async def open_connection(server: ServerConfig, *, timeout_s: float, resolver: M
     raise AssertionError("unreachable: hosts is never empty")
 
 
+def _refused_in_clear(server: ServerConfig, why: str) -> SmtpError:
+    """The error for a connection that would have to send the credentials in clear."""
+    return error_for(connection_failure(
+        f"{server.address}: {why}; mailpipe sends credentials only over TLS, so it did not log in "
+        "(use implicit TLS on port 465 or STARTTLS, or remove the credentials)", TLS_FAILED),
+        f"SMTP {server.name}: {why}; credentials are never sent in clear")
+
+
 async def _open_one(server: ServerConfig, host: str, *, timeout_s: float,
                     local_hostname: str | None) -> Connection:
     address = server.address
     mode = server.tls
+    if mode == "none" and server.credentials is not None:
+        # Not even a connection: a server that would see the password in clear gets nothing.
+        error = _refused_in_clear(server, 'tls = "none" with credentials')
+        metrics.CONNECTIONS.labels(server.name, TLS_FAILED).inc()
+        raise error
+    # With credentials, STARTTLS is required whatever the port: no AUTH in clear.
+    require_starttls = mode == "starttls" or (mode == "opportunistic" and server.credentials is not None)
     context = tls_context(server) if mode != "none" else None
     client = aiosmtplib.SMTP(
         hostname=host, port=address.port, timeout=timeout_s,
@@ -176,22 +195,26 @@ async def _open_one(server: ServerConfig, host: str, *, timeout_s: float,
             during = "EHLO"
             await client.ehlo()
             offered = client.supports_extension("starttls")
-            if mode == "starttls" and not offered:
+            if not offered and mode == "starttls":
                 raise error_for(connection_failure(
                     f"{address} does not offer STARTTLS, which port {address.port} requires; "
                     "refusing to send in clear", TLS_FAILED), f"SMTP {server.name}: STARTTLS not offered")
+            if not offered and require_starttls:
+                raise _refused_in_clear(server, "the server does not offer STARTTLS")
             if offered:
                 during = "STARTTLS"
                 await client.starttls(tls_context=context)
                 tls = True
                 await client.ehlo()  # RFC 3207: what was learnt before TLS is forgotten; ask again
         if server.credentials is not None:
+            if not tls:  # unreachable by the checks above; kept so that no path ever logs in in clear
+                raise _refused_in_clear(server, "no TLS on this connection")
             during = "AUTH"
             if client.is_ehlo_or_helo_needed:
                 await client.ehlo()
             if not client.supports_extension("auth"):
                 raise error_for(connection_failure(
-                    f"{address} does not offer AUTH" + ("" if tls else " without TLS"), AUTH_FAILED),
+                    f"{address} does not offer AUTH", AUTH_FAILED),
                     f"SMTP {server.name}: AUTH not offered")
             await client.login(server.credentials.username, server.credentials.password)
             authenticated = True
@@ -218,14 +241,19 @@ async def _open_one(server: ServerConfig, host: str, *, timeout_s: float,
 
 @dataclass(frozen=True)
 class MailResult:
-    """What the server said about one mail, per recipient."""
+    """What the server said about one mail, per recipient. ``aborted``: ``ready`` said no, and
+    the message was never sent (the connection is closed: the server discards the mail)."""
 
     accepted: tuple[str, ...]
     refused: dict[str, Reply]
+    aborted: bool = False
 
 
-async def send_mail(conn: Connection, sender: str, recipients: Sequence[str], message: bytes) -> MailResult:
+async def send_mail(conn: Connection, sender: str, recipients: Sequence[str], message: bytes, *,
+                    ready: Callable[[], Awaitable[bool]] | None = None) -> MailResult:
     """One transaction: MAIL, RCPT per recipient, DATA, pipelined when the server offers it.
+    ``ready`` is awaited after the 354, before the message: the server can accept nothing
+    before it says yes (the sender waits there for the previous mail's "sent" mark).
 
     Per-recipient replies are kept apart; a reply to MAIL or DATA applies to every recipient it
     covers. Raises SmtpTransient/SmtpPermanent only for what breaks the session (and marks it
@@ -284,6 +312,9 @@ async def send_mail(conn: Connection, sender: str, recipients: Sequence[str], me
             await session.command(b".\r\n")
             await _reset(conn, replies)
             return MailResult(accepted=(), refused=refused)
+        if ready is not None and not await ready():
+            conn.close()
+            return MailResult(accepted=(), refused=refused, aborted=True)
         started = time.monotonic()
         final = await session.command(data_payload(message))
         metrics.REPLY_SECONDS.labels(server, "data").observe(time.monotonic() - started)

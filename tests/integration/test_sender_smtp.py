@@ -145,13 +145,15 @@ def test_tls_verify_false_accepts_an_unknown_ca(certs: TestCerts) -> None:
         assert len(peer.messages) == 1
 
 
-def test_auth_without_tls_offered_and_wrong_password(certs: TestCerts) -> None:
+def test_auth_over_starttls_and_wrong_password(certs: TestCerts) -> None:
+    # AUTH only over TLS (issue 13; without STARTTLS: test_sender_tls_auth.py).
     env = {"CREDS": "mailer right"}
-    with SmtpPeer(auth={"mailer": "right"}) as peer:
-        srv = config(peer.port, env, credentials_env="CREDS").servers["smtp"]
+    tls = {"tls": "starttls", "ca_file": str(certs.ca_file)}
+    with SmtpPeer(auth={"mailer": "right"}, starttls_context=certs.server_context()) as peer:
+        srv = config(peer.port, env, credentials_env="CREDS", **tls).servers["smtp"]
         run_delivery([job("a@example.com")], srv)
         assert [m.auth_user for m in peer.messages] == ["mailer"]
-        bad = config(peer.port, {"CREDS": "mailer wrong"}, credentials_env="CREDS").servers["smtp"]
+        bad = config(peer.port, {"CREDS": "mailer wrong"}, credentials_env="CREDS", **tls).servers["smtp"]
         with pytest.raises(SmtpPermanent) as info:
             asyncio.run(open_connection(bad, timeout_s=5))
         assert (info.value.code, info.value.category) == (535, "auth_failed")
