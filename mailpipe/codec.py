@@ -3,10 +3,20 @@
 Decoding untrusted bytes never trusts a length: msgpack's own limits cap every string,
 binary, array and map, and each field is checked for type before it is used. Anything
 wrong raises ``InvalidMessage`` naming the field.
+
+Those limits are per container, and 300 KB of small maps would still decode to about 20 MB
+of Python objects. So one message as a whole is bounded too, while it decodes: at most
+``MAX_OBJECTS`` objects, and the decoded objects at most ``MAX_DECODED_OVERHEAD`` bytes larger
+than the message. msgpack calls a hook of ours as each array and map is complete; the hook
+counts and refuses as soon as a bound is passed, so a bomb is refused after building at most
+the bound's worth of objects, never the whole of it. A message too short to pass either bound
+(``COUNT_FROM_BYTES``) decodes without hooks. Nesting is bounded by msgpack itself (1,024
+levels, refused before anything is built), and no reason ever shows a container's repr.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -21,6 +31,63 @@ MAX_STR = 64 * 1024  # addresses, headers, ids; text and HTML parts have MAX_TEX
 MAX_TEXT = 10 * 1024 * 1024
 MAX_ARRAY = 10_000
 MAX_MAP = 1_000
+# Bounds on one message as a whole. A real intake holds a few dozen objects (a few thousand
+# with 1,000 headers), 3 levels deep (map > attachments > [filename, type, data]).
+MAX_OBJECTS = 100_000
+MAX_DECODED_OVERHEAD = 16 * 1024 * 1024
+# What a decoded object costs beyond its own bytes, about (CPython 3.11, 64 bits: an int 28 to
+# 36 bytes, a str header 49 to 80, a bytes header 33, and its slot in its container, 8).
+_OBJECT_COST = 64
+# No msgpack byte decodes to more than this: an empty map (0x80) is a 64-byte dict in an
+# 8-byte slot; an empty array 56 + 8; everything else less per byte.
+_MAX_COST_PER_BYTE = 72
+# Below this many bytes a message cannot pass either bound (at most one object per byte), so
+# msgpack runs without hooks: every real intake without large attachments decodes at full speed.
+COUNT_FROM_BYTES = min(MAX_OBJECTS, MAX_DECODED_OVERHEAD // _MAX_COST_PER_BYTE)
+
+
+class _TooLarge(Exception):
+    """Raised from the hooks to stop msgpack at once; becomes InvalidMessage."""
+
+
+class _Budget:
+    """Counts what msgpack decodes, container by container (msgpack calls a hook as each array
+    and map is complete), and stops it as soon as a bound is passed.
+
+    Depth is msgpack's own bound: it refuses containers nested more than 1,024 deep (StackError)
+    before building them; no decoder here ever looks into a container of an unknown key.
+    """
+
+    __slots__ = ("objects", "overhead")
+
+    def __init__(self) -> None:
+        self.objects = 1  # the top-level object; every other one is an item of a container
+        self.overhead = 0
+
+    def _count(self, container: Any, n: int) -> None:
+        self.objects += n
+        self.overhead += sys.getsizeof(container) + n * _OBJECT_COST
+        if self.objects > MAX_OBJECTS:
+            raise _TooLarge(f"more than {MAX_OBJECTS} objects (MAX_OBJECTS)")
+        if self.overhead > MAX_DECODED_OVERHEAD:
+            raise _TooLarge(f"decodes to more than {MAX_DECODED_OVERHEAD} bytes beyond its own "
+                            "(MAX_DECODED_OVERHEAD)")
+
+    def list_hook(self, items: list[Any]) -> list[Any]:
+        self._count(items, len(items))
+        return items
+
+    def map_hook(self, obj: dict[Any, Any]) -> dict[Any, Any]:
+        self._count(obj, 2 * len(obj))
+        return obj
+
+
+def _describe(value: Any) -> str:
+    """A value of untrusted input for a reason: short, and never a repr of a deep container."""
+    if isinstance(value, str | int | float | bool | bytes) or value is None:
+        text = repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+    return f"a {type(value).__name__}"
 
 
 def _pack(kind: str, fields: dict[str, Any]) -> bytes:
@@ -31,12 +98,18 @@ def _pack(kind: str, fields: dict[str, Any]) -> bytes:
 def _unpack(data: bytes, kind: str, max_bin: int) -> dict[str, Any]:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise InvalidMessage(f"{kind}: expected bytes, got {type(data).__name__}")
+    hooks: dict[str, Any] = {}
+    if len(data) > COUNT_FROM_BYTES:
+        budget = _Budget()
+        hooks = {"list_hook": budget.list_hook, "object_hook": budget.map_hook}
     try:
         obj = msgpack.unpackb(
             data, raw=False, strict_map_key=True, use_list=True,
             max_str_len=MAX_TEXT, max_bin_len=max_bin, max_array_len=MAX_ARRAY,
-            max_map_len=MAX_MAP, max_ext_len=0,
+            max_map_len=MAX_MAP, max_ext_len=0, **hooks,
         )
+    except _TooLarge as exc:
+        raise InvalidMessage(f"{kind}: too large once decoded: {exc}") from None
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as exc:
         raise InvalidMessage(f"{kind}: not valid msgpack ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):
@@ -44,9 +117,10 @@ def _unpack(data: bytes, kind: str, max_bin: int) -> dict[str, Any]:
     version = obj.get("v")
     # type() and not ==: True and 1.0 compare equal to 1 but are not a schema version.
     if type(version) is not int or version != SCHEMA_VERSION:
-        raise InvalidMessage(f"{kind}.v: unsupported schema version {version!r} (expected {SCHEMA_VERSION})")
+        raise InvalidMessage(f"{kind}.v: unsupported schema version {_describe(version)} "
+                             f"(expected {SCHEMA_VERSION})")
     if obj.get("kind") != kind:
-        raise InvalidMessage(f"{kind}.kind: expected {kind!r}, got {obj.get('kind')!r}")
+        raise InvalidMessage(f"{kind}.kind: expected {kind!r}, got {_describe(obj.get('kind'))}")
     return obj
 
 
@@ -115,7 +189,7 @@ class _Fields:
 def _priority(f: _Fields) -> str:
     value = f.text("priority", required=False) or "normal"
     if value not in PRIORITIES:
-        raise InvalidMessage(f"{f.kind}.priority: {value!r} is not one of {', '.join(PRIORITIES)}")
+        raise InvalidMessage(f"{f.kind}.priority: {_describe(value)} is not one of {', '.join(PRIORITIES)}")
     return str(value)
 
 
@@ -236,6 +310,6 @@ def decode_event(data: bytes) -> Event:
         findings=f.texts("findings"),
     )
     if event.outcome not in OUTCOMES:
-        raise InvalidMessage(f"event.outcome: {event.outcome!r} is not one of {', '.join(OUTCOMES)}")
+        raise InvalidMessage(f"event.outcome: {_describe(event.outcome)} is not one of {', '.join(OUTCOMES)}")
     return event
 

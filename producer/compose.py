@@ -8,8 +8,10 @@ dead-letter what an upstream in another language sent anyway.
 from __future__ import annotations
 
 import binascii
+import email.errors
 import functools
 import re
+import unicodedata
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import formatdate
@@ -23,7 +25,23 @@ from mailpipe.servers import DkimKey
 
 # Used with fullmatch: "$" would also match before a trailing newline ("X-Bad\n").
 _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # printable ASCII, no colon, no space
-_FORBIDDEN_CHARS = ("\r", "\n", "\0")
+
+# What no text that reaches a header (subject, header values, filenames, the tenant, ...) may
+# hold: every control character (Unicode Cc: C0 with TAB, DEL, C1 with U+0085 NEXT LINE), the
+# line and paragraph separators (Zl U+2028, Zp U+2029) and lone surrogates (Cs, which a Python
+# caller can pass and UTF-8 cannot encode). That covers every Unicode line break (LF, VT, FF,
+# CR, U+001C..U+001E, NEL, LS, PS). TAB is refused too: folding whitespace would allow it in
+# unstructured values, but mailpipe folds headers itself and a TAB there is always a mistake.
+# Format characters (Cf: zero-width joiner in emoji, bidi marks in Arabic or Hebrew subjects)
+# and other spaces are allowed in values: they break no line. Addresses are stricter (below).
+# The classes are fixed by Unicode (Cc, Zl, Zp and Cs never change), so the pattern is written
+# out, not derived from unicodedata at import; a unit test checks it against unicodedata.
+_FORBIDDEN_IN_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_CLASSIC = frozenset("\r\n\0")
+_NAMES = {"\0": "NULL", "\t": "CHARACTER TABULATION", "\n": "LINE FEED", "\x0b": "LINE TABULATION",
+          "\x0c": "FORM FEED", "\r": "CARRIAGE RETURN", "\x1c": "INFORMATION SEPARATOR FOUR",
+          "\x1d": "INFORMATION SEPARATOR THREE", "\x1e": "INFORMATION SEPARATOR TWO",
+          "\x1f": "INFORMATION SEPARATOR ONE", "\x7f": "DELETE", "\x85": "NEXT LINE"}
 # Headers the renderer owns: a caller setting them would break the envelope or the MIME tree.
 RESERVED_HEADERS = frozenset({
     "from", "to", "cc", "bcc", "subject", "date", "message-id", "mime-version",
@@ -32,12 +50,41 @@ RESERVED_HEADERS = frozenset({
 })
 
 
+def describe_char(char: str) -> str:
+    """``U+2028 (LINE SEPARATOR)``: a character named for a reason, whatever it is."""
+    name = _NAMES.get(char) or unicodedata.name(char, "") or {
+        "Cc": "control character", "Cs": "surrogate", "Cf": "format character", "Co": "private use",
+        "Cn": "unassigned"}.get(unicodedata.category(char), unicodedata.category(char))
+    return f"U+{ord(char):04X} ({name})"
+
+
+def _refusal(field: str, char: str, shown: str = "") -> InvalidMessage:
+    what = "CR, LF or NUL: " if char in _CLASSIC else ""  # the reason upstreams have always seen
+    kind = "" if char in _CLASSIC else (", a control character or line break" if
+                                        _FORBIDDEN_IN_TEXT.match(char) else ", not allowed in an address")
+    return InvalidMessage(f"{field}: {shown}contains {what}{describe_char(char)}{kind}")
+
+
+def check_text(value: str | None, field: str) -> None:
+    """Refuse a control character or line break (``_FORBIDDEN_IN_TEXT``), naming field and character."""
+    if value is not None:
+        found = _FORBIDDEN_IN_TEXT.search(value)
+        if found is not None:
+            raise _refusal(field, found.group())
+
+
 def check_address(address: str, field: str) -> str:
     """The address in ASCII form (IDNA domain), or ``InvalidMessage`` naming the field and what
     is wrong. email-validator does the RFC work; no DNS lookup on the intake's hot path, and no
-    internationalized local parts (not every server speaks SMTPUTF8)."""
-    if any(c in address for c in _FORBIDDEN_CHARS):
-        raise InvalidMessage(f"{field}: {address!r} contains CR, LF or NUL")
+    internationalized local parts (not every server speaks SMTPUTF8).
+
+    Before it, every character must be printable (``str.isprintable``, in C): no control or
+    format character, no line or paragraph separator, no space but the ASCII one (which is
+    trimmed around the address). Python's ``strip`` would otherwise trim U+0085 or U+2028 off
+    the checked copy, and the raw address, which goes into the To and Cc headers, keep it."""
+    if not address.isprintable():
+        bad = next(c for c in address if not c.isprintable())
+        raise _refusal(field, bad, f"{address!r} ")
     checked, problem = _checked(address.strip())
     if problem:
         raise InvalidMessage(f"{field}: {address!r} is not a valid address: {problem}")
@@ -56,16 +103,13 @@ def _checked(address: str) -> tuple[str, str]:
 
 def check_header(name: str, value: str) -> None:
     if not _HEADER_NAME.fullmatch(name):
-        raise InvalidMessage(f"headers[{name!r}]: not a valid header name")
+        bad = next((c for c in name if not ("!" <= c <= "~") or c == ":"), None)
+        why = f"contains {describe_char(bad)}" if bad is not None else "empty or longer than 76 characters"
+        raise InvalidMessage(f"headers[{name!r}]: not a valid header name ({why}; printable ASCII "
+                             "without colon or space only)")
     if name.lower() in RESERVED_HEADERS:
         raise InvalidMessage(f"headers[{name!r}]: set by mailpipe; use the matching argument instead")
-    if any(c in value for c in _FORBIDDEN_CHARS):
-        raise InvalidMessage(f"headers[{name!r}]: value contains CR, LF or NUL")
-
-
-def _check_text(value: str | None, field: str) -> None:
-    if value is not None and any(c in value for c in _FORBIDDEN_CHARS):
-        raise InvalidMessage(f"{field}: contains CR, LF or NUL")
+    check_text(value, f"headers[{name!r}] value")
 
 
 def envelope_recipients(req: IntakeRequest, max_recipients: int) -> tuple[str, ...]:
@@ -90,10 +134,25 @@ def envelope_recipients(req: IntakeRequest, max_recipients: int) -> tuple[str, .
 MAX_SCHEDULE_MS = 30 * 24 * 3600 * 1000
 
 
+# The id is the left part of the Message-ID and part of the MIME boundary: RFC 5322 atext and
+# dots, which a UUID's hex (new_id, job_id_for) always is.
+_ID = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}")
+# created_ms becomes the Date header: at most 9999-12-31 (formatdate cannot go further).
+MAX_CREATED_MS = 253_402_300_799_999
+
+
 def validate(req: IntakeRequest, max_message_bytes: int, max_recipients: int) -> tuple[str, ...]:
     """Check a request; return its envelope recipients."""
-    if not req.tenant or any(c in req.tenant for c in _FORBIDDEN_CHARS):
-        raise InvalidMessage("tenant: empty or contains CR, LF or NUL")
+    if not req.tenant:
+        raise InvalidMessage("tenant: empty")
+    check_text(req.tenant, "tenant")
+    if not _ID.fullmatch(req.id):
+        raise InvalidMessage(f"id: {req.id!r} is not 1 to 64 letters, digits or !#$%&'*+/=?^_`{{|}}~.- "
+                             "(it becomes the Message-ID)")
+    check_text(req.server, "server")
+    check_text(req.idempotency_key, "idempotency_key")
+    if req.created_ms > MAX_CREATED_MS:
+        raise InvalidMessage("created_ms: after the year 9999")
     if req.priority not in PRIORITIES:
         raise InvalidMessage(f"priority: {req.priority!r} is not one of {', '.join(PRIORITIES)}")
     if req.send_at_ms is not None and req.send_at_ms > req.created_ms + MAX_SCHEDULE_MS:
@@ -108,7 +167,7 @@ def validate(req: IntakeRequest, max_message_bytes: int, max_recipients: int) ->
             raise InvalidMessage(f"message: {len(req.message)} bytes, "
                                  f"over the {max_message_bytes}-byte limit")
         return recipients
-    _check_text(req.subject, "subject")
+    check_text(req.subject, "subject")
     for name, value in req.headers.items():
         check_header(name, value)
     if req.text is None and req.html is None:
@@ -117,7 +176,7 @@ def validate(req: IntakeRequest, max_message_bytes: int, max_recipients: int) ->
     if size > max_message_bytes:
         raise InvalidMessage(f"message: {size} bytes of content, over the {max_message_bytes}-byte limit")
     for i, attachment in enumerate(req.attachments):
-        _check_text(attachment.filename, f"attachments[{i}].filename")
+        check_text(attachment.filename, f"attachments[{i}].filename")
         maintype, slash, subtype = attachment.content_type.partition("/")
         if not slash or not _HEADER_NAME.fullmatch(maintype) or not _HEADER_NAME.fullmatch(subtype):
             raise InvalidMessage(f"attachments[{i}].content_type: {attachment.content_type!r} "
@@ -130,7 +189,11 @@ def render(req: IntakeRequest, job_id: str) -> bytes:
     if req.is_raw:
         assert req.message is not None
         return req.message
-    return render_plain(req, job_id) or render_mime(req, job_id)
+    try:
+        plain = render_plain(req, job_id)
+    except _RENDER_ERRORS as exc:  # a lone surrogate that a Python caller put in text or html
+        raise InvalidMessage(f"message: cannot be rendered: {type(exc).__name__}: {exc}") from None
+    return plain or render_mime(req, job_id)
 
 
 def _headers(req: IntakeRequest, job_id: str) -> list[tuple[str, str]]:
@@ -198,8 +261,20 @@ def _fold_addresses(value: str) -> str:
     return "\r\n".join([*folded, line])
 
 
+# What the standard library's email package raises on input it cannot render (a header it
+# parses strictly, such as a second Sender, a text it cannot encode).
+_RENDER_ERRORS = (ValueError, TypeError, UnicodeError, LookupError, email.errors.MessageError)
+
+
 def render_mime(req: IntakeRequest, job_id: str) -> bytes:
     """The general case (attachments, non-ASCII or long headers): the standard library's."""
+    try:
+        return _render_mime(req, job_id)
+    except _RENDER_ERRORS as exc:
+        raise InvalidMessage(f"message: cannot be rendered: {type(exc).__name__}: {exc}") from None
+
+
+def _render_mime(req: IntakeRequest, job_id: str) -> bytes:
     msg = EmailMessage(policy=SMTP)
     msg["From"] = req.sender
     if req.to:
@@ -223,10 +298,7 @@ def render_mime(req: IntakeRequest, job_id: str) -> bytes:
         maintype, _, subtype = attachment.content_type.partition("/")
         msg.add_attachment(attachment.data, maintype=maintype, subtype=subtype,
                            filename=attachment.filename)
-    try:
-        return msg.as_bytes()
-    except (ValueError, TypeError, UnicodeError) as exc:
-        raise InvalidMessage(f"message: cannot be rendered: {exc}") from None
+    return msg.as_bytes()
 
 
 SIGNED_HEADERS = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"mime-version",

@@ -509,3 +509,87 @@ def test_job_round_trip_property(
         recipients: list[str], message: bytes, attempt: int, key: str | None) -> None:
     job = make_job(recipients=tuple(recipients), message=message, attempt=attempt, idempotency_key=key)
     assert codec.decode_job(codec.encode_job(job)) == job
+
+
+# -- bounds on a whole message (issue 13) ------------------------------------------------------
+
+def _intake_with(extra: bytes) -> bytes:
+    """An intake map whose last key, ``x``, holds ``extra`` (already msgpack)."""
+    head = pack({"v": SCHEMA_VERSION, "kind": "intake"})
+    return bytes([head[0] + 1]) + head[1:] + pack("x") + extra
+
+
+def _peak_of_refusal(data: bytes) -> tuple[InvalidMessage, int]:
+    import gc
+    import tracemalloc
+    gc.collect()
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidMessage) as info:
+            codec.decode_intake(data, MAX_MESSAGE_BYTES)
+        return info.value, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_bomb_of_small_maps_is_refused_without_building_it() -> None:
+    """300 KB of empty maps (30 arrays of 10,000, each within the per-container limits) would
+    decode to about 20 MB; it is refused once MAX_OBJECTS are built."""
+    chunk = b"\xdc" + (10_000).to_bytes(2, "big") + b"\x80" * 10_000
+    data = _intake_with(b"\xdc" + (30).to_bytes(2, "big") + chunk * 30)
+    assert 290_000 < len(data) < 310_000
+    error, peak = _peak_of_refusal(data)
+    assert "MAX_OBJECTS" in error.reason and error.reason.startswith("intake:")
+    assert peak < 10 * 1024 * 1024, peak
+
+
+def test_a_bomb_of_one_entry_maps_is_refused_by_the_decoded_size() -> None:
+    """Maps of one entry cost more per byte: the decoded-size bound or the object bound stops it."""
+    one = pack({"": None})
+    chunk = b"\xdc" + (10_000).to_bytes(2, "big") + one * 10_000
+    data = _intake_with(b"\xdc" + (10).to_bytes(2, "big") + chunk * 10)
+    error, peak = _peak_of_refusal(data)
+    assert "MAX_OBJECTS" in error.reason or "MAX_DECODED_OVERHEAD" in error.reason
+    assert peak < 20 * 1024 * 1024, peak
+
+
+def test_the_decoded_size_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(codec, "MAX_DECODED_OVERHEAD", 1024 * 1024)
+    monkeypatch.setattr(codec, "COUNT_FROM_BYTES", 0)
+    chunk = b"\xdc" + (10_000).to_bytes(2, "big") + b"\x80" * 10_000
+    with pytest.raises(InvalidMessage, match=r"^intake: too large once decoded: .*MAX_DECODED_OVERHEAD"):
+        decode_intake(_intake_with(b"\xdc" + (3).to_bytes(2, "big") + chunk * 3))
+
+
+@pytest.mark.parametrize("depth", [1025, 300_000])
+def test_a_deep_nesting_bomb_is_refused_without_building_it(depth: int) -> None:
+    error, peak = _peak_of_refusal(_intake_with(b"\x91" * depth + b"\xc0"))
+    assert "StackError" in error.reason
+    assert peak < 2 * 1024 * 1024, peak
+
+
+def test_many_deep_chains_are_refused_by_the_object_bound() -> None:
+    """300 chains of 1,000 nested arrays (each under msgpack's nesting limit): 300,000 lists."""
+    chain = b"\x91" * 999 + b"\xc0"
+    error, peak = _peak_of_refusal(_intake_with(b"\xdc" + (300).to_bytes(2, "big") + chain * 300))
+    assert "MAX_OBJECTS" in error.reason
+    assert peak < 20 * 1024 * 1024, peak
+
+
+def test_a_deep_value_where_a_scalar_is_expected_is_named_not_printed() -> None:
+    """``v`` holding 1,000 nested arrays: the reason names its type (its repr would recurse)."""
+    deep = b"\x91" * 1000 + b"\x01"
+    data = b"\x82" + pack("kind") + pack("intake") + pack("v") + deep
+    with pytest.raises(InvalidMessage, match=r"^intake\.v: unsupported schema version a list"):
+        decode_intake(data)
+
+
+def test_a_large_real_intake_still_decodes() -> None:
+    """Past COUNT_FROM_BYTES the hooks count; a real request (1,000 headers, 100 recipients, a
+    large attachment) is far inside the bounds."""
+    req = make_intake(headers={f"X-H{i}": "v" * 20 for i in range(1000)},
+                      to=tuple(f"u{i}@example.com" for i in range(100)),
+                      attachments=(Attachment("big.bin", "application/octet-stream", b"\0" * 200_000),))
+    data = codec.encode_intake(req)
+    assert len(data) > codec.COUNT_FROM_BYTES
+    assert decode_intake(data) == req

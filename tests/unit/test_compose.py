@@ -128,3 +128,97 @@ def test_what_the_fast_renderer_leaves_to_the_standard_library(fields: dict[str,
     req = request(**fields)
     assert render_plain(req, "c" * 32) is None
     assert email.message_from_bytes(render(req, "c" * 32), policy=default)["Subject"] == req.subject
+
+
+# -- every line break and control character refused (issue 13) --------------------------------
+
+import unicodedata  # noqa: E402
+
+from producer import compose  # noqa: E402
+
+LINE_BREAKS = ["\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+CONTROLS = ["\0", "\t", "\x01", "\x1f", "\x7f", "\x9f"]
+
+
+def test_the_forbidden_pattern_is_exactly_cc_zl_zp_cs() -> None:
+    """The hand-written class matches what unicodedata says, for every code point."""
+    wanted = {c for c in map(chr, range(0x110000)) if unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs")}
+    found = {c for c in map(chr, range(0x110000)) if compose._FORBIDDEN_IN_TEXT.match(c)}
+    assert found == wanted
+
+
+@pytest.mark.parametrize("char", LINE_BREAKS + CONTROLS)
+@pytest.mark.parametrize(("field", "make"), [
+    ("subject", lambda c: request(subject=f"Hi{c}there")),
+    ("headers['X-Tag'] value", lambda c: request(headers={"X-Tag": f"a{c}b"})),
+    ("attachments[0].filename", lambda c: request(attachments=(Attachment(f"a{c}.pdf", "application/pdf", b"x"),))),
+    ("tenant", lambda c: request(tenant=f"acme{c}")),
+    ("idempotency_key", lambda c: request(idempotency_key=f"k{c}")),
+    ("to[0]", lambda c: request(to=(f"ann@example.com{c}",))),
+    ("sender", lambda c: request(sender=f"{c}hr@acme.example")),
+    ("cc[0]", lambda c: request(cc=(f"c{c}c@example.com",))),
+    ("bcc[0]", lambda c: request(bcc=(f"bcc@example.com{c}",))),
+    ("recipients[0]", lambda c: request(message=b"x", recipients=(f"r@example.com{c}",))),
+])
+def test_line_breaks_and_controls_are_refused_with_field_and_character(
+        field: str, make: object, char: str) -> None:
+    req = make(char)  # type: ignore[operator]
+    with pytest.raises(InvalidMessage) as info:
+        validate(req, 1_000_000, 100)
+    reason = info.value.reason
+    assert reason.startswith(f"{field}: ")
+    assert f"U+{ord(char):04X}" in reason
+
+
+def test_the_reason_names_the_character() -> None:
+    with pytest.raises(InvalidMessage, match=r"^subject: contains U\+2028 \(LINE SEPARATOR\)"):
+        validate(request(subject="a\u2028b"), 1_000_000, 100)
+    with pytest.raises(InvalidMessage, match=r"^subject: contains U\+0085 \(NEXT LINE\)"):
+        validate(request(subject="a\x85b"), 1_000_000, 100)
+    with pytest.raises(InvalidMessage, match=r"^subject: contains U\+000B \(LINE TABULATION\)"):
+        validate(request(subject="a\x0bb"), 1_000_000, 100)
+    # CR, LF and NUL keep the reason upstreams have always seen, with the character added.
+    with pytest.raises(InvalidMessage, match=r"^subject: contains CR, LF or NUL: U\+000D \(CARRIAGE RETURN\)"):
+        validate(request(subject="a\rb"), 1_000_000, 100)
+
+
+@pytest.mark.parametrize("char", ["\u200b", "\u200e", "\ufeff", "\xa0", "\u3000"])
+def test_format_characters_and_spaces_are_refused_in_addresses(char: str) -> None:
+    with pytest.raises(InvalidMessage, match=rf"^to\[0\]: .*U\+{ord(char):04X}"):
+        check_address(f"ann@example.com{char}", "to[0]")
+
+
+def test_format_characters_are_allowed_in_values_and_render() -> None:
+    """A zero-width joiner (emoji) and bidi marks break no line: allowed in subject and values."""
+    req = request(subject="Family \U0001f468\u200d\U0001f469\u200d\U0001f467 \u200f\u05e9\u05dc\u05d5\u05dd\u200e",
+                  headers={"X-Note": "zero\u200bwidth"})
+    validate(req, 1_000_000, 100)
+    parsed = email.message_from_bytes(render(req, "a" * 32), policy=default)
+    assert parsed["Subject"] == req.subject
+
+
+@pytest.mark.parametrize("name", ["X-A\u2028", "X-\x85", "X-T\tab", "X-\u00e9", "X:Y"])
+def test_header_names_are_printable_ascii(name: str) -> None:
+    with pytest.raises(InvalidMessage, match=r"not a valid header name \(contains U\+"):
+        validate(request(headers={name: "v"}), 1_000_000, 100)
+
+
+@pytest.mark.parametrize("job_id", ["", "a\r\nBcc: x@example.com", "a b", "<a>", 'a"b', "a@b", "é"])
+def test_the_id_must_fit_a_message_id(job_id: str) -> None:
+    with pytest.raises(InvalidMessage, match=r"^id: "):
+        validate(request(id=job_id), 1_000_000, 100)
+
+
+def test_created_ms_past_the_year_9999_is_refused() -> None:
+    with pytest.raises(InvalidMessage, match=r"^created_ms: after the year 9999"):
+        validate(request(created_ms=compose.MAX_CREATED_MS + 1), 1_000_000, 100)
+    validate(request(created_ms=compose.MAX_CREATED_MS), 1_000_000, 100)
+    render(request(created_ms=compose.MAX_CREATED_MS), "a" * 32)
+
+
+def test_headers_the_library_parses_strictly_are_refused_not_crashed() -> None:
+    """Two Sender headers (names differ in case): the standard library raises ValueError."""
+    req = request(headers={"Sender": "a@example.com", "sender": "b@example.com"}, subject="é")
+    validate(req, 1_000_000, 100)
+    with pytest.raises(InvalidMessage, match=r"^message: cannot be rendered"):
+        render(req, "a" * 32)
