@@ -261,13 +261,47 @@ def ledger(settings: Settings, peer: LedgerPeer, published: Iterable[str], cuts:
     return reconcile(published, accepted, read_dead(settings.amqp_url, settings.namespace), cuts)
 
 
-def settle(peer: LedgerPeer, published: list[str], timeout_s: float, pipeline: Pipeline,
-           expect_dead: Iterable[str] = (), quiet_s: float = 1.5) -> None:
-    """Wait until every published job reached the peer, then a little longer for duplicates."""
+def in_flight(settings: Settings, client: redis.Redis, rabbit: PrivateRabbit | None = None) -> str:
+    """What is still in flight in the namespace, "" when nothing: a queue not empty, ready or
+    unacked (the dead letters aside; what a stage holds is unacked in its input queue), or a
+    claim held in Redis."""
+    depths = queue_depths(settings.namespace, rabbit)
+    if depths is None:
+        return "RabbitMQ does not answer"
+    dead = Topology(settings.namespace).dead
+    busy = {q: d for q, d in depths.items() if q != dead and d != (0, 0)}
+    try:
+        claims = held_claims(client, settings.namespace)
+    except redis.RedisError as exc:
+        return f"Redis: {exc}"
+    return f"queues (ready, unacked) {busy}, {claims} claims held" if busy or claims else ""
+
+
+def settle(peer: LedgerPeer, published: list[str], timeout_s: float, pipeline: Pipeline, *,
+                   rabbit: PrivateRabbit | None = None, expect_dead: Iterable[str] = ()) -> None:
+    """Wait until every published job reached the peer, then until the run has drained: nothing in
+    flight (see ``in_flight``), seen twice in a row. Only then can no further copy of a mail reach
+    the peer, so the ledger read after it is final (a fixed pause only made that likely)."""
     wanted = set(published)
     wait_until(lambda: wanted <= peer.accepted_jobs(), timeout_s,
                f"{len(wanted)} mails at the SMTP peer", pipeline, expect_dead)
-    time.sleep(quiet_s)
+    allowed = set(expect_dead)
+    client = redis.Redis.from_url(pipeline.settings.redis_url, socket_timeout=5)
+    deadline = time.monotonic() + timeout_s
+    in_a_row, why = 0, ""
+    try:
+        while in_a_row < 2:
+            if time.monotonic() > deadline:
+                pytest.fail(f"not drained {timeout_s} s after the last mail reached the peer: {why}\n"
+                            f"{pipeline.logs()}")
+            died = [n for n in pipeline.dead() if n not in allowed]
+            if died:
+                pytest.fail(f"{died} died while the run drained\n{pipeline.logs()}")
+            why = in_flight(pipeline.settings, client, rabbit)
+            in_a_row = 0 if why else in_a_row + 1
+            time.sleep(0.2)
+    finally:
+        client.close()
 
 
 # -- private servers ------------------------------------------------------------------------------

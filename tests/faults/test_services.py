@@ -29,6 +29,7 @@ from tests.faults.harness import (
     wait_until,
     write_servers,
 )
+from tests.smtp_peer import TestCerts, make_test_ca
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -38,9 +39,13 @@ SMTP_PASSWORD = "smtp-S3cret-44d1"
 SECRETS = (AMQP_PASSWORD, REDIS_PASSWORD, SMTP_PASSWORD)
 
 
-def with_auth_server(settings: Settings, port: int, extra: str = "") -> dict[str, str]:
-    """A servers file whose server needs AUTH; returns the environment holding its credentials."""
-    write_servers(settings, port, extra=f'credentials_env = "FAULTS_SMTP"\n{extra}')
+def with_auth_server(settings: Settings, port: int, certs: TestCerts) -> dict[str, str]:
+    """A servers file whose server needs AUTH (over STARTTLS: credentials never go in clear);
+    returns the environment holding its credentials."""
+    write_servers(settings, port, server=(
+        f'[servers.tenant-smtp]\naddress = "[127.0.0.1]:{port}"\ntls = "starttls"\nca_file = "{certs.ca_file}"\n'
+        'unlimited = true\ncredentials_env = "FAULTS_SMTP"\n\n'
+        '[tenants.acme]\nserver = "tenant-smtp"\ndaily_limit = 1000000\n'))
     return {"FAULTS_SMTP": f"mailer {SMTP_PASSWORD}"}
 
 
@@ -56,15 +61,16 @@ def test_rabbitmq_restart_under_load(settings: Settings, tmp_path: Path) -> None
     SMTP server needs AUTH, stages log at DEBUG: none of the three passwords appears in a log."""
     logs = tmp_path / "logs"
     logs.mkdir()
+    certs = make_test_ca(tmp_path / "ca")
     with PrivateRabbit(tmp_path / "rabbit") as rabbit, PrivateRedis(tmp_path) as private_redis, \
-            LedgerPeer(auth={"mailer": SMTP_PASSWORD}) as peer:
+            LedgerPeer(auth={"mailer": SMTP_PASSWORD}, starttls_context=certs.server_context()) as peer:
         rabbit.ctl("add_user", "mailpipe", AMQP_PASSWORD)
         rabbit.ctl("set_permissions", "-p", "/", "mailpipe", ".*", ".*", ".*")
         private_redis.require_password(REDIS_PASSWORD)
         settings = settings.replace(amqp_url=f"amqp://mailpipe:{AMQP_PASSWORD}@127.0.0.1:{rabbit.port}/",
                                     redis_url=f"redis://:{REDIS_PASSWORD}@127.0.0.1:{private_redis.port}/0",
                                     reconnect_max_s=1.0, log_level="DEBUG")
-        env = with_auth_server(settings, peer.port)
+        env = with_auth_server(settings, peer.port, certs)
         with Pipeline(settings, logs, replicas=2, env=env) as pipeline:
             published = publish(settings, mails(1000))
             wait_until(lambda: len(peer.accepted) >= 200, 60, "mail flowing", pipeline)
@@ -72,7 +78,7 @@ def test_rabbitmq_restart_under_load(settings: Settings, tmp_path: Path) -> None
             time.sleep(5)
             rabbit.start_app()
             published += publish(settings, mails(500))
-            settle(peer, published, 120, pipeline)
+            settle(peer, published, 120, pipeline, rabbit=rabbit)
             reconnected = [n for n in pipeline.names
                            if "reconnected to RabbitMQ" in (logs / f"{n}.log").read_text(errors="replace")]
         report = ledger(settings, peer, published)
@@ -97,7 +103,8 @@ def test_redis_stopped_under_load_releases_nothing_above_the_rate(settings: Sett
     and the limiter never released more than rate x time + burst in any run of 10 s buckets."""
     rate_per_s, burst = 10, 20
     with PrivateRedis(tmp_path) as private_redis, LedgerPeer() as peer:
-        settings = settings.replace(redis_url=private_redis.url, burst_mails=burst)
+        # A 1 s window: the limiter keeps 10 of the burst back for it (a minute's would exceed it).
+        settings = settings.replace(redis_url=private_redis.url, burst_mails=burst, window_s=1.0, send_margin_s=0.2)
         write_servers(settings, peer.port, server=(
             f'[servers.tenant-smtp]\naddress = "[127.0.0.1]:{peer.port}"\ntls = "none"\n'
             f'rate_per_hour = {rate_per_s * 3600}\n'

@@ -34,7 +34,7 @@ from mailpipe.queue_metrics import QueueDepth, QueueDepthCollector, api_request,
 from mailpipe.settings import Settings
 from mailpipe.topology import Topology
 from producer import Producer
-from tests.smtp_peer import SmtpPeer
+from tests.smtp_peer import SmtpPeer, make_test_ca
 from tests.stages import StageProcesses, settings_env
 from tests.tools import require_tool
 
@@ -183,9 +183,10 @@ def prometheus_binary() -> str:
     return require_tool("prometheus", "prometheus")
 
 
-def write_servers(settings: Settings, port: int) -> None:
+def write_servers(settings: Settings, port: int, ca_file: Path) -> None:
+    # Credentials go only over TLS: STARTTLS to the test peer, with the test CA.
     Path(settings.servers_file).write_text(
-        f'[servers.tenant-smtp]\naddress = "[127.0.0.1]:{port}"\ntls = "none"\n'
+        f'[servers.tenant-smtp]\naddress = "[127.0.0.1]:{port}"\ntls = "starttls"\nca_file = "{ca_file}"\n'
         f'rate_per_hour = {RATE_PER_HOUR}\ncredentials_env = "OBS_SMTP_CREDENTIALS"\n\n'
         '[tenants.acme]\nserver = "tenant-smtp"\ndaily_limit = 100000\n', encoding="utf-8")
 
@@ -204,7 +205,8 @@ def observed_run(settings: Settings, tmp_path: Path, prometheus_binary: str,
     """Run the four stages with a metrics port each, scraped by Prometheus, through mail that
     is sent, refused (550), deferred then sent (451 once), and an intake message that does not
     decode, so every panel of the dashboard has something to show."""
-    settings = settings.replace(log_format="json", burst_mails=BURST_MAILS,
+    # A 1 s window keeps 20 of the burst back at this rate (see limiter/gcra.py).
+    settings = settings.replace(log_format="json", burst_mails=BURST_MAILS, window_s=1.0, send_margin_s=0.2,
                                 rabbitmq_api_url=os.environ.get("MAILPIPE_RABBITMQ_API_URL", API_URL))
     monkeypatch.setenv("OBS_SMTP_CREDENTIALS", f"{SMTP_USER} {SMTP_PASSWORD}")
     ports = dict(zip(STAGES, free_ports(len(STAGES)), strict=True))
@@ -212,10 +214,11 @@ def observed_run(settings: Settings, tmp_path: Path, prometheus_binary: str,
     prom_dir.mkdir()
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
-    with SmtpPeer(auth={SMTP_USER: SMTP_PASSWORD}) as peer:
+    certs = make_test_ca(tmp_path / "ca")
+    with SmtpPeer(auth={SMTP_USER: SMTP_PASSWORD}, starttls_context=certs.server_context()) as peer:
         peer.refuse("spam-trap@example.com", 550, "5.7.1 High probability of spam")
         peer.refuse("busy@example.com", 451, "4.7.1 Try again later", times=1)
-        write_servers(settings, peer.port)
+        write_servers(settings, peer.port, certs.ca_file)
         prometheus = Prometheus(prometheus_binary, prom_dir, ports)
         started = time.time()
         try:
