@@ -4,10 +4,22 @@
     address = "[smtp.example.com]:587"     # every form of the seeds: host, [host], [host]:port
     credentials_env = "PLATFORM_SMTP"      # "username password", one space between
     bulk = false                           # true: "accepts large amounts of email", 6,000/h
+    platform = true                        # shared: every tenant may send through it
+
+    [servers.acme-smtp]
+    address = "smtp.acme.example:587"
 
     [tenants.acme]
-    server = "platform"
+    servers = ["acme-smtp", "platform"]    # its own servers, the first its default
+    domains = ["acme.example", "*.acme.example"]   # verified sender domains
+    domain_policy = "refuse"               # or "warn"
     daily_limit = 10000
+
+A tenant sends through the servers it lists (``servers``, or the older single ``server``) and
+the servers marked ``platform = true``; nothing else. With ``domains``, the envelope sender and
+every address of ``From:`` (and ``Sender:``) must be at one of them: a domain matches exactly,
+``*.acme.example`` matches its subdomains. Without ``domains`` the sender is not checked (the
+enqueue stage warns about such tenants at start and on every reload).
 
 Validated on load; an error names the file, the table and the field. ``ConfigWatcher``
 re-reads the file when it changes, so a new rate applies without a restart.
@@ -24,12 +36,15 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from email_validator import EmailNotValidError, validate_email
+
 from mailpipe.errors import ConfigError
 
 DEFAULT_RATE_PER_HOUR = 1200
 BULK_RATE_PER_HOUR = 6000
 DEFAULT_DAILY_LIMIT = 10_000
 TLS_MODES = ("implicit", "starttls", "opportunistic", "none")
+DOMAIN_POLICIES = ("refuse", "warn")
 _LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(\.{_LABEL})*\.?")
 
@@ -135,6 +150,7 @@ class ServerConfig:
     tls_verify: bool = True
     ca_file: str | None = None
     max_mails_per_connection: int = 1000
+    platform: bool = False  # the platform's own: every tenant may send through it
 
 
 @dataclass(frozen=True)
@@ -148,11 +164,30 @@ class DkimKey:
 
 @dataclass(frozen=True)
 class TenantConfig:
+    """``server`` is the default (home) server, the first of ``servers``: the daily cap is
+    counted under it. ``domains`` holds the verified sender domains in ASCII (IDNA) lowercase
+    form, ``*.`` for "any subdomain of"; None means the tenant's senders are not checked."""
+
     name: str
     server: str
     daily_limit: int = DEFAULT_DAILY_LIMIT
     timezone: str = "UTC"
     dkim: DkimKey | None = None
+    servers: tuple[str, ...] = ()
+    domains: tuple[str, ...] | None = None
+    domain_policy: str = "refuse"
+
+    def __post_init__(self) -> None:
+        if not self.servers:  # built in code with only ``server``: that one
+            object.__setattr__(self, "servers", (self.server,))
+
+    def allows_domain(self, domain: str) -> bool:
+        """True when ``domain`` (ASCII, any case) is one of the tenant's: exactly, or under a
+        ``*.`` entry. Always True for a tenant without ``domains``."""
+        if self.domains is None:
+            return True
+        domain = domain.lower().rstrip(".")
+        return any(domain.endswith(d[1:]) if d.startswith("*.") else domain == d for d in self.domains)
 
 
 @dataclass(frozen=True)
@@ -172,12 +207,38 @@ class Config:
         except KeyError:
             raise ConfigError(f"unknown tenant {name!r}") from None
 
+    @property
+    def platform_servers(self) -> tuple[str, ...]:
+        """The servers marked ``platform = true``: every tenant may send through them."""
+        return tuple(name for name, server in self.servers.items() if server.platform)
+
+    def allowed_servers(self, tenant: TenantConfig) -> tuple[str, ...]:
+        """The tenant's own servers (its default first), then the platform's."""
+        return tenant.servers + tuple(s for s in self.platform_servers if s not in tenant.servers)
+
+    def route(self, tenant: TenantConfig, requested: str | None) -> ServerConfig:
+        """The server a request of ``tenant`` goes through: its default, or the one it names if
+        the tenant may use it. The reason of a refusal names the request's field ``server``."""
+        if requested is None:
+            return self.server(tenant.server)
+        if requested not in self.servers:
+            raise ConfigError(f"server: unknown server {requested!r}")
+        allowed = self.allowed_servers(tenant)
+        if requested not in allowed:
+            raise ConfigError(f"server: tenant {tenant.name!r} may not send through {requested!r}; "
+                              f"its servers are {', '.join(allowed)}")
+        return self.servers[requested]
+
+    def unchecked_tenants(self) -> list[str]:
+        """Tenants without ``domains``: their senders are not checked (warned about at start)."""
+        return sorted(name for name, tenant in self.tenants.items() if tenant.domains is None)
+
 
 _SERVER_KEYS = {"address", "credentials_env", "credentials_file", "bulk", "rate_per_hour",
                 "per_minute", "unlimited", "concurrency", "tls", "tls_verify", "ca_file",
-                "max_mails_per_connection"}
-_TENANT_KEYS = {"server", "daily_limit", "timezone", "dkim_domain", "dkim_selector", "dkim_key_file",
-                "dkim_key_env"}
+                "max_mails_per_connection", "platform"}
+_TENANT_KEYS = {"server", "servers", "daily_limit", "timezone", "dkim_domain", "dkim_selector",
+                "dkim_key_file", "dkim_key_env", "domains", "domain_policy"}
 
 
 def load_config(path: Path | None, environ: dict[str, str] | None = None) -> Config:
@@ -199,10 +260,18 @@ def parse_config(data: dict[str, Any], source: str, environ: Any) -> Config:
         raise ConfigError(f"{source}: unknown table(s) {sorted(unknown)}; expected servers, tenants")
     servers = {name: _server(name, table, f"{source}: servers.{name}", environ)
                for name, table in _tables(data, "servers", source).items()}
-    tenants = {name: _tenant(name, table, f"{source}: tenants.{name}", environ)
+    # A tenant that names no server sends through the platform's (the first marked platform =
+    # true), or through the one called "platform", as before servers could be marked.
+    default = next((name for name, server in servers.items() if server.platform), "platform")
+    tenants = {name: _tenant(name, table, f"{source}: tenants.{name}", environ, default)
                for name, table in _tables(data, "tenants", source).items()}
     for tenant in tenants.values():
-        if tenant.server not in servers:
+        table = data["tenants"][tenant.name]
+        if "servers" in table:
+            for i, name in enumerate(tenant.servers):
+                if name not in servers:
+                    raise ConfigError(f"{source}: tenants.{tenant.name}.servers[{i}]: unknown server {name!r}")
+        elif tenant.server not in servers:
             raise ConfigError(f"{source}: tenants.{tenant.name}.server: unknown server {tenant.server!r}")
     return Config(servers=servers, tenants=tenants)
 
@@ -244,7 +313,7 @@ def _server(name: str, table: dict[str, Any], where: str, environ: Any) -> Serve
         bulk=bulk, rate_per_hour=rate, per_minute=per_minute,
         unlimited=_typed(table, "unlimited", bool, where) or False, concurrency=concurrency,
         tls_verify=True if tls_verify is None else tls_verify, ca_file=ca_file,
-        max_mails_per_connection=max_per_conn,
+        max_mails_per_connection=max_per_conn, platform=_typed(table, "platform", bool, where) or False,
     )
 
 
@@ -267,9 +336,11 @@ def _credentials(table: dict[str, Any], where: str, environ: Any) -> Credentials
     return None
 
 
-def _tenant(name: str, table: dict[str, Any], where: str, environ: Any) -> TenantConfig:
+def _tenant(name: str, table: dict[str, Any], where: str, environ: Any,
+            default_server: str = "platform") -> TenantConfig:
     _no_unknown_keys(table, _TENANT_KEYS, where)
-    server = _typed(table, "server", str, where) or "platform"
+    servers = _servers_list(table, where)
+    server = servers[0] if servers else _typed(table, "server", str, where) or default_server
     daily_limit = _typed(table, "daily_limit", int, where)
     daily_limit = DEFAULT_DAILY_LIMIT if daily_limit is None else daily_limit
     if daily_limit <= 0:
@@ -279,8 +350,74 @@ def _tenant(name: str, table: dict[str, Any], where: str, environ: Any) -> Tenan
         ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError(f"{where}.timezone: unknown time zone {timezone!r}") from None
+    domains = _domains(table, where)
+    policy = _typed(table, "domain_policy", str, where)
+    if policy is not None and policy not in DOMAIN_POLICIES:
+        raise ConfigError(f"{where}.domain_policy: {policy!r} is not one of {', '.join(DOMAIN_POLICIES)}")
+    if policy is not None and domains is None:
+        raise ConfigError(f"{where}.domain_policy: needs domains (the tenant's verified sender domains)")
     return TenantConfig(name=name, server=server, daily_limit=daily_limit, timezone=timezone,
-                        dkim=_dkim(table, where, environ))
+                        dkim=_dkim(table, where, environ), servers=servers or (server,), domains=domains,
+                        domain_policy=policy or "refuse")
+
+
+def _servers_list(table: dict[str, Any], where: str) -> tuple[str, ...]:
+    """``servers = [...]``: the tenant's own servers, the first its default; () when absent."""
+    if "servers" not in table:
+        return ()
+    if "server" in table:
+        raise ConfigError(f"{where}: give server or servers, not both (servers[0] is the default)")
+    servers = _string_list(table, "servers", where)
+    if not servers:
+        raise ConfigError(f"{where}.servers: empty; name at least the tenant's default server")
+    for i, name in enumerate(servers):
+        if name in servers[:i]:
+            raise ConfigError(f"{where}.servers[{i}]: {name!r} is listed twice")
+    return servers
+
+
+def _domains(table: dict[str, Any], where: str) -> tuple[str, ...] | None:
+    """``domains = [...]``: each a domain name (any case, IDN or its xn-- form, a trailing dot
+    ignored), or ``*.domain`` for its subdomains; stored in ASCII lowercase. None when absent."""
+    if "domains" not in table:
+        return None
+    out: list[str] = []
+    for i, text in enumerate(_string_list(table, "domains", where)):
+        wildcard = text.startswith("*.")
+        try:
+            domain = normalize_domain(text[2:] if wildcard else text)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.domains[{i}]: {text!r} is not a domain name: {exc}") from None
+        entry = f"*.{domain}" if wildcard else domain
+        if entry not in out:
+            out.append(entry)
+    return tuple(out)
+
+
+def normalize_domain(text: str) -> str:
+    """A mail domain in its ASCII (IDNA) lowercase form, or ValueError saying why it is not one.
+    The same library checks the senders' addresses (email-validator, no DNS), so both sides of
+    a comparison are normalized alike."""
+    text = text.strip()
+    if text.endswith("."):
+        text = text[:-1]
+    if not text or "@" in text or any(c in text for c in "\r\n\0"):
+        raise ValueError("empty, or contains @, CR, LF or NUL")
+    try:
+        checked = validate_email(f"postmaster@{text}", check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError as exc:
+        raise ValueError(str(exc).replace("after the @-sign", "domain")) from None
+    return str(checked.ascii_domain).lower()
+
+
+def _string_list(table: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
+    value = table[key]
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}.{key}: expected a list of strings, got {type(value).__name__} {value!r}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ConfigError(f"{where}.{key}[{i}]: expected str, got {type(item).__name__} {item!r}")
+    return tuple(value)
 
 
 def _dkim(table: dict[str, Any], where: str, environ: Any) -> DkimKey | None:

@@ -5,6 +5,16 @@ render the RFC 5322 message once (every later size is exact); publish the jobs, 
 then ack. A request that fails any check goes to the dead-letter queue with a reason that
 names the problem, and the stage goes on.
 
+Tenants (mailpipe/servers.py): a request goes through the tenant's default server, or the one
+it names in ``server`` if that is one of the tenant's own or a platform server; any other is
+refused (category ``routing``, the reason names ``server``). The sender and the From header
+(parsed from a raw message too) must be at the tenant's verified domains (producer/domains.py):
+refused (category ``invalid``) or, with ``domain_policy = "warn"``, queued with a finding.
+
+No request crashes the stage: an unexpected error while one request is checked or rendered (a
+ValueError of the email library, say) becomes that request's dead letter, category ``invalid``,
+with the exception named. Only errors of the infrastructure (RabbitMQ, Redis) propagate.
+
 Idempotency (producer/idempotency.py): a job with an idempotency key claims it in Redis before
 its publish and marks it "queued" after the confirm. A request whose key is queued already (a
 retrying upstream) is acked and dropped as a duplicate. A request whose key another holder has
@@ -28,12 +38,13 @@ from prometheus_client import Counter
 from mailpipe import metrics, suppression
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.codec import decode_intake, encode_event, encode_job
-from mailpipe.errors import ConfigError, InvalidMessage, LimiterUnavailable
+from mailpipe.errors import ConfigError, InvalidMessage, LimiterUnavailable, TransientError
 from mailpipe.model import Event, IntakeRequest, Job, now_ms
 from mailpipe.servers import Config, ConfigWatcher
 from mailpipe.settings import Settings
 from mailpipe.stage import Stage
 from producer.compose import dkim_sign, render, validate
+from producer.domains import check_domains
 from producer.idempotency import Idempotency, Verdict
 from producer.lint import RULES, lint, text_from_html
 
@@ -66,6 +77,8 @@ class EnqueueStage(Stage):
         # on tick() at the earliest at _recheck_at (monotonic).
         self._held: dict[int, tuple[Delivery, Job]] = {}
         self._recheck_at = 0.0
+        self._warned: Config | None = None
+        self.warn_unchecked(self.config.current())
 
     @property
     def input_queue(self) -> str:
@@ -76,6 +89,7 @@ class EnqueueStage(Stage):
 
     def handle(self, broker: Broker, deliveries: list[Delivery]) -> None:
         config = self.config.current()
+        self.warn_unchecked(config)
         out: list[Outgoing] = []
         jobs: list[tuple[Delivery, Job]] = []
         for delivery in deliveries:
@@ -88,6 +102,16 @@ class EnqueueStage(Stage):
             except ConfigError as exc:
                 REJECTS.labels("routing").inc()
                 out.append(self.dead_letter(delivery.body, exc.reason, "routing"))
+            except (TransientError, redis.RedisError):
+                raise  # RabbitMQ or Redis: the request is fine, the stage retries it
+            except Exception as exc:
+                # A bug of ours or of a library on this one request (the email package's
+                # ValueError on a header, a UnicodeError): its dead letter, not a crash of the
+                # stage that would redeliver it and everything with it up to the delivery limit.
+                REJECTS.labels("invalid").inc()
+                log.debug("request %s failed to render", delivery.message_id, exc_info=True)
+                out.append(self.dead_letter(delivery.body, f"message: cannot be rendered: "
+                                                           f"{type(exc).__name__}: {exc}", "invalid"))
         jobs = self.drop_suppressed(jobs, out)
         self.enqueue(broker, deliveries, jobs, out)
 
@@ -169,8 +193,9 @@ class EnqueueStage(Stage):
     def to_job(self, req: IntakeRequest, config: Config) -> Job:
         recipients = validate(req, self.settings.max_message_bytes, self.settings.max_recipients)
         tenant = config.tenant(req.tenant)
-        server = config.server(req.server or tenant.server)
-        findings = lint(req, server)
+        server = config.route(tenant, req.server or None)  # "" is no server, as before
+        findings = check_domains(req, tenant, server)  # raises for refuse; findings for warn
+        findings += lint(req, server)
         refused = [f for f in findings if f.rule in self.refuse]
         if refused:
             raise InvalidMessage("; ".join(str(f) for f in refused))
@@ -188,6 +213,17 @@ class EnqueueStage(Stage):
             enqueued_ms=now_ms(), idempotency_key=req.idempotency_key,
             findings=tuple(str(f) for f in findings), send_at_ms=req.send_at_ms, priority=req.priority,
         )
+
+    def warn_unchecked(self, config: Config) -> None:
+        """Once per loaded config: say loudly which tenants send from any domain."""
+        if config is self._warned:
+            return
+        self._warned = config
+        unchecked = config.unchecked_tenants()
+        if unchecked:
+            log.warning("tenant(s) %s have no `domains` in the servers file: their senders and From "
+                        "headers are NOT checked, so they can send as any domain; list each tenant's "
+                        "verified domains", ", ".join(unchecked))
 
     def ready(self) -> bool:
         try:

@@ -392,3 +392,160 @@ def test_dkim_errors_name_the_field(tmp_path: Path, lines: str, match: str) -> N
     with pytest.raises(ConfigError, match=match) as info:
         load_config(write(tmp_path, DKIM_BASE + lines), {"T_DKIM": PEM, "NOT_PEM": "secret-not-a-key"})
     assert "secret-not-a-key" not in info.value.reason
+
+
+# -- tenants: servers, the platform's, verified domains (issue 13) --------------------------------
+
+TENANTS = """
+[servers.platform]
+address = "[smtp.example.com]:587"
+platform = true
+
+[servers.platform-bulk]
+address = "[bulk.example.com]:587"
+bulk = true
+platform = true
+
+[servers.a-own]
+address = "[smtp.a.example]:587"
+
+[servers.a-second]
+address = "[smtp2.a.example]:587"
+
+[servers.b-own]
+address = "[smtp.b.example]:587"
+
+[tenants.a]
+servers = ["a-own", "a-second"]
+domains = ["A.Example", "*.mail.a.example", "bücher.example", "xn--caf-dma.example."]
+domain_policy = "warn"
+
+[tenants.b]
+server = "b-own"
+domains = ["b.example"]
+
+[tenants.c]
+"""
+
+
+def tenants_config(tmp_path: Path) -> Config:
+    return load_config(write(tmp_path, TENANTS), {})
+
+
+def test_platform_flag_and_the_tenants_servers(tmp_path: Path) -> None:
+    config = tenants_config(tmp_path)
+    assert config.server("platform").platform and not config.server("a-own").platform
+    assert config.platform_servers == ("platform", "platform-bulk")
+    a, b, c = config.tenant("a"), config.tenant("b"), config.tenant("c")
+    assert a.server == "a-own" and a.servers == ("a-own", "a-second")  # the first is the default
+    assert b.server == "b-own" and b.servers == ("b-own",)  # the older single `server` still works
+    assert c.server == "platform" and c.servers == ("platform",)  # no server: the platform's
+    assert config.allowed_servers(a) == ("a-own", "a-second", "platform", "platform-bulk")
+    assert config.allowed_servers(b) == ("b-own", "platform", "platform-bulk")
+    assert config.allowed_servers(c) == ("platform", "platform-bulk")
+
+
+def test_route_allows_own_and_platform_servers_only(tmp_path: Path) -> None:
+    config = tenants_config(tmp_path)
+    a, b = config.tenant("a"), config.tenant("b")
+    assert config.route(a, None).name == "a-own"
+    assert config.route(a, "a-second").name == "a-second"
+    assert config.route(a, "platform").name == "platform"
+    assert config.route(b, "platform-bulk").name == "platform-bulk"
+    with pytest.raises(ConfigError, match=r"^server: tenant 'a' may not send through 'b-own'; "
+                                          r"its servers are a-own, a-second, platform, platform-bulk$"):
+        config.route(a, "b-own")
+    with pytest.raises(ConfigError, match=r"^server: tenant 'b' may not send through 'a-own'"):
+        config.route(b, "a-own")
+    with pytest.raises(ConfigError, match=r"^server: unknown server 'nowhere'$"):
+        config.route(a, "nowhere")
+
+
+def test_a_server_named_platform_is_not_shared_unless_marked(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[servers.platform]\naddress = "h"\n[servers.own]\naddress = "o"\n'
+                                         '[tenants.t]\nserver = "own"\n[tenants.u]\n'), {})
+    assert config.platform_servers == ()
+    assert config.tenant("u").server == "platform"  # as before: the server called "platform"
+    with pytest.raises(ConfigError, match="may not send through 'platform'"):
+        config.route(config.tenant("t"), "platform")
+
+
+def test_domains_are_normalized_and_matched(tmp_path: Path) -> None:
+    config = tenants_config(tmp_path)
+    a, b, c = config.tenant("a"), config.tenant("b"), config.tenant("c")
+    assert a.domains == ("a.example", "*.mail.a.example", "xn--bcher-kva.example", "xn--caf-dma.example")
+    assert a.domain_policy == "warn" and b.domain_policy == "refuse"
+    assert c.domains is None and c.domain_policy == "refuse"
+    assert config.unchecked_tenants() == ["c"]
+    assert a.allows_domain("a.example") and a.allows_domain("A.EXAMPLE.")
+    assert not a.allows_domain("sub.a.example")  # exact, unless a "*." entry says otherwise
+    assert a.allows_domain("x.mail.a.example") and a.allows_domain("y.x.mail.a.example")
+    assert not a.allows_domain("mail.a.example")  # "*.d" is d's subdomains, not d
+    assert not a.allows_domain("evilmail.a.example") and not a.allows_domain("a.example.evil")
+    assert a.allows_domain("xn--bcher-kva.example")
+    assert not a.allows_domain("b.example")
+    assert c.allows_domain("anything.example")  # unchecked
+
+
+def test_empty_domains_verifies_nothing(tmp_path: Path) -> None:
+    tenant = load_config(write(tmp_path, P + '[tenants.t]\nserver = "p"\ndomains = []\n'), {}).tenant("t")
+    assert tenant.domains == () and not tenant.allows_domain("t.example")
+
+
+def test_tenant_config_built_in_code_keeps_working() -> None:
+    from mailpipe.servers import TenantConfig
+
+    tenant = TenantConfig(name="t", server="s")
+    assert tenant.servers == ("s",) and tenant.domains is None and tenant.allows_domain("x.example")
+
+
+TENANT_ERRORS = [
+    ('servers = "p"\n', r"tenants\.t\.servers: expected a list of strings, got str 'p'"),
+    ("servers = [1]\n", r"tenants\.t\.servers\[0\]: expected str, got int 1"),
+    ("servers = []\n", r"tenants\.t\.servers: empty"),
+    ('servers = ["p", "q"]\n', r"tenants\.t\.servers\[1\]: unknown server 'q'"),
+    ('servers = ["p", "p"]\n', r"tenants\.t\.servers\[1\]: 'p' is listed twice"),
+    ('servers = ["p"]\nserver = "p"\n', r"tenants\.t: give server or servers, not both"),
+    ('domains = "t.example"\n', r"tenants\.t\.domains: expected a list of strings, got str"),
+    ("domains = [7]\n", r"tenants\.t\.domains\[0\]: expected str, got int 7"),
+    ('domains = ["t.example", "not a domain"]\n', r"tenants\.t\.domains\[1\]: 'not a domain' is not a domain name"),
+    ('domains = ["localhost"]\n', r"tenants\.t\.domains\[0\]: 'localhost' is not a domain name"),
+    ('domains = ["t"]\n', r"tenants\.t\.domains\[0\]: 't' is not a domain name"),
+    ('domains = ["ann@t.example"]\n', r"tenants\.t\.domains\[0\]: 'ann@t.example' is not a domain name"),
+    ('domains = [""]\n', r"tenants\.t\.domains\[0\]: '' is not a domain name"),
+    ('domains = ["*"]\n', r"tenants\.t\.domains\[0\]: '\*' is not a domain name"),
+    ('domains = ["*.*.t.example"]\n', r"tenants\.t\.domains\[0\]: '\*\.\*\.t\.example' is not a domain name"),
+    ('domains = ["[192.0.2.1]"]\n', r"tenants\.t\.domains\[0\]: '\[192\.0\.2\.1\]' is not a domain name"),
+    ('domains = ["t..example"]\n', r"tenants\.t\.domains\[0\]: 't\.\.example' is not a domain name"),
+    ('domains = ["t.example"]\ndomain_policy = "reject"\n',
+     r"tenants\.t\.domain_policy: 'reject' is not one of refuse, warn"),
+    ('domains = ["t.example"]\ndomain_policy = true\n', r"tenants\.t\.domain_policy: expected str, got bool"),
+    ('domain_policy = "warn"\n', r"tenants\.t\.domain_policy: needs domains"),
+]
+
+
+@pytest.mark.parametrize(("lines", "match"), TENANT_ERRORS)
+def test_tenant_errors_name_the_field(tmp_path: Path, lines: str, match: str) -> None:
+    path = write(tmp_path, P + "[tenants.t]\n" + ('server = "p"\n' if "servers" not in lines else "") + lines)
+    with pytest.raises(ConfigError, match=match) as info:
+        load_config(path, {})
+    assert info.value.reason.startswith(f"{path}: ")
+
+
+def test_platform_flag_must_be_a_bool(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"servers\.p\.platform: expected bool, got str"):
+        load_config(write(tmp_path, P + 'platform = "yes"\n'), {})
+
+
+def test_a_tenant_without_a_server_uses_the_first_platform_server(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[servers.own]\naddress = "o"\n[servers.shared]\naddress = "h"\n'
+                                         'platform = true\n[tenants.t]\n'), {})
+    assert config.tenant("t").server == "shared"
+
+
+def test_the_example_servers_file_loads(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[2] / "deploy" / "servers.example.toml"
+    secret = write(tmp_path, "mailer secret\n", "secret")
+    text = example.read_text(encoding="utf-8").replace("/run/secrets/platform_smtp", str(secret))
+    config = load_config(write(tmp_path, text), {"ACME_SMTP": "acme secret"})
+    assert config.platform_servers and all(t.domains for t in config.tenants.values())
