@@ -139,6 +139,7 @@ def write_servers_file(path: Path, sink_port: int, rate_per_hour: int | None, ma
         f"{limit}\n\n"
         "[tenants.demo]\n"
         'server = "local"\n'
+        'domains = ["demo.example"]\n'
         f"daily_limit = {max(10_000, mails)}\n", encoding="utf-8")
 
 
