@@ -24,12 +24,13 @@ from prometheus_client import REGISTRY
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.codec import decode_intake, decode_job, encode_intake, encode_job
 from mailpipe.errors import BrokerUnavailable, Unroutable
-from mailpipe.model import IntakeRequest, Job, new_id, now_ms
+from mailpipe.model import IntakeRequest, Job, new_id
 from mailpipe.settings import Settings
 from mailpipe.stage import _handle, run
 from mailpipe.topology import Topology
 from producer.idempotency import Idempotency, Verdict
 from producer.stage import EnqueueStage
+from tests.integration.test_intake import ok as request
 
 pytestmark = pytest.mark.integration
 
@@ -41,13 +42,6 @@ server = "own"
 [tenants.globex]
 server = "own"
 """
-
-
-def request(i: int, **fields: object) -> IntakeRequest:
-    base: dict[str, object] = dict(id=new_id(), tenant="acme", sender="hr@acme.example", created_ms=now_ms(),
-                                   to=(f"user{i}@example.com",), subject=f"Mail {i}", text="Hello there.\n")
-    base.update(fields)
-    return IntakeRequest(**base)  # type: ignore[arg-type]
 
 
 def job(key: str, tenant: str = "acme") -> Job:
