@@ -25,8 +25,13 @@ class Settings:
     namespace: str = "mailpipe"
     servers_file: str = ""
 
-    # Broker behaviour.
+    # Broker behaviour. RabbitMQ has no prefetch in bytes: a stage holds at most prefetch x
+    # the largest message of its queue. Requests and jobs over large_message_bytes go on the
+    # .large queues, consumed with large_prefetch: the producer holds at most
+    # 500 x 256 KiB + 4 x 25 MiB (docs/design-notes.md, "Operating limits").
     prefetch: int = 500
+    large_message_bytes: int = 256 * 1024
+    large_prefetch: int = 4
     delivery_limit: int = 20
     reconnect_max_s: float = 10.0
     heartbeat_s: int = 30  # the broker closes a connection silent for about twice this
@@ -104,9 +109,10 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        positive = ("prefetch", "delivery_limit", "max_message_bytes", "max_recipients",
-                    "max_batch_mails", "max_batch_bytes", "window_s", "send_concurrency",
-                    "smtp_timeout_s", "retry_base_s", "retry_max_s", "shutdown_timeout_s")
+        positive = ("prefetch", "large_message_bytes", "large_prefetch", "delivery_limit",
+                    "max_message_bytes", "max_recipients", "max_batch_mails", "max_batch_bytes",
+                    "window_s", "send_concurrency", "smtp_timeout_s", "retry_base_s", "retry_max_s",
+                    "shutdown_timeout_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"MAILPIPE_{name.upper()} must be > 0, got {getattr(self, name)}")

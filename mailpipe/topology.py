@@ -6,6 +6,15 @@ dead-lettered copy is confirmed before the original goes). Retry queues hold a 4
 job for their TTL and then dead-letter it back to ``<ns>.jobs``. Each retry queue is named by
 its delay, so changing the delays declares new queues rather than clashing with old ones.
 
+Size classes: a request or job whose encoded body is over ``large_message_bytes`` (256 KiB)
+travels on the ``.large`` sibling of its queue (``<ns>.intake.large``, ``<ns>.jobs.large``,
+and the ``.large`` retry and scheduled queues, which dead-letter back to ``<ns>.jobs.large``).
+RabbitMQ ignores a prefetch in bytes, so a stage's memory is bounded by prefetch count x the
+largest message its queue can carry: the small queues keep their large prefetch for
+throughput, the large ones are consumed with ``large_prefetch`` (4), and a stage holds at most
+prefetch x 256 KiB + large_prefetch x 25 MiB of messages (docs/design-notes.md, "Operating
+limits").
+
 Prefetch and delivery limit go together: a stage that crashes gets its whole unacked window
 redelivered, and each message in it counts one delivery. With a limit of 20, a message must
 be in the window of 20 crashes before it is dead-lettered, so a poison message is caught
@@ -29,6 +38,10 @@ SCHEDULE_STEPS_S = (1, 10, 60, 600, 3600)
 # The limiter's parking delays, in multiples of limiter_park_s.
 PARK_FACTORS = (1, 5, 30)
 
+# Messages over this many encoded bytes go on the ``.large`` queues (MAILPIPE_LARGE_MESSAGE_BYTES).
+LARGE_MESSAGE_BYTES = Settings.large_message_bytes
+LARGE = ".large"
+
 DEAD_REASON = "x-mailpipe-reason"
 DEAD_STAGE = "x-mailpipe-stage"
 
@@ -39,12 +52,21 @@ class Topology:
     delivery_limit: int = 20
     retry_delays_s: tuple[int, ...] = (60,)
     park_delays_s: tuple[int, ...] = (60, 300, 1800)
+    large_message_bytes: int = LARGE_MESSAGE_BYTES
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topology:
         return cls(namespace=settings.namespace, delivery_limit=settings.delivery_limit,
                    retry_delays_s=retry_delays(settings.retry_base_s, settings.retry_max_s),
-                   park_delays_s=tuple(settings.limiter_park_s * f for f in PARK_FACTORS))
+                   park_delays_s=tuple(settings.limiter_park_s * f for f in PARK_FACTORS),
+                   large_message_bytes=settings.large_message_bytes)
+
+    def is_large(self, size: int) -> bool:
+        """Whether a message of ``size`` encoded bytes goes on the ``.large`` queues."""
+        return size > self.large_message_bytes
+
+    def _sized(self, queue: str, size: int) -> str:
+        return f"{queue}{LARGE}" if self.is_large(size) else queue
 
     def _q(self, name: str) -> str:
         return f"{self.namespace}.{name}"
@@ -54,8 +76,24 @@ class Topology:
         return self._q("intake")
 
     @property
+    def intake_large(self) -> str:
+        return self._q("intake" + LARGE)
+
+    def intake_for(self, size: int) -> str:
+        """Where an intake request of ``size`` encoded bytes is published."""
+        return self._sized(self.intake, size)
+
+    @property
     def jobs(self) -> str:
         return self._q("jobs")
+
+    @property
+    def jobs_large(self) -> str:
+        return self._q("jobs" + LARGE)
+
+    def jobs_for(self, size: int) -> str:
+        """Where a job of ``size`` encoded bytes is published."""
+        return self._sized(self.jobs, size)
 
     @property
     def batches(self) -> str:
@@ -74,11 +112,12 @@ class Topology:
         """A topic exchange; routing key ``<outcome>.<tenant>``."""
         return self._q("events")
 
-    def schedule_queue(self, wait_ms: int) -> str:
-        """The delay queue for a job not due for ``wait_ms``: the longest step that does not
-        overshoot (a job comes back to ``jobs`` and is parked again until it is due)."""
+    def schedule_queue(self, wait_ms: int, size: int = 0) -> str:
+        """The delay queue for a job of ``size`` bytes not due for ``wait_ms``: the longest step
+        that does not overshoot (a job comes back to ``jobs``, or ``jobs.large``, and is parked
+        again until it is due)."""
         fitting = [d for d in SCHEDULE_STEPS_S if d * 1000 <= wait_ms] or [SCHEDULE_STEPS_S[0]]
-        return self._q(f"scheduled.{fitting[-1]}s")
+        return self._sized(self._q(f"scheduled.{fitting[-1]}s"), size)
 
     def park_queue(self, delay_s: int) -> str:
         """Where the limiter parks a batch not due for a while; it comes back to ``batches``."""
@@ -88,18 +127,27 @@ class Topology:
         """The delay before a job's ``attempt``-th retry (1-based): it doubles each time."""
         return self.retry_delays_s[min(max(attempt, 1), len(self.retry_delays_s)) - 1]
 
-    def retry_queue(self, attempt: int) -> str:
-        return self._q(f"retry.{self.retry_delay_s(attempt)}s")
+    def retry_queue(self, attempt: int, size: int = 0) -> str:
+        """The retry queue of a job of ``size`` bytes; it dead-letters back to ``jobs_for(size)``."""
+        return self._sized(self._q(f"retry.{self.retry_delay_s(attempt)}s"), size)
 
     @property
     def work_queues(self) -> tuple[str, ...]:
-        return (self.intake, self.jobs, self.batches, self.send)
+        return (self.intake, self.intake_large, self.jobs, self.jobs_large, self.batches, self.send)
+
+    def _delay_queues(self) -> list[tuple[str, int, str]]:
+        """(queue, TTL in seconds, where it dead-letters to) of every delay queue."""
+        queues = []
+        for size_class in ("", LARGE):
+            back_to = self.jobs + size_class
+            queues += [(self._q(f"retry.{d}s{size_class}"), d, back_to) for d in self.retry_delays_s]
+            queues += [(self._q(f"scheduled.{d}s{size_class}"), d, back_to) for d in SCHEDULE_STEPS_S]
+        queues += [(self.park_queue(d), d, self.batches) for d in self.park_delays_s]
+        return queues
 
     @property
     def all_queues(self) -> tuple[str, ...]:
-        return (*self.work_queues, self.dead, *(self._q(f"retry.{d}s") for d in self.retry_delays_s),
-                *(self._q(f"scheduled.{d}s") for d in SCHEDULE_STEPS_S),
-                *(self.park_queue(d) for d in self.park_delays_s))
+        return (*self.work_queues, self.dead, *(queue for queue, _, _ in self._delay_queues()))
 
     def declare(self, channel: BlockingChannel) -> None:
         dead_letter = {
@@ -112,10 +160,7 @@ class Topology:
         for queue in self.work_queues:
             _declare(channel, queue, durable=True, arguments={
                 **_quorum(), **dead_letter, "x-delivery-limit": self.delivery_limit})
-        delay_queues = [(self._q(f"retry.{d}s"), d, self.jobs) for d in self.retry_delays_s]
-        delay_queues += [(self._q(f"scheduled.{d}s"), d, self.jobs) for d in SCHEDULE_STEPS_S]
-        delay_queues += [(self.park_queue(d), d, self.batches) for d in self.park_delays_s]
-        for queue, delay_s, back_to in delay_queues:
+        for queue, delay_s, back_to in self._delay_queues():
             _declare(channel, queue, durable=True, arguments={
                 **_quorum(), "x-message-ttl": delay_s * 1000, "x-dead-letter-exchange": "",
                 "x-dead-letter-routing-key": back_to, "x-dead-letter-strategy": "at-least-once",

@@ -89,7 +89,8 @@ def delete_namespace(ns: str, amqp_url: str, redis_url: str) -> None:
     # stops accepting connections. So delete every name a test's settings could have made.
     topology = Topology.from_settings(Settings(namespace=ns))
     names = {*topology.all_queues}
-    names |= {f"{ns}.retry.{d}s" for d in (1, 2, 3, 4, 5, 8, 10, 16, 30, 32, 60, 64, 128, 256, 512)}
+    # Retry delays other tests' settings make, each with its .large sibling (Topology's list).
+    names |= {*Topology(ns, retry_delays_s=(1, 2, 3, 4, 5, 8, 10, 16, 30, 32, 60, 64, 128, 256, 512)).all_queues}
     names |= {topology.park_queue(p * f) for p in (1, 2, 3, 5, 10, 30, 60) for f in PARK_FACTORS}
     with contextlib.suppress(pika.exceptions.AMQPError, OSError):
         conn = pika.BlockingConnection(pika.URLParameters(amqp_url))

@@ -75,6 +75,8 @@ def test_a_bad_value_names_the_variable(name: str, value: str, kind: str) -> Non
 
 @pytest.mark.parametrize(("name", "value", "match"), [
     ("MAILPIPE_PREFETCH", "0", "MAILPIPE_PREFETCH must be > 0, got 0"),
+    ("MAILPIPE_LARGE_PREFETCH", "0", "MAILPIPE_LARGE_PREFETCH must be > 0, got 0"),
+    ("MAILPIPE_LARGE_MESSAGE_BYTES", "0", "MAILPIPE_LARGE_MESSAGE_BYTES must be > 0, got 0"),
     ("MAILPIPE_DELIVERY_LIMIT", "-1", "MAILPIPE_DELIVERY_LIMIT must be > 0"),
     ("MAILPIPE_WINDOW_S", "0", "MAILPIPE_WINDOW_S must be > 0"),
     ("MAILPIPE_MAX_BATCH_MAILS", "0", "MAILPIPE_MAX_BATCH_MAILS must be > 0"),

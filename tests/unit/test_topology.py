@@ -18,8 +18,11 @@ def test_names_are_under_the_namespace() -> None:
     assert topology.send == "acme-prod.send"
     assert topology.dead == "acme-prod.dead"
     assert topology.events == "acme-prod.events"
+    assert topology.intake_large == "acme-prod.intake.large"
+    assert topology.jobs_large == "acme-prod.jobs.large"
     assert topology.work_queues == (
-        "acme-prod.intake", "acme-prod.jobs", "acme-prod.batches", "acme-prod.send")
+        "acme-prod.intake", "acme-prod.intake.large", "acme-prod.jobs", "acme-prod.jobs.large",
+        "acme-prod.batches", "acme-prod.send")
 
 
 def test_two_namespaces_share_no_name() -> None:
@@ -38,6 +41,7 @@ def test_from_settings() -> None:
     topology = Topology.from_settings(Settings(namespace="ns", delivery_limit=7, retry_base_s=30,
                                                retry_max_s=200))
     assert topology == Topology(namespace="ns", delivery_limit=7, retry_delays_s=(30, 60, 120, 200))
+    assert Topology.from_settings(Settings(large_message_bytes=1000)).large_message_bytes == 1000
 
 
 def test_default_settings_give_hourly_capped_doubling() -> None:
@@ -97,4 +101,48 @@ def test_all_queues_holds_every_queue_once() -> None:
     assert set(topology.work_queues) <= set(queues)
     assert {topology.dead, topology.retry_queue(1), topology.retry_queue(2)} <= set(queues)
     assert {topology.schedule_queue(d * 1000) for d in SCHEDULE_STEPS_S} <= set(queues)
+    big = topology.large_message_bytes + 1
+    assert {topology.intake_large, topology.jobs_large, topology.retry_queue(1, big),
+            topology.retry_queue(2, big)} <= set(queues)
+    assert {topology.schedule_queue(d * 1000, big) for d in SCHEDULE_STEPS_S} <= set(queues)
     assert all(q.startswith("ns.") for q in queues)
+
+
+def test_size_class_by_encoded_bytes() -> None:
+    """Over large_message_bytes (256 KiB by default) is large; exactly the limit is small."""
+    topology = Topology(namespace="ns")
+    assert topology.large_message_bytes == Settings().large_message_bytes == 256 * 1024
+    for size, large in ((0, False), (1, False), (256 * 1024, False), (256 * 1024 + 1, True), (25 << 20, True)):
+        assert topology.is_large(size) is large
+        assert topology.intake_for(size) == ("ns.intake.large" if large else "ns.intake")
+        assert topology.jobs_for(size) == ("ns.jobs.large" if large else "ns.jobs")
+    small = Topology(namespace="ns", large_message_bytes=10)
+    assert small.jobs_for(10) == "ns.jobs" and small.jobs_for(11) == "ns.jobs.large"
+
+
+def test_delay_queues_keep_the_size_class() -> None:
+    topology = Topology(namespace="ns", retry_delays_s=(60, 120))
+    big = topology.large_message_bytes + 1
+    assert topology.retry_queue(1) == topology.retry_queue(1, 100) == "ns.retry.60s"
+    assert topology.retry_queue(2, big) == "ns.retry.120s.large"
+    assert topology.retry_queue(9, big) == "ns.retry.120s.large"
+    assert topology.schedule_queue(10_000) == topology.schedule_queue(10_000, 100) == "ns.scheduled.10s"
+    assert topology.schedule_queue(10_000, big) == "ns.scheduled.10s.large"
+    back = {queue: to for queue, _ttl, to in topology._delay_queues()}
+    assert back["ns.retry.60s"] == back["ns.scheduled.10s"] == "ns.jobs"
+    assert back["ns.retry.60s.large"] == back["ns.scheduled.10s.large"] == "ns.jobs.large"
+    assert back["ns.limiter.park.60s"] == "ns.batches"
+    assert set(back) <= set(topology.all_queues)
+
+
+@given(size=st.integers(min_value=0, max_value=1 << 31), limit=st.integers(min_value=1, max_value=1 << 30),
+       attempt=st.integers(min_value=1, max_value=20), wait_ms=st.integers(min_value=0, max_value=10**9))
+def test_every_routed_queue_is_declared_and_comes_back_to_its_class(size: int, limit: int, attempt: int,
+                                                                     wait_ms: int) -> None:
+    topology = Topology(namespace="ns", retry_delays_s=(1, 2, 4), large_message_bytes=limit)
+    declared = set(topology.all_queues)
+    back = {queue: to for queue, _ttl, to in topology._delay_queues()}
+    jobs = topology.jobs_for(size)
+    assert {topology.intake_for(size), jobs} <= declared
+    assert back[topology.retry_queue(attempt, size)] == jobs
+    assert back[topology.schedule_queue(wait_ms, size)] == jobs
