@@ -98,6 +98,11 @@ class Broker:
         self._publish_ch: pika.channel.Channel | None = None
         self._inbox: deque[Delivery] = deque()
         self._consumer_tags: list[str] = []
+        # Bytes of every delivery not yet acked or given back, by delivery tag: what the
+        # prefetches let the broker push at us, which bounds a stage's memory.
+        self._unacked: dict[int, int] = {}
+        self.unacked_bytes = 0
+        self.peak_unacked_bytes = 0
         # Publisher-confirm bookkeeping: delivery tag -> message, kept until confirmed.
         self._next_tag = 1
         self._unconfirmed: dict[int, Outgoing] = {}
@@ -145,6 +150,8 @@ class Broker:
         self._publish_ch = None
         self._inbox.clear()
         self._consumer_tags.clear()
+        self._unacked.clear()  # the broker gives them back to their queues
+        self.unacked_bytes = 0
         if conn is not None and conn.is_open:
             with suppress(pika.exceptions.AMQPError, OSError):  # it may be broken already
                 conn.close()
@@ -253,6 +260,14 @@ class Broker:
             headers=dict(properties.headers or {}), redelivered=bool(method.redelivered),
             message_id=properties.message_id,
         ))
+        self._unacked[method.delivery_tag] = len(body)
+        self.unacked_bytes += len(body)
+        self.peak_unacked_bytes = max(self.peak_unacked_bytes, self.unacked_bytes)
+
+    def _settled(self, tag: int, multiple: bool = False) -> None:
+        tags = [t for t in self._unacked if t <= tag] if multiple else [tag]
+        for t in tags:
+            self.unacked_bytes -= self._unacked.pop(t, 0)
 
     def poll(self, timeout_s: float, max_messages: int = 10_000) -> list[Delivery]:
         """Wait up to ``timeout_s`` for deliveries, and return what has arrived."""
@@ -269,6 +284,7 @@ class Broker:
     def ack(self, tag: int, multiple: bool = False) -> None:
         with _translated("ack"):
             self.channel().basic_ack(delivery_tag=tag, multiple=multiple)
+        self._settled(tag, multiple)
 
     def ack_all(self, tags: Iterable[int]) -> None:
         """Ack every delivery tag given, in any order, in one write: BlockingChannel.basic_ack
@@ -279,12 +295,14 @@ class Broker:
         with _translated("ack"):
             for tag in tags:
                 channel.basic_ack(delivery_tag=tag)
+                self._settled(tag)
             self._connection().process_data_events(time_limit=0)
 
     def requeue(self, tag: int) -> None:
         """Give a delivery back to its queue (counts as a delivery for the delivery limit)."""
         with _translated("requeue"):
             self.channel().basic_nack(delivery_tag=tag, requeue=True)
+        self._settled(tag)
 
     def sleep(self, seconds: float) -> None:
         """Wait while still serving heartbeats and confirms."""

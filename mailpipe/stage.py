@@ -42,6 +42,13 @@ class Stage(ABC):
     def prefetch(self) -> int:
         return self.settings.prefetch
 
+    @property
+    def inputs(self) -> list[tuple[str, int]]:
+        """Every queue the stage consumes, each with its own prefetch (one consumer per queue:
+        RabbitMQ applies a per-consumer prefetch, pika's ``global_qos=False``). A stage's memory
+        is bounded by the sum of prefetch x the largest message of each queue."""
+        return [(self.input_queue, self.prefetch)]
+
     def start(self, broker: Broker) -> None:
         """Called after every (re)connect. Whatever was unacked before is redelivered: forget it."""
 
@@ -119,14 +126,16 @@ def run(stage: Stage, *, burst: bool = False, metrics_port: int | None = None,
                 broker.connect()
                 stage.topology.declare(broker.channel())
                 stage.start(broker)
-                broker.consume(stage.input_queue, stage.prefetch)
+                for queue, prefetch in stage.inputs:
+                    broker.consume(queue, prefetch)
                 connected = True
                 metrics.READY.labels(stage.name).set(1)
                 if attempts:
                     metrics.RECONNECTS.labels(stage.name, "rabbitmq").inc()
                     log.info("reconnected to RabbitMQ after %d attempt(s)", attempts)
                 attempts, backoff_s = 0, 0.2
-                log.info("%s consuming %s (prefetch %d)", stage.name, stage.input_queue, stage.prefetch)
+                log.info("%s consuming %s", stage.name,
+                         ", ".join(f"{queue} (prefetch {prefetch})" for queue, prefetch in stage.inputs))
                 while not should_stop():
                     deliveries = broker.poll(POLL_S)
                     if deliveries:
@@ -138,7 +147,8 @@ def run(stage: Stage, *, burst: bool = False, metrics_port: int | None = None,
                     if stage.busy():
                         idle_since = time.monotonic()
                     elif burst and time.monotonic() - idle_since > idle_exit_s:
-                        log.info("burst mode: %s is drained, exiting", stage.input_queue)
+                        log.info("burst mode: %s is drained, exiting",
+                                 ", ".join(queue for queue, _ in stage.inputs))
                         flag.stopping = True
                         break
                 broker.stop_consuming()

@@ -205,6 +205,51 @@ def test_declared_queues_are_quorum_queues_with_a_delivery_limit(broker: Broker,
     channel.queue_declare(topology.dead, durable=True, arguments={"x-queue-type": "quorum"})
 
 
+@pytest.mark.integration
+def test_large_queues_are_declared_like_their_siblings(broker: Broker, topology: Topology) -> None:
+    """The .large queues: quorum, the same dead-lettering and delivery limit; their delay
+    queues dead-letter back to jobs.large."""
+    channel = broker.channel()
+    args = {**WORK_ARGS, "x-dead-letter-routing-key": topology.dead, "x-delivery-limit": 2}
+    for queue in (topology.intake_large, topology.jobs_large):
+        channel.queue_declare(queue, durable=True, arguments=args)
+    large = topology.large_message_bytes + 1
+    for queue in (topology.retry_queue(1, large), topology.schedule_queue(1000, large)):
+        assert queue.endswith(".large")
+        channel.queue_declare(queue, durable=True, arguments={
+            "x-queue-type": "quorum", "x-message-ttl": 1000, "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": topology.jobs_large, "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish"})
+
+
+@pytest.mark.integration
+def test_each_consumer_gets_its_own_prefetch(broker: Broker, topology: Topology) -> None:
+    """basic_qos before each basic_consume (global_qos off): RabbitMQ holds each consumer to
+    its own prefetch, so a stage consuming a small and a large queue holds at most
+    small prefetch + large prefetch messages, and the broker counts their bytes."""
+    small, large = b"s" * 1000, b"L" * 100_000
+    broker.publish([Outgoing(topology.jobs, small) for _ in range(30)]
+                   + [Outgoing(topology.jobs_large, large) for _ in range(30)])
+    broker.consume(topology.jobs, 10)
+    broker.consume(topology.jobs_large, 2)
+    got = drain(broker, 12)
+    broker.sleep(0.5)  # anything beyond the prefetches would arrive now
+    got += broker.poll(0.2)
+    by_queue = {q: [d for d in got if d.routing_key == q] for q in (topology.jobs, topology.jobs_large)}
+    assert len(by_queue[topology.jobs]) == 10
+    assert len(by_queue[topology.jobs_large]) == 2
+    assert broker.unacked_bytes == broker.peak_unacked_bytes == 10 * len(small) + 2 * len(large)
+    broker.ack_all(d.tag for d in by_queue[topology.jobs_large])
+    assert broker.unacked_bytes == 10 * len(small)
+    more = drain(broker, 2)  # the large consumer's window opened again, and only by its two
+    broker.sleep(0.3)
+    more += broker.poll(0.2)
+    assert [d.routing_key for d in more] == [topology.jobs_large] * 2
+    broker.ack_all(d.tag for d in [*by_queue[topology.jobs], *more])
+    assert broker.unacked_bytes == 0
+    broker.stop_consuming()
+
+
 # -- dead-lettering and retries -----------------------------------------------------------------
 
 @pytest.mark.integration
@@ -261,6 +306,18 @@ def test_retry_queue_returns_its_message_to_jobs_after_the_ttl(broker: Broker, t
     assert got[0].headers["x-first-death-reason"] == "expired"
     assert got[0].headers["x-first-death-queue"] == retry
     broker.ack(got[0].tag)
+
+
+@pytest.mark.integration
+def test_large_retry_and_scheduled_queues_return_to_jobs_large(broker: Broker, topology: Topology) -> None:
+    large = topology.large_message_bytes + 1
+    broker.publish([Outgoing(topology.retry_queue(1, large), b"retried", message_id="r2"),
+                    Outgoing(topology.schedule_queue(1000, large), b"scheduled", message_id="s2")])
+    broker.consume(topology.jobs_large, prefetch=10)
+    got = drain(broker, 2, timeout_s=10)
+    assert sorted(d.body for d in got) == [b"retried", b"scheduled"]
+    assert ready_count(broker, topology.jobs) == 0
+    broker.ack_all(d.tag for d in got)
 
 
 # -- a lost connection --------------------------------------------------------------------------
