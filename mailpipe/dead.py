@@ -138,8 +138,10 @@ class DeadLetter:
         first = self._text("x-first-death-queue")
         if first:
             return first
-        return {"producer": topology.intake, "packer": topology.jobs, "limiter": topology.batches,
-                "sender": topology.jobs}.get(self.stage, topology.intake)
+        size = len(self.body)  # a request or job over large_message_bytes goes back to .large
+        return {"producer": topology.intake_for(size), "packer": topology.jobs_for(size),
+                "limiter": topology.batches, "sender": topology.jobs_for(size)}.get(self.stage,
+                                                                                  topology.intake_for(size))
 
 
 class DeadQueue:

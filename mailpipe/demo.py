@@ -268,7 +268,7 @@ def follow(broker: Broker, events: str, namespace: str, settings: Settings, mail
     last_print = 0.0
     deadline = started + timeout_s
     published = 0
-    with Producer(settings.amqp_url, namespace) as producer:
+    with Producer(settings.amqp_url, namespace, large_message_bytes=settings.large_message_bytes) as producer:
         while progress.done < mails:
             wait_s = 0.2
             if published < mails:

@@ -4,6 +4,11 @@ Consume jobs; a job scheduled for later (``send_at``) is parked in a delay queue
 due; the others are grouped per SMTP server and priority; when a batch closes (500 mails,
 80 MB, or its linger), publish it, confirmed, and only then ack the jobs it holds. The jobs'
 bytes are forwarded as they came, never re-encoded.
+
+Jobs come from two queues, one open batch per server and priority for both: ``jobs`` (each at
+most ``large_message_bytes``, 1,000 unacked) and ``jobs.large`` (up to 25 MiB each, 4 unacked),
+so the jobs held are at most 1,000 x 256 KiB + 4 x 25 MiB whatever their sizes. A parked job
+goes to the delay queue of its size class, which brings it back to the queue it came from.
 """
 
 from __future__ import annotations
@@ -51,6 +56,10 @@ class PackerStage(Stage):
         # A batch can only fill if its jobs fit the unacked window at once.
         return max(self.settings.prefetch, 2 * self.settings.max_batch_mails)
 
+    @property
+    def inputs(self) -> list[tuple[str, int]]:
+        return [(self.topology.jobs, self.prefetch), (self.topology.jobs_large, self.settings.large_prefetch)]
+
     def start(self, broker: Broker) -> None:
         self.packer = self._new_packer()  # what it held is being redelivered
 
@@ -69,7 +78,7 @@ class PackerStage(Stage):
                 continue
             if job.send_at_ms is not None and job.send_at_ms > wall_ms:  # "not before", never early
                 PARKED.inc()
-                queue = self.topology.schedule_queue(job.send_at_ms - wall_ms)
+                queue = self.topology.schedule_queue(job.send_at_ms - wall_ms, len(delivery.body))
                 set_aside.append((delivery, Outgoing(queue, delivery.body, message_id=job.id)))
                 continue
             closed += self.packer.add(job.server, job.tenant, delivery.body, job.size, delivery.tag, now,

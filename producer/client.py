@@ -8,8 +8,11 @@
 
 ``publish`` validates first (a bad address, CR/LF in a header, a mail too large: raised at
 once as ``InvalidMessage`` naming the field), then waits for RabbitMQ's confirm before it
-returns: a returned job id is durably queued. If the broker cannot be reached the call raises
-``BrokerUnavailable``; it never returns without the confirm. One Producer per thread.
+returns: a returned job id is durably queued. A request whose encoded body is over
+``large_message_bytes`` (256 KiB) goes to ``<ns>.intake.large``, the others to ``<ns>.intake``
+(docs/wire-format.md, 2.1): the enqueue stage holds few large ones at a time. If the broker
+cannot be reached the call raises ``BrokerUnavailable``; it never returns without the
+confirm. One Producer per thread.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ _DEFAULTS = Settings()
 class Producer:
     def __init__(self, amqp_url: str = _DEFAULTS.amqp_url, namespace: str = _DEFAULTS.namespace, *,
                  max_message_bytes: int = _DEFAULTS.max_message_bytes,
-                 max_recipients: int = _DEFAULTS.max_recipients, reconnect_s: float = 10.0) -> None:
+                 max_recipients: int = _DEFAULTS.max_recipients,
+                 large_message_bytes: int = _DEFAULTS.large_message_bytes, reconnect_s: float = 10.0) -> None:
         self._broker = Broker(amqp_url, client_name="mailpipe-producer-client")
-        self._intake = Topology(namespace).intake
+        self._topology = Topology(namespace, large_message_bytes=large_message_bytes)
         self._max_message_bytes = max_message_bytes
         self._max_recipients = max_recipients
         self._reconnect_s = reconnect_s
@@ -91,7 +95,7 @@ class Producer:
         """Queue many at once (one confirm round trip for all); returns their job ids."""
         for req in requests:
             validate(req, self._max_message_bytes, self._max_recipients)
-        messages = [Outgoing(self._intake, encode_intake(r), message_id=r.id) for r in requests]
+        messages = [intake_message(self._topology, r) for r in requests]
         with self._lock:
             self._publish_until_confirmed(messages)
         return [r.id for r in requests]
@@ -113,6 +117,13 @@ class Producer:
                     raise
                 time.sleep(delay_s)
                 delay_s = min(delay_s * 2, 2.0)
+
+
+def intake_message(topology: Topology, req: IntakeRequest) -> Outgoing:
+    """The message for ``req``: on ``<ns>.intake``, or ``<ns>.intake.large`` when its encoded
+    body is over the topology's ``large_message_bytes``."""
+    body = encode_intake(req)
+    return Outgoing(topology.intake_for(len(body)), body, message_id=req.id)
 
 
 def _epoch_ms(when: datetime | float | None) -> int | None:

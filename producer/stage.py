@@ -84,6 +84,12 @@ class EnqueueStage(Stage):
     def input_queue(self) -> str:
         return self.topology.intake
 
+    @property
+    def inputs(self) -> list[tuple[str, int]]:
+        # Requests of at most large_message_bytes on intake, the larger ones few at a time.
+        return [(self.topology.intake, self.prefetch),
+                (self.topology.intake_large, self.settings.large_prefetch)]
+
     def start(self, broker: Broker) -> None:
         self._held.clear()  # unacked on the old connection: redelivered
 
@@ -125,14 +131,16 @@ class EnqueueStage(Stage):
         queued = [j for d, j in jobs if verdicts.get(d.tag, Verdict.MINE) is Verdict.MINE]
         claimed = [j for d, j in keyed if verdicts[d.tag] is Verdict.MINE]
         held = {d.tag: (d, j) for d, j in keyed if verdicts[d.tag] is Verdict.PENDING}
-        out += [Outgoing(self.topology.jobs, encode_job(j), message_id=j.id) for j in queued]
+        job_out = [self.job_message(j) for j in queued]
+        out += job_out
         try:
             broker.publish(out)
         except BaseException:
             self.idempotency.release(claimed, claim.token)  # a retry need not wait out the lease
             raise
         self.idempotency.confirm(claimed)
-        metrics.MESSAGES_OUT.labels(self.name, self.topology.jobs).inc(len(queued))
+        for message in job_out:
+            metrics.MESSAGES_OUT.labels(self.name, message.routing_key).inc()
         DUPLICATES.inc(sum(1 for v in verdicts.values() if v is Verdict.DUPLICATE))
         done = [d.tag for d in deliveries if d.tag not in held]
         if done:
@@ -140,6 +148,12 @@ class EnqueueStage(Stage):
         if held and not self._held:
             self._recheck_at = time.monotonic() + RECHECK_S
         self._held.update(held)
+
+    def job_message(self, job: Job) -> Outgoing:
+        """The job on ``jobs``, or on ``jobs.large`` when its encoded body is over
+        ``large_message_bytes``: the packer holds few large ones at a time."""
+        body = encode_job(job)
+        return Outgoing(self.topology.jobs_for(len(body)), body, message_id=job.id)
 
     def tick(self, broker: Broker) -> None:
         if not self._held or time.monotonic() < self._recheck_at:

@@ -361,7 +361,8 @@ class SenderStage(Stage):
                 # Jitter: each retry waits between 80% and 100% of its queue's delay, so mail
                 # deferred together by a busy server does not come back all at once.
                 delay_ms = self.topology.retry_delay_s(copy.attempt) * 1000
-                out.append(Outgoing(self.topology.retry_queue(copy.attempt), codec.encode_job(copy),
+                body = codec.encode_job(copy)  # a large job waits and comes back on jobs.large
+                out.append(Outgoing(self.topology.retry_queue(copy.attempt, len(body)), body,
                                     message_id=f"{job.id}:{copy.attempt}",
                                     expiration_ms=int(delay_ms * random.uniform(1 - RETRY_JITTER, 1.0))))
                 metrics.RETRIES.labels(job.server, str(min(copy.attempt, 10))).inc(len(recipients))
