@@ -25,6 +25,7 @@ from email.policy import default as _default_policy
 from mailpipe.errors import InvalidMessage
 from mailpipe.model import IntakeRequest
 from mailpipe.servers import ServerConfig, TenantConfig, normalize_domain
+from producer.compose import describe_char
 from producer.lint import Finding, registered_domain
 
 RULE = "sender_domain_unverified"
@@ -32,6 +33,9 @@ RULE = "sender_domain_unverified"
 # quadratic on some inputs (16,000 quotes take seconds), and no real From is near this long.
 MAX_ADDRESS_HEADER = 2000
 _LINE_END = re.compile(rb"\r\n|\r|\n")  # as the parser and the sender (which makes them CRLF) see them
+# In a raw header line (UTF-8): C0 and C1 controls but TAB (folding whitespace), DEL, U+2028
+# and U+2029: line breaks to some mail software, never to others.
+_FORBIDDEN_IN_HEADER = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
 _FIELD = re.compile(rb"([!-9;-~]+):")  # a header field's name and colon (RFC 5322 ftext)
 ADDRESS_HEADERS = ("from", "sender")
 
@@ -94,6 +98,7 @@ def address_headers(message: bytes) -> dict[str, list[bytes]]:
     tab). A line that is neither is refused: mail software disagrees about what it means."""
     fields: list[tuple[str, list[bytes]]] = []  # (name, lines) of each From and Sender field
     current: list[bytes] | None = None  # the lines of the From/Sender field being read
+    name = ""
     start, number = 0, 0
     while start < len(message):
         match = _LINE_END.search(message, start)
@@ -106,17 +111,23 @@ def address_headers(message: bytes) -> dict[str, list[bytes]]:
         if line[:1] in (b" ", b"\t"):
             if number == 1:
                 raise InvalidMessage("message: the first line is a continuation, not a header field")
+        else:
+            field = _FIELD.match(line)
+            if field is None:
+                raise InvalidMessage(f"message: line {number} of the header section is not a header field "
+                                     f"(Name: value) nor a continuation: {line[:60]!r}")
+            name = field.group(1).decode("ascii").lower()
+            current = [] if name in ADDRESS_HEADERS else None
             if current is not None:
-                current.append(line)
-            continue
-        field = _FIELD.match(line)
-        if field is None:
-            raise InvalidMessage(f"message: line {number} of the header section is not a header field "
-                                 f"(Name: value) nor a continuation: {line[:60]!r}")
-        name = field.group(1).decode("ascii").lower()
-        current = [line[field.end():]] if name in ADDRESS_HEADERS else None
+                fields.append((name, current))
+            line = line[field.end():]
+        forbidden = _FORBIDDEN_IN_HEADER.search(line)
+        if forbidden is not None:
+            char = forbidden.group().decode("utf-8", "replace")
+            raise InvalidMessage(f"message.{name.title()}: contains {describe_char(char)}, "
+                                 "a control character or line break")
         if current is not None:
-            fields.append((name, current))
+            current.append(line)
     found: dict[str, list[bytes]] = {}
     for name, lines in fields:
         found.setdefault(name, []).append(b"".join(lines))  # unfolded: the line breaks go

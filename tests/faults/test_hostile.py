@@ -19,10 +19,6 @@ order at the peer); B's mail is all delivered within ``B_BOUND_S`` of its publis
 job is delivered although A used the same key and B's job id first; nothing of A's reaches B's
 server or goes out from B's domain; no stage exits, restarts or logs a crash; and every stage's
 peak RSS, sampled all along (and its VmHWM at the end), stays under ``RSS_BOUND``.
-
-One gap is known and pinned by a strict xfail below: U+0085, U+2028 or U+2029 inside the
-display name of a raw message's From is accepted (the email package finds no defect in it) and
-the message is sent as is, through A's own server and from A's domain.
 """
 
 from __future__ import annotations
@@ -37,7 +33,6 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from email import message_from_bytes
 from email.utils import getaddresses
@@ -90,9 +85,6 @@ B_BOUND_S = 30.0
 # 500 MB.
 RSS_BOUND = 300 * 1024 * 1024
 SEPARATORS = ("\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029", "\x00", "\r", "\n", "\x7f")
-# A raw message's header section is sent as is; only From and Sender are read, by the email
-# package, which finds no defect in these characters inside a display name (see the xfail test).
-RAW_DISPLAY_NAME_GAP = ("\x85", "\u2028", "\u2029")
 LOG_PROBLEMS = ("failed unexpectedly", "reconnected", "poison message", "Traceback")
 
 
@@ -132,8 +124,7 @@ daily_limit = 1000000
 class Trick:
     """One request of A's that must end as a dead letter: ``category``, and a reason that starts
     with ``reason`` (the field) and contains each of ``contains``. ``req`` is set when it goes
-    through the client library (which lets it through); otherwise ``body`` is published raw.
-    ``gap``: a known gap of the product (see RAW_DISPLAY_NAME_GAP): it may be delivered instead."""
+    through the client library (which lets it through); otherwise ``body`` is published raw."""
 
     name: str
     body: bytes
@@ -141,7 +132,6 @@ class Trick:
     reason: str
     contains: tuple[str, ...] = ()
     req: IntakeRequest | None = None
-    gap: bool = False
 
 
 def a_fields(**changes: Any) -> dict[str, Any]:
@@ -181,9 +171,8 @@ def composed_req(**changes: Any) -> IntakeRequest:
     return IntakeRequest(**base)
 
 
-def client_trick(name: str, req: IntakeRequest, category: str, reason: str, *contains: str,
-                 gap: bool = False) -> Trick:
-    return Trick(name, encode_intake(req), category, reason, contains, req=req, gap=gap)
+def client_trick(name: str, req: IntakeRequest, category: str, reason: str, *contains: str) -> Trick:
+    return Trick(name, encode_intake(req), category, reason, contains, req=req)
 
 
 def routing_and_domain_tricks() -> list[Trick]:
@@ -247,7 +236,7 @@ def routing_and_domain_tricks() -> list[Trick]:
         message = raw_message(f'From: "HR{char}Team" <hr@a.example>', job)
         reason = "message: line 2" if char in "\r\n" else "message.From:"
         out.append(client_trick(f"raw From display name with U+{ord(char):04X}", raw_req(job, message), "invalid",
-                                reason, gap=char in RAW_DISPLAY_NAME_GAP))
+                                reason))
     return out
 
 
@@ -542,7 +531,7 @@ def test_a_hostile_tenant_is_refused_or_rationed_and_b_is_served_on_time(setting
                 assert b_own.error is None and len(b_own.published) == B_MAILS, b_own.error
                 timings["phase 1 published"] = time.monotonic() - phase1
 
-                expected_dead = [t for t in tricks if not t.gap]
+                expected_dead = tricks
 
                 def dead_count() -> int:
                     return int(channel.queue_declare(topology.dead, passive=True).method.message_count)
@@ -605,8 +594,7 @@ def test_a_hostile_tenant_is_refused_or_rationed_and_b_is_served_on_time(setting
     for trick in tricks:
         entry = found.get(trick.name)
         if entry is None:
-            if not trick.gap:
-                wrong.append(f"{trick.name}: not dead-lettered")
+            wrong.append(f"{trick.name}: not dead-lettered")
             continue
         ok = (entry.category == trick.category and entry.reason.startswith(trick.reason)
               and all(c in entry.reason for c in trick.contains)
@@ -614,12 +602,11 @@ def test_a_hostile_tenant_is_refused_or_rationed_and_b_is_served_on_time(setting
         if not ok:
             wrong.append(f"{trick.name}: {entry.category} {entry.reason[:300]!r}")
     assert not wrong, "tricks not refused as expected:\n" + "\n".join(wrong)
-    gaps_delivered = sorted(t.name for t in tricks if t.gap and t.name not in found)
 
     # -- what reached each server ---------------------------------------------------------------------
-    a_ids = {r.id for r in a_legit} | {a_keyed.id} | campaign_ids | {t.req.id for t in tricks if t.req and t.gap}
+    a_ids = {r.id for r in a_legit} | {a_keyed.id} | campaign_ids
     b_ids = set(b_own.published) | set(b_platform.published)
-    trick_ids = {t.req.id for t in tricks if t.req is not None and not t.gap}
+    trick_ids = {t.req.id for t in tricks if t.req is not None}
     for name, peer in peers.items():
         for message in peer.messages:
             job = job_id_of(message.content)
@@ -665,7 +652,7 @@ def test_a_hostile_tenant_is_refused_or_rationed_and_b_is_served_on_time(setting
     peaks = {n: max(b, high_water.get(n, 0)) for n, b in sampler.peak.items()}
     over = {n: b for n, b in peaks.items() if b > RSS_BOUND}
     print("\n" + json.dumps({
-        "tricks": len(tricks), "dead_letters": len(found), "known_gap_delivered": gaps_delivered,
+        "tricks": len(tricks), "dead_letters": len(found),
         "b_latency_max_s": round(max(b_latency), 2), "campaign_before_b_last": ahead_of_b,
         "allowance": round(share_allowance, 1), "high_priority_batches": priority,
         "rss_peak_mb": {n: round(b / 2**20, 1) for n, b in peaks.items()},
@@ -674,18 +661,14 @@ def test_a_hostile_tenant_is_refused_or_rationed_and_b_is_served_on_time(setting
     assert not over, f"RSS over {RSS_BOUND / 2**20:.0f} MB: {over}"
 
 
-# -- the known gap, pinned ------------------------------------------------------------------------------
+# -- every separator in a raw From display name, without the pipeline ------------------------------
 
-@pytest.mark.xfail(strict=True, reason="a raw message's From display name may hold U+0085, U+2028 or U+2029: "
-                                       "producer/domains.py parse_addresses finds no defect, and the raw "
-                                       "header section is otherwise sent as is")
-@pytest.mark.parametrize("char", RAW_DISPLAY_NAME_GAP)
+@pytest.mark.parametrize("char", [c for c in SEPARATORS if c not in "\r\n"])  # those end the line
 def test_a_separator_in_a_raw_from_display_name_is_refused(char: str) -> None:
     config = parse_config({"servers": {"platform": {"address": "[127.0.0.1]:25", "platform": True}},
                            "tenants": {"a": {"domains": ["a.example"]}}}, "test", {})
     tenant = config.tenant("a")
     job = new_id()
     request = raw_req(job, raw_message(f'From: "HR{char}Team" <hr@a.example>', job))
-    refuse: Callable[[], object] = lambda: check_domains(request, tenant, config.route(tenant, None))  # noqa: E731
-    with pytest.raises(InvalidMessage, match=r"^message\.From"):
-        refuse()
+    with pytest.raises(InvalidMessage, match=r"^message\.From: contains U\+"):
+        check_domains(request, tenant, config.route(tenant, None))
