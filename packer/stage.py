@@ -98,8 +98,21 @@ class PackerStage(Stage):
         return self.packer.held > 0
 
     def ship(self, broker: Broker, closed: list[OpenBatch]) -> None:
-        if not closed:
-            return
+        """Publish the closed batches, confirmed, then ack their jobs: in rounds of at most one
+        full batch's bytes (small batches still share a confirm), so the encoded copies in
+        memory are one batch's worth, not every batch one poll closed."""
+        group: list[OpenBatch] = []
+        size = 0
+        for open_batch in closed:
+            if group and size + open_batch.bytes > self.settings.max_batch_bytes:
+                self._ship(broker, group)
+                group, size = [], 0
+            group.append(open_batch)
+            size += open_batch.bytes
+        if group:
+            self._ship(broker, group)
+
+    def _ship(self, broker: Broker, closed: list[OpenBatch]) -> None:
         batches = [Batch(id=new_id(), server=b.server, jobs=tuple(b.jobs), mails=b.mails, bytes=b.bytes,
                          created_ms=now_ms(), tenants=dict(b.tenants), priority=b.priority) for b in closed]
         broker.publish([Outgoing(self.topology.batches, encode_batch(b), message_id=b.id) for b in batches])

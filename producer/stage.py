@@ -56,6 +56,7 @@ LINT_FINDINGS = Counter("mailpipe_intake_lint_findings_total",
 DUPLICATES = Counter("mailpipe_intake_duplicates_total",
                      "Intake requests dropped because their idempotency key was queued already.")
 
+CHUNK_BYTES = 16 * 1024 * 1024  # requests rendered and published at once, at most (or one larger)
 RECHECK_S = 1.0  # how often a held request asks again about the key another holder claimed
 
 
@@ -94,6 +95,21 @@ class EnqueueStage(Stage):
         self._held.clear()  # unacked on the old connection: redelivered
 
     def handle(self, broker: Broker, deliveries: list[Delivery]) -> None:
+        # In chunks of at most CHUNK_BYTES of requests (or one larger request): what a request
+        # costs beyond its delivery (decoded, rendered, encoded, in pika's buffer) is then
+        # held for one chunk at a time, not for the whole unacked window.
+        chunk: list[Delivery] = []
+        size = 0
+        for delivery in deliveries:
+            if chunk and size + len(delivery.body) > CHUNK_BYTES:
+                self.handle_chunk(broker, chunk)
+                chunk, size = [], 0
+            chunk.append(delivery)
+            size += len(delivery.body)
+        if chunk:
+            self.handle_chunk(broker, chunk)
+
+    def handle_chunk(self, broker: Broker, deliveries: list[Delivery]) -> None:
         config = self.config.current()
         self.warn_unchecked(config)
         out: list[Outgoing] = []

@@ -122,7 +122,8 @@ class DrivenStage:
         self.broker.connect()
         self.stage.topology.declare(self.broker.channel())
         self.stage.start(self.broker)
-        self.broker.consume(self.stage.input_queue, self.stage.prefetch)
+        for queue, prefetch in self.stage.inputs:
+            self.broker.consume(queue, prefetch)
 
     def poll_until(self, count: int, timeout_s: float = 15.0) -> list[Delivery]:
         got: list[Delivery] = []
