@@ -31,7 +31,7 @@ def test_kill_9_sender_replicas_mid_batch(settings: Settings, tmp_path: Path) ->
     processes, RabbitMQ and the peer share it) we run 3,000 mails and 12 kills, each while mail
     is being accepted, alternating at random between the two sender replicas."""
     rng = random.Random(5)
-    total, kills = 5000, 20
+    total, kills = 3000, 12
     with LedgerPeer() as peer:
         write_servers(settings, peer.port)
         with Pipeline(settings, tmp_path, replicas=2) as pipeline:
