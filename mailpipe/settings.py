@@ -66,7 +66,7 @@ class Settings:
     high_priority_share: float = 0.1
     send_concurrency: int = 4
     smtp_timeout_s: float = 30.0
-    sent_mark_ttl_s: int = 7 * 24 * 3600
+    sent_mark_ttl_s: int = 7 * 24 * 3600  # how long a mail's claims and "sent" marks are kept
     # Sender: batches in flight per process, no mail started this close to a batch's deadline,
     # an SMTP connection unused this long is closed.
     send_prefetch: int = 4

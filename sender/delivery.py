@@ -123,7 +123,6 @@ async def deliver(jobs: Sequence[Job], server: ServerConfig, pool: ServerPool, d
                          stopped_by=run.stopped_by)
 
 
-
 class _Run:
     """One delivery of a batch: what its workers share."""
 
