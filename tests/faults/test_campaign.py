@@ -46,6 +46,7 @@ from mailpipe.dead import contents
 from mailpipe.errors import BrokerUnavailable
 from mailpipe.model import IntakeRequest, job_id_for, now_ms
 from mailpipe.settings import Settings
+from mailpipe.topology import Topology
 from producer import Producer
 from tests.faults.checker import CampaignReport, Dead, Fault, check
 from tests.faults.harness import (
@@ -317,6 +318,11 @@ def drained(settings: Settings, rabbit: PrivateRabbit, client: redis.Redis) -> t
     depths = queue_depths(settings.namespace, rabbit)
     if depths is None:
         return False, "RabbitMQ does not answer"
+    # Just after a restart the node lists a quorum queue only once it has recovered: one not
+    # listed yet is not empty, it is unknown.
+    missing = set(Topology.from_settings(settings).all_queues) - set(depths)
+    if missing:
+        return False, f"queues not listed yet: {sorted(missing)[:3]}"
     busy = {q: d for q, d in depths.items() if q != f"{settings.namespace}.dead" and d != (0, 0)}
     try:
         claims = held_claims(client, settings.namespace)
@@ -325,6 +331,21 @@ def drained(settings: Settings, rabbit: PrivateRabbit, client: redis.Redis) -> t
     if busy or claims:
         return False, f"queues (ready, unacked) {busy}, {claims} claims held"
     return True, ""
+
+
+def wait_accounted(settings: Settings, peer: LedgerPeer, confirmed: set[str], timeout_s: float,
+                   notes: list[str]) -> None:
+    """Poll until every confirmed job reached the peer or the dead-letter queue (what is still
+    missing at the timeout is what the checker calls lost)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        missing = confirmed - peer.accepted_jobs()
+        if missing:
+            missing -= {job for entry in read_dead(settings.amqp_url, settings.namespace) for job in entry.job_ids}
+        if not missing:
+            return
+        time.sleep(1.0)
+    notes.append(f"{len(missing)} confirmed job(s) neither at the peer nor dead after {timeout_s:.0f} s")
 
 
 def wait_drained(settings: Settings, rabbit: PrivateRabbit, client: redis.Redis, pipeline: Pipeline,
@@ -379,6 +400,9 @@ def test_fault_campaign(settings: Settings, tmp_path: Path) -> None:
                 nemesis.run(steps, lambda: False)
                 publisher.join(total / PUBLISH_PER_S + 120)
                 assert not publisher.is_alive(), "the publisher did not finish"
+                # First every confirmed mail at the peer or dead-lettered (a queue a restarted
+                # node has not recovered yet can look empty), then nothing left in flight.
+                wait_accounted(settings, peer, set(publisher.confirmed), 60 + total / RATE_PER_S, notes)
                 wait_drained(settings, rabbit, client, pipeline, 60 + total / RATE_PER_S, notes)
             finally:
                 publisher.stop_now.set()
