@@ -27,11 +27,12 @@ import redis
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailpipe.amqp import Broker
+from mailpipe.dead import contents
 from mailpipe.model import IntakeRequest, new_id, now_ms
 from mailpipe.settings import Settings
 from mailpipe.topology import Topology
 from producer import Producer
-from tests.faults.checker import claim_held
+from tests.faults.checker import Dead, claim_held
 from tests.faults.ledger import Acceptance, Cut, Report, job_id_of, read_dead, reconcile
 from tests.smtp_peer import SmtpPeer, _Handler, _PeerSMTP
 from tests.stages import settings_env
@@ -484,3 +485,10 @@ def held_claims(redis_client: redis.Redis, namespace: str) -> int:
         values: list[bytes] = redis_client.hvals(key)  # type: ignore[assignment]
         held += claim_held(values, now_us)
     return held
+
+
+def dead_for_check(settings: Settings) -> list[Dead]:
+    """The dead-letter queue as the checker counts it: each job's recipients and its reason."""
+    return [Dead(job, c.recipients if c.kind == "job" else (), entry.reason or entry.first_death_reason)
+            for entry in read_dead(settings.amqp_url, settings.namespace)
+            for c in [contents(entry.body)] for job in entry.job_ids]

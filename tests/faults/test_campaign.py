@@ -42,18 +42,18 @@ from pathlib import Path
 import pytest
 import redis
 
-from mailpipe.dead import contents
 from mailpipe.errors import BrokerUnavailable
 from mailpipe.model import IntakeRequest, job_id_for, now_ms
 from mailpipe.settings import Settings
 from mailpipe.topology import Topology
 from producer import Producer
-from tests.faults.checker import CampaignReport, Dead, Fault, check
+from tests.faults.checker import CampaignReport, Fault, check
 from tests.faults.harness import (
     LedgerPeer,
     Pipeline,
     PrivateRabbit,
     PrivateRedis,
+    dead_for_check,
     held_claims,
     queue_depths,
     tcp_client_ports,
@@ -410,9 +410,7 @@ def test_fault_campaign(settings: Settings, tmp_path: Path) -> None:
         client.close()
         with peer._lock:
             accepted = list(peer.accepted)
-        dead = [Dead(job, c.recipients if c.kind == "job" else (), entry.reason or entry.first_death_reason)
-                for entry in read_dead(settings.amqp_url, settings.namespace)
-                for c in [contents(entry.body)] for job in entry.job_ids]
+        dead = dead_for_check(settings)
         report: CampaignReport = check(
             seed=seed, confirmed=publisher.confirmed, attempted=publisher.attempted, accepted=accepted,
             dead=dead, cuts=[*nemesis.cuts, *proxy.cuts], lost_replies=proxy.lost_replies,

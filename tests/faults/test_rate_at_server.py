@@ -26,12 +26,11 @@ import redis
 
 from mailpipe.amqp import Broker, Outgoing
 from mailpipe.codec import encode_batch, encode_job
-from mailpipe.dead import contents
 from mailpipe.model import Batch, Job, new_id, now_ms
 from mailpipe.settings import Settings
 from mailpipe.topology import Topology
-from tests.faults.checker import Dead, Fault, check
-from tests.faults.harness import LedgerPeer, Pipeline, held_claims, queue_depths, write_servers
+from tests.faults.checker import Fault, check
+from tests.faults.harness import LedgerPeer, Pipeline, dead_for_check, held_claims, queue_depths, write_servers
 from tests.faults.ledger import read_dead
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow]
@@ -149,9 +148,7 @@ def test_stalled_senders_do_not_push_the_server_above_rate_times_window_plus_bur
         client.close()
         with peer._lock:
             accepted = list(peer.accepted)
-        dead = [Dead(job, c.recipients if c.kind == "job" else (), entry.reason or entry.first_death_reason)
-                for entry in read_dead(settings.amqp_url, settings.namespace)
-                for c in [contents(entry.body)] for job in entry.job_ids]
+        dead = dead_for_check(settings)
     report = check(seed=0, confirmed=confirmed, accepted=accepted, dead=dead, rate_per_s=RATE_PER_S,
                    burst=BURST, faults=faults, origin=origin, duration_s=time.time() - origin)
     worst = ", ".join(f"{w.worst} in {w.window_s:g} s (bound {w.bound:g}, from t={w.start:.1f})"
