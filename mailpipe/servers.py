@@ -177,6 +177,7 @@ class TenantConfig:
     servers: tuple[str, ...] = ()
     domains: tuple[str, ...] | None = None
     domain_policy: str = "refuse"
+    weight: float = 1.0  # its share of a server against the other tenants with mail waiting
 
     def __post_init__(self) -> None:
         if not self.servers:  # built in code with only ``server``: that one
@@ -235,11 +236,14 @@ class Config:
         return sorted(name for name, tenant in self.tenants.items() if tenant.domains is None)
 
 
+# A tenant's weight: bounded so one tenant's turn is never more than 100,000 times another's.
+MIN_WEIGHT, MAX_WEIGHT = 0.01, 1000
+
 _SERVER_KEYS = {"address", "credentials_env", "credentials_file", "bulk", "rate_per_hour",
                 "per_minute", "unlimited", "concurrency", "tls", "tls_verify", "ca_file",
                 "max_mails_per_connection", "platform"}
 _TENANT_KEYS = {"server", "servers", "daily_limit", "timezone", "dkim_domain", "dkim_selector",
-                "dkim_key_file", "dkim_key_env", "domains", "domain_policy"}
+                "dkim_key_file", "dkim_key_env", "domains", "domain_policy", "weight"}
 
 
 def load_config(path: Path | None, environ: dict[str, str] | None = None) -> Config:
@@ -359,7 +363,17 @@ def _tenant(name: str, table: dict[str, Any], where: str, environ: Any,
         raise ConfigError(f"{where}.domain_policy: needs domains (the tenant's verified sender domains)")
     return TenantConfig(name=name, server=server, daily_limit=daily_limit, timezone=timezone,
                         dkim=_dkim(table, where, environ), servers=servers or (server,), domains=domains,
-                        domain_policy=policy or "refuse")
+                        domain_policy=policy or "refuse", weight=_weight(table, where))
+
+
+def _weight(table: dict[str, Any], where: str) -> float:
+    """A tenant's weight in the fair share of a server: a number in [0.01, 1000], default 1."""
+    value = table.get("weight", 1)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where}.weight: expected a number, got {type(value).__name__} {value!r}")
+    if not MIN_WEIGHT <= value <= MAX_WEIGHT:
+        raise ConfigError(f"{where}.weight: must be between {MIN_WEIGHT} and {MAX_WEIGHT}, got {value}")
+    return float(value)
 
 
 def _servers_list(table: dict[str, Any], where: str) -> tuple[str, ...]:

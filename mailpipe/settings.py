@@ -64,6 +64,9 @@ class Settings:
     # A tenant's transactional mail (priority "high") goes ahead of the line up to this share
     # of its server's rate and burst; above it, it waits in line as normal mail.
     high_priority_share: float = 0.1
+    # Fair share: a tenant of a server waiting for its turn keeps its place this long past the
+    # time its replica said it would ask again (a replica that died frees the turn after it).
+    fair_lease_s: float = 2.0
     send_concurrency: int = 4
     smtp_timeout_s: float = 30.0
     sent_mark_ttl_s: int = 7 * 24 * 3600  # how long a mail's claims and "sent" marks are kept
@@ -82,6 +85,8 @@ class Settings:
     # answering: passive declares over AMQP (ready only). Credentials: the URL's, else amqp_url's.
     rabbitmq_api_url: str = "http://127.0.0.1:15672"
     queue_metrics_cache_s: float = 5.0
+    # Per-tenant series (releases, grant wait): one per tenant and server, so off by default.
+    metrics_tenant_label: bool = False
 
     # Process.
     shutdown_timeout_s: float = 30.0
@@ -100,7 +105,7 @@ class Settings:
             raw = env[name]
             kind: type = type(field.default)
             try:
-                values[field.name] = kind(raw)
+                values[field.name] = _parse_bool(raw) if kind is bool else kind(raw)
             except ValueError:
                 raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
         values.update(overrides)
@@ -146,6 +151,16 @@ class Settings:
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _parse_bool(raw: str) -> bool:
+    """bool("0") is True: read the words people write instead."""
+    word = raw.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(raw)
 
 
 def redact_url(url: str) -> str:

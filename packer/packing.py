@@ -1,6 +1,8 @@
 """Packing jobs into batches: pure decisions, no I/O.
 
-One open batch per SMTP server and priority. A batch closes when the next job would take it
+One open batch per SMTP server, tenant and priority: a grant serves one tenant, so the limiter
+can share a server between tenants (limiter/gcra.py), and a small tenant's batch never waits
+to fill up behind a large one's. A batch closes when the next job would take it
 over ``max_mails`` or ``max_bytes`` (the rendered messages' bytes: the seeds' 500 mails and
 80 MB), when it reaches either exactly, or when its first job has waited ``linger_s``. A
 high-priority batch (transactional mail) does not linger: it closes at the next tick.
@@ -32,7 +34,7 @@ class Packer:
         self.max_mails = max_mails
         self.max_bytes = max_bytes
         self.linger_s = linger_s
-        self.open: dict[tuple[str, str], OpenBatch] = {}
+        self.open: dict[tuple[str, str, str], OpenBatch] = {}
 
     def fits_alone(self, size: int) -> bool:
         return size <= self.max_bytes
@@ -43,7 +45,7 @@ class Packer:
         if not self.fits_alone(size):
             raise ValueError(f"a {size}-byte job can never fit a {self.max_bytes}-byte batch")
         closed: list[OpenBatch] = []
-        key = (server, priority)
+        key = (server, tenant, priority)
         batch = self.open.get(key)
         if batch is not None and (batch.mails + 1 > self.max_mails or batch.bytes + size > self.max_bytes):
             closed.append(self.open.pop(key))

@@ -1,11 +1,11 @@
 """The packer stage: jobs -> batches.
 
 Consume jobs; a job scheduled for later (``send_at``) is parked in a delay queue until it is
-due; the others are grouped per SMTP server and priority; when a batch closes (500 mails,
+due; the others are grouped per SMTP server, tenant and priority; when a batch closes (500 mails,
 80 MB, or its linger), publish it, confirmed, and only then ack the jobs it holds. The jobs'
 bytes are forwarded as they came, never re-encoded.
 
-Jobs come from two queues, one open batch per server and priority for both: ``jobs`` (each at
+Jobs come from two queues, one open batch per server, tenant and priority for both: ``jobs`` (each at
 most ``large_message_bytes``, 1,000 unacked) and ``jobs.large`` (up to 25 MiB each, 4 unacked),
 so the jobs held are at most 1,000 x 256 KiB + 4 x 25 MiB whatever their sizes. A parked job
 goes to the delay queue of its size class, which brings it back to the queue it came from.

@@ -66,7 +66,17 @@ def test_batches_are_per_server() -> None:
     assert add(packer, 1, 10, server="b") == []
     closed = packer.add("a", "t", b"job", 10, tag=9, now=0)
     assert [(b.server, b.mails) for b in closed] == [("a", 2)]
-    assert list(packer.open) == [("b", "normal")]
+    assert list(packer.open) == [("b", "t", "normal")]
+
+
+def test_batches_are_per_tenant_so_a_grant_serves_one_tenant() -> None:
+    packer = Packer(max_mails=3, max_bytes=MIB, linger_s=1)
+    closed = [b for i in range(4) for b in packer.add("s", "big", b"job", 10, tag=i, now=0)]
+    closed += packer.add("s", "small", b"job", 10, tag=9, now=0.5)
+    assert [(b.tenants, b.mails) for b in closed] == [({"big": 3}, 3)]
+    # The small tenant's batch lingers on its own clock, not behind the big one's.
+    assert [(dict(b.tenants), b.mails) for b in packer.due(1.0)] == [({"big": 1}, 1)]
+    assert [(dict(b.tenants), b.mails) for b in packer.due(1.5)] == [({"small": 1}, 1)]
 
 
 def test_high_priority_mail_gets_its_own_batch_that_does_not_linger() -> None:
