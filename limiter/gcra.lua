@@ -20,11 +20,16 @@
 --   KEYS[5] {p}:grant:<refund_of> the grant a give-back returns; `refunded` is set in it once
 --                                applied, so a refund is applied once and only while the grant
 --                                is known (an expired grant refunds nothing)
---   KEYS[6] {p}:queue:<round>    set when a decision of this round is refused: the batches
---                                after it in the same pipelined round (the same server's line,
---                                in order) are then not decided, so a small batch never
---                                overtakes a larger one refused ahead of it
---   KEYS[6+i] {n:<tenant's server>}:day:<tenant>  hash: day = local midnight (epoch s) of the
+--   KEYS[6] {p}:queue:<round>:<line> set when a decision of this round is refused or granted in
+--                                part: the batches after it in the same pipelined round (the
+--                                same line of the same replica, in order) are then not decided,
+--                                so a small batch never overtakes a larger one ahead of it
+--   KEYS[7] {p}:fair             hash: v = the server's virtual time; f:<tenant> = the tenant's
+--                                finish tag; b:<tenant> = mails held for it (the last asker's)
+--   KEYS[8] {p}:fair:tags        zset: the tenants with mail waiting, by start tag
+--   KEYS[9] {p}:fair:alive       zset: their leases (us); an ended lease is no longer waiting
+--   KEYS[10] {p}:released:<tenant> the fair tenant's own ring of 10 s buckets, as KEYS[3]
+--   KEYS[10+i] {n:<tenant's server>}:day:<tenant>  hash: day = local midnight (epoch s) of the
 --                                counted day, n = mails released that day
 --
 -- ARGV[1] cost: mails in the batch (N)          ARGV[2] refund: mails given back (R)
@@ -32,9 +37,17 @@
 -- ARGV[4] burst: mails one grant may take (B)
 -- ARGV[5] minute_interval_us: us per mail of the per-minute ceiling, 0 = none
 -- ARGV[6] minute_burst                           ARGV[7] mark_ttl_s: life of KEYS[4]
--- ARGV[8] k: tenants; then per tenant, in KEYS order: count, daily_limit, refund (its share of
+-- ARGV[8] fair tenant ('' = no fair share)       ARGV[9] its weight
+-- ARGV[10] backlog: mails the caller holds for it on this server, this batch's included
+-- ARGV[11] ahead: 1 = high priority within its ration, does not wait for its turn
+-- ARGV[12] lease_us: how long past its next ask a waiting tenant keeps its place
+-- ARGV[13] k: tenants; then per tenant, in KEYS order: count, daily_limit, refund (its share of
 --         R), and 6 local midnights (epoch s, ascending) around now, from which the script
 --         picks today
+--
+-- Fair share (limiter/gcra.py says why): start-time fair queuing per server. A waiting tenant's
+-- start tag is max(v, its finish tag); only the lowest may take tokens (ties allowed); a turn
+-- is one mail while others wait, what the bucket holds when alone.
 --
 -- Returns {granted, retry_after_us, now_us, cached, granted per tenant...}: granted = 0 with
 -- retry_after_us > 0 means "ask again then"; retry_after_us = -1: not decided (KEYS[6] is
@@ -46,8 +59,15 @@ local now_s = tonumber(t[1])
 local cost, refund = tonumber(ARGV[1]), tonumber(ARGV[2])
 local interval, burst = tonumber(ARGV[3]), tonumber(ARGV[4])
 local m_interval, m_burst = tonumber(ARGV[5]), tonumber(ARGV[6])
-local mark_ttl, k = tonumber(ARGV[7]), tonumber(ARGV[8])
+local mark_ttl = tonumber(ARGV[7])
+local fair, weight, backlog = ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10])
+local ahead, lease = ARGV[11] == '1', tonumber(ARGV[12])
+local k = tonumber(ARGV[13])
 local PER_TENANT = 9
+local FIRST = 14
+local DAY = 10
+local MIN_TURN_RETRY = 50000
+local PURGE_PER_DECISION = 32
 
 if redis.call('EXISTS', KEYS[6]) == 1 then return {0, -1, now, 0} end
 local function refused(retry)
@@ -67,10 +87,10 @@ end
 
 local tenants = {}
 for i = 1, k do
-  local base = 9 + (i - 1) * PER_TENANT
+  local base = FIRST + (i - 1) * PER_TENANT
   local today, tomorrow = day_of(base + 3, now_s)
   if not today then return redis.error_reply('gcra.lua: the day boundaries given do not cover Redis time') end
-  local day = redis.call('HMGET', KEYS[6 + i], 'day', 'n')
+  local day = redis.call('HMGET', KEYS[DAY + i], 'day', 'n')
   local used = 0
   if tonumber(day[1]) == today then used = tonumber(day[2]) or 0 end
   tenants[i] = {count = tonumber(ARGV[base]), limit = tonumber(ARGV[base + 1]),
@@ -118,7 +138,7 @@ if refund > 0 and redis.call('HEXISTS', KEYS[5], 'n') == 1
     -- Only a grant made today lowers today's count: a cap is never exceeded at midnight.
     if tn.refund > 0 and tn.used > 0 and day_of(tn.base + 3, granted_s) == tn.today then
       tn.used = math.max(0, tn.used - tn.refund)
-      redis.call('HSET', KEYS[6 + i], 'day', tn.today, 'n', tn.used)
+      redis.call('HSET', KEYS[DAY + i], 'day', tn.today, 'n', tn.used)
     end
   end
 end
@@ -145,25 +165,79 @@ for i = 1, k do
   end
 end
 if k == 0 then allowed_total = cost end
-if allowed_total == 0 then return refused(retry) end
+local queued = fair ~= '' and interval > 0
+local function f17(x) return string.format('%.17g', x) end
+local function leave()
+  redis.call('ZREM', KEYS[8], fair)
+  redis.call('ZREM', KEYS[9], fair)
+  redis.call('HDEL', KEYS[7], 'b:' .. fair)
+end
+local function wait_in_line(tag, until_us, mails)
+  redis.call('ZADD', KEYS[8], f17(tag), fair)
+  redis.call('ZADD', KEYS[9], string.format('%d', until_us), fair)
+  redis.call('HSET', KEYS[7], 'b:' .. fair, mails)
+  for i = 7, 9 do redis.call('EXPIRE', KEYS[i], 86400) end
+end
+if allowed_total == 0 then
+  if queued then leave() end  -- capped for today: not waiting for this server
+  return refused(retry)
+end
 
 -- 4. The request: the smallest of the batch, the caps' room and each burst.
 local ask = allowed_total
 if interval > 0 then ask = math.min(ask, burst) end
 if m_interval > 0 then ask = math.min(ask, m_burst) end
 
--- 5. GCRA for `ask` tokens: allowed when tat + ask*step - burst*step <= now.
+local function tat_of(key, step) return math.max(load_tat(key, step) or 0, now) end
+local function room(key, step, b) return math.max(0, math.floor((b * step - (tat_of(key, step) - now)) / step)) end
+
+-- 5. Fair share: the tenant's start tag, its turn, the size of its turn.
+local start, contended = 0, false
+if queued then
+  local ended = redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', now, 'LIMIT', 0, PURGE_PER_DECISION)
+  for _, name in ipairs(ended) do
+    redis.call('ZREM', KEYS[8], name)
+    redis.call('ZREM', KEYS[9], name)
+    redis.call('HDEL', KEYS[7], 'b:' .. name)
+  end
+  local state = redis.call('HMGET', KEYS[7], 'v', 'f:' .. fair)
+  local v = tonumber(state[1]) or 0
+  local tag = redis.call('ZSCORE', KEYS[8], fair)
+  start = tonumber(tag) or math.max(v, tonumber(state[2]) or 0)
+  contended = redis.call('ZCARD', KEYS[8]) - (tag and 1 or 0) > 0
+  if contended and not ahead then
+    local first = redis.call('ZRANGE', KEYS[8], 0, 0, 'WITHSCORES')
+    if tonumber(first[2]) < start then
+      local before = redis.call('ZCOUNT', KEYS[8], '-inf', '(' .. f17(start))
+      local turn = math.max(tat_of(KEYS[1], interval) + (before + 1 - burst) * interval - now, MIN_TURN_RETRY)
+      wait_in_line(start, now + turn + lease, backlog)
+      return refused(turn)
+    end
+  end
+  if contended then
+    ask = 1  -- one mail a turn while others wait
+  else
+    local r = room(KEYS[1], interval, burst)
+    if m_interval > 0 then r = math.min(r, room(KEYS[2], m_interval, m_burst)) end
+    ask = math.min(ask, math.max(1, r))  -- alone: what the bucket holds now, at least one mail
+  end
+end
+
+-- 6. GCRA for `ask` tokens: allowed when tat + ask*step - burst*step <= now.
 local function gcra_wait(key, step, b)
-  local tat = math.max(load_tat(key, step) or 0, now)
+  local tat = tat_of(key, step)
   return tat + ask * step - b * step - now, tat
 end
 local wait, tat, m_wait, m_tat = 0, 0, 0, 0
 if interval > 0 then wait, tat = gcra_wait(KEYS[1], interval, burst) end
 if m_interval > 0 then m_wait, m_tat = gcra_wait(KEYS[2], m_interval, m_burst) end
 wait = math.max(wait, m_wait)
-if wait > 0 then return refused(wait) end
+if wait > 0 then
+  if queued then wait_in_line(start, now + wait + lease, backlog) end
+  return refused(wait)
+end
 
--- 6. Granted: move the TATs, count the mails per tenant and per 10 s bucket, remember the grant.
+-- 7. Granted: move the TATs, count the mails per tenant and per 10 s bucket, remember the grant.
 local record = {'n', ask, 'at', string.format('%d', now)}
 if interval > 0 then
   store_tat(KEYS[1], tat + ask * interval, interval)
@@ -181,8 +255,8 @@ for i = 1, k do
   local g = math.min(tn.allowed, left)
   left = left - g
   if g > 0 then
-    redis.call('HSET', KEYS[6 + i], 'day', tn.today, 'n', tn.used + g)
-    redis.call('EXPIRE', KEYS[6 + i], 3 * 86400)
+    redis.call('HSET', KEYS[DAY + i], 'day', tn.today, 'n', tn.used + g)
+    redis.call('EXPIRE', KEYS[DAY + i], 3 * 86400)
   end
   out[#out + 1] = g
   per_tenant[#per_tenant + 1] = string.format('%d', g)
@@ -194,6 +268,20 @@ if tonumber(redis.call('HGET', KEYS[3], 'b' .. slot)) ~= bucket then
 end
 redis.call('HINCRBY', KEYS[3], 'c' .. slot, ask)
 redis.call('EXPIRE', KEYS[3], 3700)
+if queued then
+  local finish = start + ask / weight
+  local v = tonumber(redis.call('HGET', KEYS[7], 'v')) or 0
+  if contended then v = math.max(v, start) else v = math.max(v, finish) end
+  redis.call('HSET', KEYS[7], 'v', f17(v), 'f:' .. fair, f17(finish))
+  redis.call('EXPIRE', KEYS[7], 86400)
+  if backlog > ask then wait_in_line(finish, now + interval + lease, backlog - ask) else leave() end
+  if tonumber(redis.call('HGET', KEYS[10], 'b' .. slot)) ~= bucket then
+    redis.call('HSET', KEYS[10], 'b' .. slot, bucket, 'c' .. slot, 0)
+  end
+  redis.call('HINCRBY', KEYS[10], 'c' .. slot, ask)
+  redis.call('EXPIRE', KEYS[10], 3700)
+end
+if ask < cost then redis.call('SET', KEYS[6], '1', 'PX', 10000) end  -- the rest is decided next round
 table.insert(record, 'g'); table.insert(record, table.concat(per_tenant, ' '))
 redis.call('HSET', KEYS[4], unpack(record))
 redis.call('EXPIRE', KEYS[4], mark_ttl)

@@ -21,6 +21,18 @@ grant, counting back) has not come yet, and only while no later grant has moved 
 tokens the bucket has already refilled are never handed back twice. Once per grant, and only
 while the grant is remembered; a daily count is lowered only for a grant made today.
 
+Fair share. A server's capacity is shared between the tenants with mail waiting for it, by
+weight, with start-time fair queuing kept per server in Redis: each waiting tenant has a start
+tag ``S = max(V, F)`` (``V`` the server's virtual time, ``F`` the tenant's last finish tag);
+only a tenant with the lowest start tag may take tokens (ties allowed); a grant of ``n`` mails
+sets ``F = S + n / weight`` and moves ``V`` to ``S`` (to ``F`` when the tenant was alone: using
+an idle server is never held against it). While others wait, a turn is one mail, so a tenant
+that arrives behind a backlog is released within (tenants waiting) x T; alone, a tenant takes
+what the bucket holds (its burst, then one mail per T). A waiting tenant keeps its place while
+its replica asks again within its lease (the retry it was told + ``fair_lease_s``); a replica
+that dies frees the turn when the lease ends. Mails given back are charged again when they are
+granted again: the bucket gets its tokens back, the tenant its turn not.
+
 ``decide`` below is the reference: ``limiter/gcra.lua`` does the same in Redis, atomically,
 with Redis ``TIME``. ``RedisLimiter`` is the typed wrapper around the script.
 """
@@ -32,7 +44,7 @@ import importlib.resources
 import itertools
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import NamedTuple, cast
@@ -50,6 +62,10 @@ US = 1_000_000
 HOUR_US = 3600 * US
 MINUTE_US = 60 * US
 MIDNIGHTS = 6  # local midnights passed per tenant: two days back to three ahead
+# A tenant not first in the fair order asks again after at least this long.
+MIN_TURN_RETRY_US = 50_000
+# Expired waiters removed per decision: bounded work, whatever was left behind.
+PURGE_PER_DECISION = 32
 
 
 # -- the limits of one server, in the units the script uses -----------------------------------
@@ -98,6 +114,17 @@ class TenantAsk(NamedTuple):
     daily_limit: int
     midnights_s: tuple[int, ...]
     refund: int = 0
+
+
+class Fair(NamedTuple):
+    """The tenant whose turn a batch takes on its server. ``backlog``: mails the caller holds
+    for that tenant on that server, this batch's included; ``ahead``: high-priority mail within
+    its ration, which does not wait for its turn (its mails are still counted against it)."""
+
+    tenant: str
+    weight: float = 1.0
+    backlog: int = 0
+    ahead: bool = False
 
 
 class Decision(NamedTuple):
@@ -201,6 +228,34 @@ class Grant:
 
 
 @dataclass
+class FairState:
+    """A server's fair queue: ``v`` its virtual time; per tenant its finish tag, its start tag
+    and lease while it waits (the ``tags`` and ``alive`` sorted sets), the mails held for it,
+    and its releases (10 s bucket -> mails)."""
+
+    v: float = 0.0
+    finish: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, float] = field(default_factory=dict)
+    alive: dict[str, int] = field(default_factory=dict)
+    backlog: dict[str, int] = field(default_factory=dict)
+    released: dict[str, dict[int, int]] = field(default_factory=dict)
+
+    def purge(self, now_us: int) -> None:
+        """Drop waiters whose lease ended, oldest lease first, at most PURGE_PER_DECISION."""
+        ended = sorted((until, name) for name, until in self.alive.items() if until <= now_us)
+        for _, name in ended[:PURGE_PER_DECISION]:
+            self.leave(name)
+
+    def leave(self, name: str) -> None:
+        self.tags.pop(name, None)
+        self.alive.pop(name, None)
+        self.backlog.pop(name, None)
+
+    def wait(self, name: str, tag: float, until_us: int, backlog: int) -> None:
+        self.tags[name], self.alive[name], self.backlog[name] = tag, until_us, backlog
+
+
+@dataclass
 class State:
     """What Redis holds for one server and its tenants: the reference model of the keys."""
 
@@ -211,12 +266,15 @@ class State:
     days: dict[str, tuple[int, int]] = field(default_factory=dict)  # tenant -> (day start, count)
     grants: dict[str, Grant] = field(default_factory=dict)
     released: dict[int, int] = field(default_factory=dict)  # 10 s bucket -> mails
+    fair: FairState = field(default_factory=FairState)
 
 
 def decide(state: State, now_us: int, batch_id: str, cost: int, limits: Limits,
-           tenants: Sequence[TenantAsk], refund: int = 0, refund_of: str = "") -> Decision:
+           tenants: Sequence[TenantAsk], refund: int = 0, refund_of: str = "",
+           fair: Fair | None = None, lease_us: int = 2 * US) -> Decision:
     """One decision, exactly as ``gcra.lua`` makes it; mutates ``state`` as the script does Redis.
-    ``refund`` mails of the grant made to batch ``refund_of`` come back first."""
+    ``refund`` mails of the grant made to batch ``refund_of`` come back first; ``fair``: the
+    tenant whose turn it takes (see the module's docstring)."""
     now_s = now_us // US
     days = [day_of(t.midnights_s, now_s) for t in tenants]
     used = [state.days[t.name][1] if t.name in state.days and state.days[t.name][0] == day[0] else 0
@@ -249,7 +307,10 @@ def decide(state: State, now_us: int, batch_id: str, cost: int, limits: Limits,
     allowed = [max(0, min(t.mails, t.daily_limit - u)) for t, u in zip(tenants, used, strict=True)]
     waits = [days[i][1] * US - now_us for i, t in enumerate(tenants) if t.mails > 0 and allowed[i] == 0]
     total = sum(allowed) if tenants else cost
+    queue = state.fair if fair is not None and limits.interval_us else None
     if total == 0:
+        if queue is not None and fair is not None:
+            queue.leave(fair.tenant)  # capped for today: not waiting for this server
         return Decision(0, min(waits, default=0), now_us, False, ())
 
     # 4. The request: the smallest of the batch, the caps' room and each burst.
@@ -259,7 +320,31 @@ def decide(state: State, now_us: int, batch_id: str, cost: int, limits: Limits,
     if limits.minute_interval_us:
         ask = min(ask, limits.minute_burst)
 
-    # 5. Every GCRA must allow it.
+    # 5. Fair share: the tenant's start tag, its turn, the size of its turn.
+    start = 0.0
+    contended = False
+    if queue is not None and fair is not None:
+        queue.purge(now_us)
+        name = fair.tenant
+        start = queue.tags.get(name, max(queue.v, queue.finish.get(name, 0.0)))
+        contended = len(queue.tags) - (1 if name in queue.tags else 0) > 0
+        tat_now = _load_tat(state, now_us, limits.interval_us)
+        if contended and not fair.ahead and min(queue.tags.values()) < start:
+            ahead_of_it = sum(1 for tag in queue.tags.values() if tag < start)
+            turn_wait, _ = gcra_wait(tat_now, now_us, ahead_of_it + 1, limits.interval_us, limits.burst)
+            turn_wait = max(turn_wait, MIN_TURN_RETRY_US)
+            queue.wait(name, start, now_us + turn_wait + lease_us, fair.backlog)
+            return Decision(0, turn_wait, now_us, False, ())
+        if contended:
+            ask = 1  # one mail a turn while others wait
+        else:
+            room = tokens_available(tat_now, now_us, limits.interval_us, limits.burst)
+            if limits.minute_interval_us:
+                room = min(room, tokens_available(_load_minute_tat(state, now_us, limits.minute_interval_us),
+                                                  now_us, limits.minute_interval_us, limits.minute_burst))
+            ask = min(ask, max(1, room))  # alone: what the bucket holds now, at least one mail
+
+    # 6. Every GCRA must allow it.
     wait, tat, m_wait, m_tat = 0, 0, 0, 0
     if limits.interval_us:
         wait, tat = gcra_wait(_load_tat(state, now_us, limits.interval_us), now_us, ask,
@@ -269,9 +354,11 @@ def decide(state: State, now_us: int, batch_id: str, cost: int, limits: Limits,
                                   limits.minute_interval_us, limits.minute_burst)
     wait = max(wait, m_wait)
     if wait > 0:
+        if queue is not None and fair is not None:
+            queue.wait(fair.tenant, start, now_us + wait + lease_us, fair.backlog)
         return Decision(0, wait, now_us, False, ())
 
-    # 6. Granted.
+    # 7. Granted.
     grant_tat = grant_minute_tat = None
     if limits.interval_us:
         state.tat_us, state.step_us = tat + ask * limits.interval_us, limits.interval_us
@@ -290,6 +377,16 @@ def decide(state: State, now_us: int, batch_id: str, cost: int, limits: Limits,
         grants.append(g)
     bucket = now_s // 10
     state.released[bucket] = state.released.get(bucket, 0) + ask
+    if queue is not None and fair is not None:
+        finish = start + ask / fair.weight
+        queue.finish[fair.tenant] = finish
+        queue.v = max(queue.v, start if contended else finish)
+        if fair.backlog > ask:
+            queue.wait(fair.tenant, finish, now_us + limits.interval_us + lease_us, fair.backlog - ask)
+        else:
+            queue.leave(fair.tenant)
+        ring = queue.released.setdefault(fair.tenant, {})
+        ring[bucket] = ring.get(bucket, 0) + ask
     state.grants[batch_id] = Grant(ask, now_us, grant_tat, grant_minute_tat, tuple(grants))
     return Decision(ask, 0, now_us, False, tuple(grants))
 
@@ -342,7 +439,9 @@ def connect(url: str, timeout_s: float = 1.0) -> redis.Redis:
 class Ask(NamedTuple):
     """One batch's request: give back ``refund`` mails of the grant made to ``refund_of`` (once),
     then ask for ``cost``. ``tenant_servers[i]`` is the server tenant i is configured on (its
-    day key lives under that server's hash tag); by default the batch's server."""
+    day key lives under that server's hash tag); by default the batch's server. ``fair``: the
+    tenant whose turn it takes on the server; ``line``: the caller's line, whose later asks in
+    the same round are not decided once this one is refused or granted in part."""
 
     server: str
     batch_id: str
@@ -352,15 +451,19 @@ class Ask(NamedTuple):
     tenants: Sequence[TenantAsk] = ()
     tenant_servers: Sequence[str] | None = None
     refund_of: str = ""
+    fair: Fair | None = None
+    line: str = ""
 
 
 class RedisLimiter:
     """The script, loaded once, behind a typed call. Redis errors become LimiterUnavailable."""
 
-    def __init__(self, client: redis.Redis, namespace: str, *, mark_ttl_s: int = 86400) -> None:
+    def __init__(self, client: redis.Redis, namespace: str, *, mark_ttl_s: int = 86400,
+                 fair_lease_s: float = 2.0) -> None:
         self.client = client
         self.namespace = namespace
         self.mark_ttl_s = mark_ttl_s
+        self.lease_us = int(fair_lease_s * US)
         self._lua = importlib.resources.files("limiter").joinpath("gcra.lua").read_bytes()
         self._sha = hashlib.sha1(self._lua, usedforsecurity=False).hexdigest()  # the name Redis knows it by
         self._priority = client.register_script(
@@ -368,10 +471,11 @@ class RedisLimiter:
 
     def acquire(self, server: str, batch_id: str, cost: int, limits: Limits, *,
                 refund: int = 0, tenants: Sequence[TenantAsk] = (),
-                tenant_servers: Sequence[str] | None = None, refund_of: str = "") -> Decision:
+                tenant_servers: Sequence[str] | None = None, refund_of: str = "",
+                fair: Fair | None = None) -> Decision:
         """One decision, one round trip."""
         return self.acquire_many([Ask(server, batch_id, cost, limits, refund, tenants, tenant_servers,
-                                      refund_of)])[0]
+                                      refund_of, fair)])[0]
 
     def acquire_many(self, asks: Sequence[Ask]) -> list[Decision]:
         """Every decision in one round trip, made by Redis in order, each atomic. The asks of
@@ -409,18 +513,35 @@ class RedisLimiter:
         """The KEYS count, KEYS and ARGV of one ask (gcra.lua's header documents them)."""
         p = server_prefix(self.namespace, ask.server)
         homes = ask.tenant_servers or [ask.server] * len(ask.tenants)
+        fair = ask.fair or Fair("")
         keys = [f"{p}:tat", f"{p}:tat:minute", f"{p}:released", f"{p}:grant:{ask.batch_id}",
-                f"{p}:grant:{ask.refund_of or ask.batch_id}", f"{p}:{queue}"]
+                f"{p}:grant:{ask.refund_of or ask.batch_id}", f"{p}:{queue}:{ask.line}", f"{p}:fair",
+                f"{p}:fair:tags", f"{p}:fair:alive", f"{p}:released:{fair.tenant}"]
         keys += [tenant_day_key(self.namespace, home, t.name) for t, home in zip(ask.tenants, homes, strict=True)]
         limits = ask.limits
         refund = ask.refund if ask.refund_of else 0  # a refund without its grant returns nothing
-        args: list[int] = [ask.cost, refund, limits.interval_us, limits.burst, limits.minute_interval_us,
-                           limits.minute_burst, self.mark_ttl_s, len(ask.tenants)]
+        args: list[object] = [ask.cost, refund, limits.interval_us, limits.burst, limits.minute_interval_us,
+                              limits.minute_burst, self.mark_ttl_s, fair.tenant, repr(float(fair.weight)),
+                              fair.backlog, int(fair.ahead), self.lease_us, len(ask.tenants)]
         for t in ask.tenants:
             if len(t.midnights_s) != MIDNIGHTS:
                 raise ValueError(f"tenant {t.name}: expected {MIDNIGHTS} midnights")
             args += [t.mails, t.daily_limit, t.refund, *t.midnights_s]
         return [str(len(keys)), *keys, *map(str, args)]
+
+    def leave(self, server: str, tenants: Iterable[str]) -> None:
+        """These tenants no longer wait for ``server`` here (their batches were parked or handed
+        back): the turn passes at once, not when their lease ends."""
+        p = server_prefix(self.namespace, server)
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                for name in tenants:
+                    pipe.zrem(f"{p}:fair:tags", name)
+                    pipe.zrem(f"{p}:fair:alive", name)
+                    pipe.hdel(f"{p}:fair", f"b:{name}")
+                pipe.execute()
+        except redis.RedisError as exc:
+            raise LimiterUnavailable(f"Redis: leaving the fair queue failed: {type(exc).__name__}: {exc}") from exc
 
     def ration_high(self, server: str, tenants: dict[str, int], limits: Limits, share: float) -> bool:
         """May these tenants' high-priority mails go ahead of the line? Each tenant has an

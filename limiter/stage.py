@@ -5,15 +5,19 @@ file (else dead-letter) -> hold it, unacked, in its server's line -> when due, o
 decision (``gcra.lua``: apply its refund once, then ask for its mails) ->
 
 - granted: stamp ``grant_id``, ``granted_ms`` (Redis time), ``deadline_ms`` and publish it to
-  ``send``; a split publishes the granted part to ``send`` and the rest back to ``batches`` in
-  the same confirmed publish; then ack.
+  ``send``, confirmed, then ack. A grant of part of the batch (a turn of the fair share, a
+  burst, a daily cap) publishes that part to ``send`` and keeps the rest held, to ask again:
+  its parts have ids derived from the batch's and the offset, so a redelivered batch gets the
+  same parts with the same grants.
 - refused: due again after the retry-after Redis gave. A batch not due within
   ``limiter_hold_s`` (a server far behind, a tenant's cap reached for today) is parked: its
   bytes go to a delay queue that dead-letters back to ``batches``, then it is acked. Nothing
   waits unacked for long (RabbitMQ closes a channel that holds a delivery for 30 minutes).
 
-Each server has its own line, and only the head of a line asks Redis, so a slow server never
-holds up a fast one, and a big batch is not starved by smaller ones behind it in this replica.
+Batches are held in lines per (server, tenant), and only the head of a line asks Redis, so a
+slow server never holds up a fast one, and a big batch is not starved by smaller ones behind it.
+Whose turn it is on a server is decided in Redis (``gcra.lua``'s fair share), the same for every
+replica; a batch that arrives holding several tenants' mails is first split into one per tenant.
 Redis unreachable: nothing is released (fail closed), held batches stay held (or are parked
 when held too long), and decisions resume with a capped backoff once Redis answers again.
 """
@@ -25,6 +29,7 @@ import logging
 import time
 from collections import Counter as Tally
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import redis
@@ -34,6 +39,7 @@ from limiter.gcra import (
     US,
     Ask,
     Decision,
+    Fair,
     Limits,
     RedisLimiter,
     TenantAsk,
@@ -56,9 +62,10 @@ RELEASED = Counter("mailpipe_limiter_released_mails_total", "Mails the limiter r
                    ["server"])
 DECISIONS = Counter("mailpipe_limiter_decisions_total", "Rate limit decisions, by outcome.",
                     ["server", "outcome"])
+GRANT_WAIT_BUCKETS = (0.1, 1, 5, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 86400)
 GRANT_WAIT = Histogram("mailpipe_limiter_grant_wait_seconds",
                        "From the batch's creation to its grant (Redis time).", ["server"],
-                       buckets=(0.1, 1, 5, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 86400))
+                       buckets=GRANT_WAIT_BUCKETS)
 FAILING_CLOSED = Gauge("mailpipe_limiter_failing_closed",
                        "1 while Redis is unreachable: nothing is released.")
 HELD = Gauge("mailpipe_limiter_held_batches", "Batches held unacked, waiting for their turn.", ["server"])
@@ -67,6 +74,12 @@ PRIORITY = Counter("mailpipe_limiter_high_priority_total",
                    ["server", "outcome"])
 PARKED = Counter("mailpipe_limiter_parked_total", "Batches sent through the delay queue to wait.",
                  ["server", "reason"])
+# Per tenant only with MAILPIPE_METRICS_TENANT_LABEL=true: a series per tenant and server.
+TENANT_RELEASED = Counter("mailpipe_limiter_tenant_released_mails_total",
+                          "Mails the limiter released to send, per tenant.", ["server", "tenant"])
+TENANT_GRANT_WAIT = Histogram("mailpipe_limiter_tenant_grant_wait_seconds",
+                              "From the batch's creation to the grant of each of its parts, per tenant.",
+                              ["server", "tenant"], buckets=GRANT_WAIT_BUCKETS)
 
 # A round asks Redis for up to this many due batches of each line in one round trip.
 ROUND_PER_LINE = 32
@@ -74,14 +87,35 @@ BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 2.0  # recover within seconds of Redis coming back
 
 
+Line = tuple[str, str]  # (server, tenant)
+
+
 @dataclass(eq=False)  # a held batch is itself: line.remove() and ``in`` go by identity
 class Held:
+    """A batch of one tenant (none for a bare refund), held unacked; ``offset`` of its jobs are
+    granted already (published to send as parts)."""
+
     delivery: Delivery
     batch: Batch
-    tenants: dict[str, int]
+    tenant: str
+    sizes: list[int]  # each job's message bytes
     since: float  # monotonic
     due: float  # monotonic: when to ask Redis
-    ahead: bool = False  # transactional mail within its tenants' share: ahead of the line
+    ahead: bool = False  # transactional mail within its tenant's share: ahead of the line
+    offset: int = 0
+
+    @property
+    def line(self) -> Line:
+        return self.batch.server, self.tenant
+
+    @property
+    def remaining(self) -> int:
+        return self.batch.mails - self.offset
+
+    @property
+    def part_id(self) -> str:
+        """The id of the part asked for next: the batch's own for the first."""
+        return self.batch.id if self.offset == 0 else derived_id(self.batch.id, f"from:{self.offset}")
 
 
 @dataclass
@@ -90,9 +124,10 @@ class Round:
 
     outgoing: list[Outgoing] = field(default_factory=list)
     acks: list[int] = field(default_factory=list)
-    released: list[tuple[Batch, int]] = field(default_factory=list)  # (granted batch, wait ms)
+    released: list[tuple[Batch, int]] = field(default_factory=list)  # (granted part, wait ms)
+    left: set[Line] = field(default_factory=set)  # lines emptied by parking: their tenants leave
 
-    def flush(self, broker: Broker, stage: str) -> None:
+    def flush(self, broker: Broker, stage: str, per_tenant: bool) -> None:
         broker.publish(self.outgoing)
         broker.ack_all(self.acks)
         for out in self.outgoing:
@@ -100,6 +135,10 @@ class Round:
         for batch, wait_ms in self.released:
             RELEASED.labels(batch.server).inc(batch.mails)
             GRANT_WAIT.labels(batch.server).observe(max(0, wait_ms) / 1000)
+            if per_tenant:
+                for tenant, mails in batch.tenants.items():
+                    TENANT_RELEASED.labels(batch.server, tenant).inc(mails)
+                    TENANT_GRANT_WAIT.labels(batch.server, tenant).observe(max(0, wait_ms) / 1000)
 
 
 class LimiterStage(Stage):
@@ -110,8 +149,8 @@ class LimiterStage(Stage):
         self.watcher = ConfigWatcher(settings.servers_path)
         # Short timeouts, no retries: a dead Redis must not stall the loop that serves RabbitMQ.
         self.redis = redis_client or connect(settings.redis_url)
-        self.limiter = RedisLimiter(self.redis, settings.namespace)
-        self.lines: dict[str, deque[Held]] = {}
+        self.limiter = RedisLimiter(self.redis, settings.namespace, fair_lease_s=settings.fair_lease_s)
+        self.lines: dict[Line, deque[Held]] = {}
         self._config = self.watcher.config
         self._gauged: set[str] = set()
         self.redis_ok = True
@@ -145,26 +184,32 @@ class LimiterStage(Stage):
         for delivery in deliveries:
             try:
                 batch = decode_batch(delivery.body)
-                tenants = tenant_counts(batch)
+                jobs = [decode_job(job) for job in batch.jobs]  # every job decodes: a part never fails
             except InvalidMessage as exc:
                 self._dead(out, delivery, exc.reason, "invalid")
                 continue
+            tenants = Tally(job.tenant for job in jobs)
             problem = unknown_names(batch, tenants, config)
             if problem:
                 self._dead(out, delivery, problem, "config", server=batch.server)
                 continue
-            line = self.lines.setdefault(batch.server, deque())
-            held = Held(delivery, batch, tenants, since=now, due=now)
-            if batch.priority == "high" and self._ahead(batch, tenants, config):
-                # Transactional mail goes ahead of every normal batch of its server: it is the
-                # next to ask for tokens, however much bulk mail waits.
+            if len(tenants) > 1:  # from an older packer: one batch per tenant, then their turns
+                out.outgoing += [Outgoing(self.topology.batches, encode_batch(b), message_id=b.id)
+                                 for b in by_tenant(batch)]
+                out.acks.append(delivery.tag)
+                continue
+            tenant = next(iter(tenants), "")
+            held = Held(delivery, batch, tenant, [job.size for job in jobs], since=now, due=now)
+            line = self.lines.setdefault(held.line, deque())
+            if batch.priority == "high" and self._ahead(batch, dict(tenants), config):
+                # Transactional mail goes ahead of its tenant's normal batches, and does not
+                # wait for the tenant's turn on the server (within its share for high priority).
                 held.ahead = True
                 line.insert(sum(1 for h in line if h.ahead), held)
             else:
                 line.append(held)
         self._decide_due(out, config, now)
-        out.flush(broker, self.name)
-        self._gauge()
+        self._flush(broker, out)
 
     def tick(self, broker: Broker) -> None:
         now = time.monotonic()
@@ -174,7 +219,11 @@ class LimiterStage(Stage):
             return
         out = Round()
         self._decide_due(out, self.watcher.current(), now)
-        out.flush(broker, self.name)
+        self._flush(broker, out)
+
+    def _flush(self, broker: Broker, out: Round) -> None:
+        out.flush(broker, self.name, self.settings.metrics_tenant_label)
+        self._leave(out.left)
         self._gauge()
 
     def _decide_due(self, out: Round, config: Config, now: float) -> None:
@@ -189,23 +238,25 @@ class LimiterStage(Stage):
             pass
         if not self.redis_ok:
             return
-        for server, line in list(self.lines.items()):
+        for key, line in list(self.lines.items()):
             self._park_far_turns(out, line, config, now)
             if not line:
-                del self.lines[server]
+                del self.lines[key]
+        self._park_over_hold(out, now)
 
     def _round(self, out: Round, config: Config, now: float) -> bool:
         """One round trip to Redis: the due batches at the front of every line, each line in
         order. True when a line moved and its new head may be due: another round then."""
-        asked: list[tuple[Held, Ask, list[str]]] = []
+        asked: list[tuple[Held, Ask, list[str], float]] = []
         for line in self.lines.values():
             for held in list(line)[:ROUND_PER_LINE]:
                 if held.due > now:
                     break
-                problem = unknown_names(held.batch, held.tenants, config)  # the file may have changed
+                problem = unknown_names(held.batch, {held.tenant: held.remaining} if held.tenant else {},
+                                        config)  # the file may have changed
                 if problem is None:
                     try:
-                        asked.append((held, *self._ask(held, config)))
+                        asked.append((held, *self._ask(held, line, config)))
                         continue
                     except ConfigError as exc:
                         problem = exc.reason
@@ -214,19 +265,22 @@ class LimiterStage(Stage):
         if not asked:
             return False
         try:
-            decisions = self.limiter.acquire_many([ask for _, ask, _ in asked])
+            decisions = self.limiter.acquire_many([ask for _, ask, _, _ in asked])
         except LimiterUnavailable as exc:
             self._redis_failed(exc, now)
             self._park_overdue(out, now)
             return False
         self._redis_worked()
         moved = False
-        for (held, _, names), decision in zip(asked, decisions, strict=True):
-            line = self.lines[held.batch.server]
+        for (held, _, names, step_s), decision in zip(asked, decisions, strict=True):
+            line = self.lines[held.line]
             if decision.skipped or held not in line:
                 continue
             if decision.granted:
                 self._release(out, held, decision, names)
+                if held.remaining:
+                    held.due = now + step_s  # the rest: its next turn is a mail's time away at least
+                    continue
             elif held.batch.mails == 0:  # a bare refund: applied, nothing to send
                 out.acks.append(held.delivery.tag)
             else:
@@ -240,7 +294,7 @@ class LimiterStage(Stage):
         return moved
 
     def _ahead(self, batch: Batch, tenants: dict[str, int], config: Config) -> bool:
-        """Within its tenants' share of the server for high priority? Above it, or while Redis
+        """Within its tenant's share of the server for high priority? Above it, or while Redis
         does not answer, the batch waits in line as normal mail."""
         try:
             limits = Limits.of(config.servers[batch.server], self.settings)
@@ -250,77 +304,117 @@ class LimiterStage(Stage):
         PRIORITY.labels(batch.server, "ahead" if ahead else "rationed").inc()
         return ahead
 
-    def _ask(self, held: Held, config: Config) -> tuple[Ask, list[str]]:
-        """The request for a held batch, and its tenants in the order of the grant."""
+    def _ask(self, held: Held, line: deque[Held], config: Config) -> tuple[Ask, list[str], float]:
+        """The request for what is left of a held batch, its tenants in the order of the grant,
+        and the server's time per mail (s)."""
         batch = held.batch
         limits = Limits.of(config.servers[batch.server], self.settings)
         wall = time.time()  # only to offer the days around now; Redis time picks today
-        names = sorted(held.tenants.keys() | batch.refund_tenants.keys())
-        asks = [TenantAsk(n, held.tenants.get(n, 0), config.tenants[n].daily_limit,
-                          local_midnights(config.tenants[n].timezone, wall), batch.refund_tenants.get(n, 0))
+        first = held.offset == 0  # a give-back's refund comes with the first part's ask
+        refund_tenants = batch.refund_tenants if first else {}
+        counts = {held.tenant: held.remaining} if held.tenant else {}
+        names = sorted(counts.keys() | refund_tenants.keys())
+        asks = [TenantAsk(n, counts.get(n, 0), config.tenants[n].daily_limit,
+                          local_midnights(config.tenants[n].timezone, wall), refund_tenants.get(n, 0))
                 for n in names]
         homes = [config.tenants[n].server for n in names]
-        return Ask(batch.server, batch.id, batch.mails, limits, batch.refund, asks, homes,
-                   batch.refund_of or ""), names
+        fair = None
+        if held.tenant:
+            backlog = sum(h.remaining for h in line)
+            fair = Fair(held.tenant, config.tenants[held.tenant].weight, backlog, held.ahead)
+        ask = Ask(batch.server, held.part_id, held.remaining, limits, batch.refund if first else 0, asks, homes,
+                  (batch.refund_of or "") if first else "", fair, held.tenant)
+        return ask, names, limits.interval_us / US
 
     def _release(self, out: Round, held: Held, decision: Decision, names: list[str]) -> None:
+        """Publish the granted part (all that is left, or its first ``granted`` mails)."""
         batch = held.batch
-        grant = dict(zip(names, decision.tenant_grants, strict=True)) if names else {}
-        stamp = {"grant_id": derived_id(batch.id, f"grant:{decision.now_us}"),
-                 "granted_ms": decision.now_ms,
-                 "deadline_ms": decision.now_ms + int(self.settings.window_s * 1000), "refund": 0,
-                 "refund_of": None, "refund_tenants": {}}
-        if decision.granted >= batch.mails:
-            granted = dataclasses.replace(batch, **stamp)  # type: ignore[arg-type]
-            out.outgoing.append(Outgoing(self.topology.send, encode_batch(granted), message_id=granted.id))
-            DECISIONS.labels(batch.server, "granted").inc()
-            log.debug("batch %s: %d mails granted", batch.id, batch.mails)
-        else:
-            granted, rest = split(batch, grant)
-            granted = dataclasses.replace(granted, **stamp)  # type: ignore[arg-type]
-            out.outgoing.append(Outgoing(self.topology.send, encode_batch(granted), message_id=granted.id))
-            out.outgoing.append(Outgoing(self.topology.batches, encode_batch(rest), message_id=rest.id))
-            DECISIONS.labels(batch.server, "split").inc()
-            log.info("batch %s split: %d of %d mails granted, the rest is %s", batch.id, granted.mails,
-                     batch.mails, rest.id, extra={"server": batch.server})
-        out.acks.append(held.delivery.tag)
-        out.released.append((granted, decision.now_ms - batch.created_ms))
+        start, end = held.offset, held.offset + min(decision.granted, held.remaining)
+        part_id = held.part_id
+        part = dataclasses.replace(
+            batch, id=part_id, jobs=batch.jobs[start:end], mails=end - start, bytes=sum(held.sizes[start:end]),
+            tenants={held.tenant: end - start} if held.tenant else {},
+            grant_id=derived_id(part_id, f"grant:{decision.now_us}"), granted_ms=decision.now_ms,
+            deadline_ms=decision.now_ms + int(self.settings.window_s * 1000), refund=0, refund_of=None,
+            refund_tenants={})
+        out.outgoing.append(Outgoing(self.topology.send, encode_batch(part), message_id=part.id))
+        out.released.append((part, decision.now_ms - batch.created_ms))
+        held.offset = end
+        whole = start == 0 and end == batch.mails
+        DECISIONS.labels(batch.server, "granted" if whole else "split").inc()
+        if not held.remaining:
+            out.acks.append(held.delivery.tag)
+        log.debug("batch %s: %d of %d mails granted (%s)", batch.id, end - start, batch.mails, part.id)
 
     # -- waiting, failing, giving back --------------------------------------------------------
 
     def _park(self, out: Round, held: Held, wait_s: float, reason: str) -> None:
         delays = self.topology.park_delays_s
         delay = max([d for d in delays if d <= wait_s], default=delays[0])
-        out.outgoing.append(Outgoing(self.topology.park_queue(delay), held.delivery.body, message_id=held.batch.id))
-        out.acks.append(held.delivery.tag)
+        self._hand_back(out, held, self.topology.park_queue(delay))
         PARKED.labels(held.batch.server, reason).inc()
+
+    def _hand_back(self, out: Round, held: Held, queue: str) -> None:
+        """What is left of a held batch goes to ``queue``, then the batch is acked."""
+        if held.offset == 0:
+            out.outgoing.append(Outgoing(queue, held.delivery.body, message_id=held.batch.id))
+        else:
+            rest = rest_of(held.batch, held.tenant, held.offset, sum(held.sizes[held.offset:]))
+            out.outgoing.append(Outgoing(queue, encode_batch(rest), message_id=rest.id))
+        out.acks.append(held.delivery.tag)
+        if held.tenant and all(h is held for h in self.lines.get(held.line, ())):
+            out.left.add(held.line)
 
     def _park_far_turns(self, out: Round, line: deque[Held], config: Config, now: float) -> None:
         """Behind the head, each batch's turn comes at the earliest when the mails ahead of it
-        have been paced out; one whose turn is beyond ``limiter_hold_s`` (or beyond this
-        server's share of the window) waits in a delay queue instead of holding a slot."""
+        have been paced out; one whose turn is beyond ``limiter_hold_s`` waits in a delay queue
+        instead of holding a slot."""
         server = config.servers.get(line[0].batch.server) if line else None
         if server is None or server.unlimited:
             return
         step_s = 3600 / server.rate_per_hour
-        turn = max(line[0].due, now)
-        kept = 1
+        turn = max(line[0].due, now) + line[0].remaining * step_s
         for held in list(line)[1:]:
-            turn += held.batch.mails * step_s
-            if turn - now > self.settings.limiter_hold_s or kept >= self.per_server_hold:
+            if turn - now > self.settings.limiter_hold_s:
                 line.remove(held)
                 self._park(out, held, turn - now, "turn")
-            else:
-                kept += 1
+            turn += held.batch.mails * step_s
+
+    def _park_over_hold(self, out: Round, now: float) -> None:
+        """At most ``per_server_hold`` batches of a server: the heads of its lines stay (they are
+        its tenants' turns); the latest behind them wait in a delay queue."""
+        servers: dict[str, list[Held]] = {}
+        for line in self.lines.values():
+            for held in list(line)[1:]:
+                servers.setdefault(held.batch.server, []).append(held)
+        for server, behind in servers.items():
+            heads = sum(1 for (name, _) in self.lines if name == server)
+            extra = heads + len(behind) - self.per_server_hold
+            for held in sorted(behind, key=lambda h: h.since)[max(0, len(behind) - extra):]:
+                self.lines[held.line].remove(held)
+                self._park(out, held, self.settings.limiter_park_s, "turn")
 
     def _park_overdue(self, out: Round, now: float) -> None:
         """While Redis is away, a batch held too long goes to the delay queue, not stays unacked."""
-        for server, line in list(self.lines.items()):
+        for key, line in list(self.lines.items()):
             for held in [h for h in line if now - h.since > self.settings.limiter_hold_s]:
-                line.remove(held)
                 self._park(out, held, self.settings.limiter_park_s, "redis")
+                line.remove(held)
             if not line:
-                del self.lines[server]
+                del self.lines[key]
+
+    def _leave(self, lines: set[Line]) -> None:
+        """Tenants whose every batch here was parked no longer wait for their server; if Redis
+        does not answer, their lease ends the wait instead."""
+        servers: dict[str, list[str]] = {}
+        for server, tenant in lines:
+            if not self.lines.get((server, tenant)):
+                servers.setdefault(server, []).append(tenant)
+        for server, tenants in servers.items():
+            try:
+                self.limiter.leave(server, tenants)
+            except LimiterUnavailable as exc:
+                log.debug("%s", exc.reason)
 
     def _dead(self, out: Round, delivery: Delivery, reason: str, category: str, **headers: str) -> None:
         out.outgoing.append(self.dead_letter(delivery.body, reason, category, **headers))
@@ -351,20 +445,19 @@ class LimiterStage(Stage):
         self._redis_worked()
 
     def _gauge(self) -> None:
-        self._gauged |= set(self.lines)
+        held = Tally(server for (server, _), line in self.lines.items() for _ in line)
+        self._gauged |= set(held)
         for server in self._gauged:
-            HELD.labels(server).set(len(self.lines.get(server, ())))
+            HELD.labels(server).set(held[server])
 
     def drain(self, broker: Broker, deadline: float) -> None:
-        """Stopping: hand every held batch back to ``batches`` as it came, for another replica."""
+        """Stopping: hand every held batch (what is left of it) back to ``batches``, for another replica."""
         out = Round()
         for line in self.lines.values():
             for held in line:
-                out.outgoing.append(Outgoing(self.topology.batches, held.delivery.body,
-                                             message_id=held.batch.id))
-                out.acks.append(held.delivery.tag)
+                self._hand_back(out, held, self.topology.batches)
         self.lines.clear()
-        out.flush(broker, self.name)
+        self._flush(broker, out)
 
     def busy(self) -> bool:
         return bool(self.lines)
@@ -378,13 +471,7 @@ class LimiterStage(Stage):
 
 # -- pure helpers -----------------------------------------------------------------------------
 
-def tenant_counts(batch: Batch) -> dict[str, int]:
-    """Mails per tenant, counted from the jobs themselves: this also proves every job decodes,
-    so a split later cannot fail on one (the packer's map is not trusted for that)."""
-    return dict(Tally(decode_job(job).tenant for job in batch.jobs))
-
-
-def unknown_names(batch: Batch, tenants: dict[str, int], config: Config) -> str | None:
+def unknown_names(batch: Batch, tenants: Mapping[str, int], config: Config) -> str | None:
     """Why this batch cannot be limited: a server or tenant the servers file does not name."""
     if batch.server not in config.servers:
         return f"unknown server {batch.server!r}: not in the servers file"
@@ -394,25 +481,26 @@ def unknown_names(batch: Batch, tenants: dict[str, int], config: Config) -> str 
     return None
 
 
-def split(batch: Batch, grant: dict[str, int]) -> tuple[Batch, Batch]:
-    """The first ``grant[tenant]`` jobs of each tenant, and the rest (with a stable new id)."""
-    taken: Tally[str] = Tally()
-    keep: list[bytes] = []
-    rest: list[bytes] = []
-    keep_bytes = rest_bytes = 0
-    rest_tenants: Tally[str] = Tally()
+def by_tenant(batch: Batch) -> list[Batch]:
+    """One batch per tenant, jobs in their order, with stable ids (the same on a redelivery);
+    the first carries the batch's refund."""
+    jobs: dict[str, list[bytes]] = {}
+    sizes: Tally[str] = Tally()
     for raw in batch.jobs:
         job = decode_job(raw)
-        if taken[job.tenant] < grant.get(job.tenant, 0):
-            taken[job.tenant] += 1
-            keep.append(raw)
-            keep_bytes += job.size
-        else:
-            rest.append(raw)
-            rest_bytes += job.size
-            rest_tenants[job.tenant] += 1
-    first = dataclasses.replace(batch, jobs=tuple(keep), mails=len(keep), bytes=keep_bytes,
-                                tenants=dict(taken))
-    second = Batch(id=derived_id(batch.id, "rest"), server=batch.server, jobs=tuple(rest), mails=len(rest),
-                   bytes=rest_bytes, created_ms=batch.created_ms, tenants=dict(rest_tenants))
-    return first, second
+        jobs.setdefault(job.tenant, []).append(raw)
+        sizes[job.tenant] += job.size
+    parts = [Batch(id=derived_id(batch.id, f"tenant:{tenant}"), server=batch.server, jobs=tuple(raws),
+                   mails=len(raws), bytes=sizes[tenant], created_ms=batch.created_ms, tenants={tenant: len(raws)},
+                   priority=batch.priority) for tenant, raws in jobs.items()]
+    parts[0] = dataclasses.replace(parts[0], refund=batch.refund, refund_of=batch.refund_of,
+                                   refund_tenants=batch.refund_tenants)
+    return parts
+
+
+def rest_of(batch: Batch, tenant: str, offset: int, rest_bytes: int) -> Batch:
+    """The jobs of one tenant's ``batch`` from ``offset`` on, as a batch of its own (a stable new id)."""
+    jobs = batch.jobs[offset:]
+    return Batch(id=derived_id(batch.id, f"rest:{offset}"), server=batch.server, jobs=jobs, mails=len(jobs),
+                 bytes=rest_bytes, created_ms=batch.created_ms, tenants={tenant: len(jobs)},
+                 priority=batch.priority)

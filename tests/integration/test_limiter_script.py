@@ -12,7 +12,17 @@ from typing import Any
 import pytest
 import redis
 
-from limiter.gcra import Ask, Limits, RedisLimiter, State, TenantAsk, connect, decide, local_midnights
+from limiter.gcra import (
+    Ask,
+    Fair,
+    Limits,
+    RedisLimiter,
+    State,
+    TenantAsk,
+    connect,
+    decide,
+    local_midnights,
+)
 from limiter.status import released_since, snapshot
 from mailpipe.errors import LimiterUnavailable
 from mailpipe.servers import parse_config
@@ -74,6 +84,42 @@ def test_script_decides_exactly_as_the_reference(client: redis.Redis, namespace:
     tat: Any = client.hget(f"{{{namespace}:s}}:tat", "tat")
     if tat is not None:
         assert int(float(tat)) == state.tat_us
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_fair_share_is_decided_exactly_as_the_reference(client: redis.Redis, namespace: str, seed: int) -> None:
+    """Tenants arriving, waiting, leaving (and their leases ending), weights, high priority,
+    caps: every decision and the fair queue left in Redis equal the reference's."""
+    rng = random.Random(seed)
+    lease_s = 0.02  # short, so that some waiters' leases end between decisions
+    limiter = RedisLimiter(client, namespace, fair_lease_s=lease_s)
+    limits = [Limits.for_server(36_000, 10), Limits.for_server(360_000, 20, per_minute=900),
+              Limits.for_server(3_600_000, 40)][seed % 3]
+    state = State()
+    weights = {"a": 1.0, "b": 3.0, "c": 0.5, "d": 1.0}
+    caps = {"a": 10_000, "b": 10_000, "c": 10_000, "d": rng.randint(10, 40)}
+    p = f"{{{namespace}:s}}"
+    for step in range(300):
+        name = rng.choice(sorted(weights))
+        if rng.random() < 0.05:
+            limiter.leave("s", [name])
+            state.fair.leave(name)
+            continue
+        mails = rng.randint(1, 12)
+        fair = Fair(name, weights[name], mails + rng.choice([0, 0, rng.randint(1, 30)]), rng.random() < 0.1)
+        tenants = [TenantAsk(name, mails, caps[name], local_midnights("UTC", time.time()))]
+        batch_id = uuid.uuid4().hex
+        got = limiter.acquire("s", batch_id, mails, limits, tenants=tenants, fair=fair)
+        want = decide(state, got.now_us, batch_id, mails, limits, tenants, fair=fair,
+                      lease_us=int(lease_s * 1_000_000))
+        assert got == want, f"seed {seed} step {step}: {fair}"
+        tags: Any = client.zrange(f"{p}:fair:tags", 0, -1, withscores=True)
+        assert {k.decode(): v for k, v in tags} == state.fair.tags, f"seed {seed} step {step}"
+        v: Any = client.hget(f"{p}:fair", "v")
+        assert float(v or 0) == state.fair.v
+        if rng.random() < 0.2:
+            time.sleep(rng.random() / 25)
+    assert sum(sum(r.values()) for r in state.fair.released.values()) > 0
 
 
 def test_keys_of_one_decision_share_a_hash_tag(client: redis.Redis, namespace: str) -> None:

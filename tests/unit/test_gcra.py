@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from datetime import UTC, datetime
 
@@ -23,7 +24,7 @@ from limiter.gcra import (
     tokens_available,
     worst_window,
 )
-from limiter.stage import split, tenant_counts, unknown_names
+from limiter.stage import by_tenant, rest_of, unknown_names
 from mailpipe.codec import encode_job
 from mailpipe.errors import ConfigError, LimiterUnavailable
 from mailpipe.model import Batch, Job
@@ -353,20 +354,22 @@ def _batch(tenants: list[str], with_map: bool = True) -> Batch:
                  created_ms=1, tenants=counts if with_map else {})
 
 
-def test_split_takes_each_tenants_grant_in_order() -> None:
-    batch = _batch(["a", "b", "a", "b", "a"])
-    first, rest = split(batch, {"a": 2, "b": 1})
-    assert (first.id, first.mails, first.tenants) == ("orig", 3, {"a": 2, "b": 1})
-    assert first.jobs == (batch.jobs[0], batch.jobs[1], batch.jobs[2])
-    assert first.bytes == 10 + 11 + 12
-    assert (rest.id, rest.mails, rest.tenants) == (derived_id("orig", "rest"), 2, {"b": 1, "a": 1})
-    assert rest.bytes == 13 + 14 and rest.grant_id is None and rest.refund == 0
-    assert rest.created_ms == batch.created_ms
+def test_a_batch_of_several_tenants_becomes_one_per_tenant() -> None:
+    batch = dataclasses.replace(_batch(["a", "b", "a", "b", "a"]), refund=2, refund_of="g1",
+                                refund_tenants={"b": 2})
+    parts = by_tenant(batch)
+    assert [(p.tenants, p.mails, p.bytes) for p in parts] == [({"a": 3}, 3, 10 + 12 + 14), ({"b": 2}, 2, 11 + 13)]
+    assert parts[0].jobs == (batch.jobs[0], batch.jobs[2], batch.jobs[4])
+    assert [p.id for p in parts] == [p.id for p in by_tenant(batch)]  # stable on a redelivery
+    assert (parts[0].refund, parts[0].refund_of, parts[0].refund_tenants) == (2, "g1", {"b": 2})
+    assert parts[1].refund == 0 and all(p.created_ms == batch.created_ms for p in parts)
 
 
-def test_tenant_counts_fall_back_to_the_jobs() -> None:
-    assert tenant_counts(_batch(["a", "b", "a"])) == {"a": 2, "b": 1}
-    assert tenant_counts(_batch(["a", "b", "a"], with_map=False)) == {"a": 2, "b": 1}
+def test_the_rest_of_a_batch_keeps_its_jobs_in_order_under_a_stable_id() -> None:
+    batch = _batch(["a"] * 5)
+    rest = rest_of(batch, "a", 2, 12 + 13 + 14)
+    assert rest.jobs == batch.jobs[2:] and (rest.mails, rest.bytes, rest.tenants) == (3, 39, {"a": 3})
+    assert rest.id == derived_id("orig", "rest:2") and rest.grant_id is None and rest.refund == 0
 
 
 def test_unknown_server_or_tenant_is_named() -> None:
