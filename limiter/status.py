@@ -7,6 +7,8 @@ rows agree with what the next decision would see. Batches waiting are in RabbitM
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis
@@ -64,7 +66,7 @@ def snapshot(redis_client: redis.Redis, namespace: str, config: Config,
     return rows
 
 
-def released_since(buckets: dict[str, str], since_s: int) -> int:
+def released_since(buckets: Mapping[str, str], since_s: int) -> int:
     """Mails in the 10 s buckets from the one holding ``since_s`` to the current one (so "the
     last minute" is 60 to 70 s, in whole buckets).
 
@@ -73,11 +75,104 @@ def released_since(buckets: dict[str, str], since_s: int) -> int:
     """
     first = since_s // BUCKET_S
     total = 0
-    for slot in range(SLOTS):
-        bucket = _int(buckets.get(f"b{slot}"))
-        if bucket is not None and bucket >= first:
-            total += _int(buckets.get(f"c{slot}")) or 0
+    # Only the slots present: a tenant's ring is mostly empty, and status reads one per tenant.
+    for field, bucket in buckets.items():
+        if field.startswith("b") and int(float(bucket)) >= first:
+            total += _int(buckets.get("c" + field[1:])) or 0
     return total
+
+
+@dataclass(frozen=True)
+class FairState:
+    """One server's fair-share keys as Redis holds them (``{p}:fair``, ``{p}:fair:tags``,
+    ``{p}:fair:alive``, ``{p}:released``, ``{p}:released:<tenant>``)."""
+
+    fair: Mapping[str, str]  # v = virtual time, f:<tenant> = finish tag, b:<tenant> = mails held
+    tags: Mapping[str, float]  # tenant -> start tag; the lowest goes next
+    alive: Mapping[str, float]  # tenant -> lease end, Redis time in us
+    released: Mapping[str, str]  # the server's ring
+    tenant_released: Mapping[str, Mapping[str, str]]  # tenant -> its ring on this server
+
+
+def fair_rows(redis_client: redis.Redis, namespace: str, config: Config) -> list[dict[str, Any]]:
+    """Rows of kind "share", per server: the tenants with mail waiting for it, in turn order,
+    then those that released on it in the last hour (see ``share_rows``).
+
+    Two round trips whatever the number of servers and tenants: Redis TIME with every
+    server's fair-share keys, then every candidate tenant's ring.
+    """
+    pipe = redis_client.pipeline(transaction=False)
+    pipe.time()
+    for name in sorted(config.servers):
+        p = server_prefix(namespace, name)
+        pipe.hgetall(f"{p}:fair")
+        pipe.zrange(f"{p}:fair:tags", 0, -1, withscores=True)
+        pipe.zrange(f"{p}:fair:alive", 0, -1, withscores=True)
+        pipe.hgetall(f"{p}:released")
+    replies: list[Any] = pipe.execute()
+    seconds, micros = (int(x) for x in replies[0])
+    now_us = seconds * US + micros
+
+    may_use: dict[str, set[str]] = {name: set() for name in config.servers}
+    for tenant_config in config.tenants.values():
+        for server in config.allowed_servers(tenant_config):
+            may_use.setdefault(server, set()).add(tenant_config.name)
+    read: list[tuple[str, FairState, list[str]]] = []
+    pipe = redis_client.pipeline(transaction=False)
+    for i, name in enumerate(sorted(config.servers)):
+        fair, tags, alive, released = replies[1 + 4 * i: 5 + 4 * i]
+        state = FairState(_decoded(fair), _scores(tags), _scores(alive), _decoded(released), {})
+        # Redis may know tenants the servers file no longer routes here (a route changed
+        # within the hour): they used the server all the same.
+        in_fair = {field[2:] for field in state.fair if field.startswith(("f:", "b:"))}
+        candidates = sorted(may_use[name] | state.tags.keys() | state.alive.keys() | in_fair)
+        p = server_prefix(namespace, name)
+        for tenant in candidates:
+            pipe.hgetall(f"{p}:released:{tenant}")
+        read.append((name, state, candidates))
+    rings = iter(pipe.execute())
+
+    weights = {name: tenant_config.weight for name, tenant_config in config.tenants.items()}
+    rows: list[dict[str, Any]] = []
+    for name, state, candidates in read:
+        state = replace(state, tenant_released={t: _decoded(next(rings)) for t in candidates})
+        rows += share_rows(name, state, weights, now_us)
+    return rows
+
+
+def share_rows(server: str, state: FairState, weights: Mapping[str, float], now_us: int) -> list[dict[str, Any]]:
+    """The tenants of one server that wait for it or used it within the hour.
+
+    Waiting means in ``tags`` with a lease that has not ended (no lease: not waiting either,
+    the script would purge it at its next decision). A tenant left in ``tags`` with its lease
+    ended is listed too, as not waiting: its replica stopped asking, which an operator wants
+    to see. Waiting tenants come first in turn order (``turn`` 1 goes next), then the others,
+    the busiest first. A share is the tenant's part of the server's releases, None when the
+    server released nothing in that time; weight is None for a tenant the servers file lacks.
+    """
+    seconds = now_us // US
+    server_minute = released_since(state.released, seconds - 60)
+    server_hour = released_since(state.released, seconds - 3600)
+    rows: list[dict[str, Any]] = []
+    for tenant in sorted(state.tags.keys() | state.tenant_released.keys()):
+        ring = state.tenant_released.get(tenant, {})
+        minute, hour = released_since(ring, seconds - 60), released_since(ring, seconds - 3600)
+        waiting = tenant in state.tags and state.alive.get(tenant, 0) > now_us
+        if not (tenant in state.tags or hour):
+            continue
+        rows.append({
+            "kind": "share", "server": server, "tenant": tenant, "waiting": waiting, "turn": None,
+            "backlog": _int(state.fair.get(f"b:{tenant}")) or 0, "weight": weights.get(tenant),
+            "released_last_minute": minute, "released_last_hour": hour,
+            "share_last_minute": minute / server_minute if server_minute else None,
+            "share_last_hour": hour / server_hour if server_hour else None,
+        })
+    # As ZRANGE orders the set: by start tag, then by name.
+    rows.sort(key=lambda r: (0, state.tags[r["tenant"]], r["tenant"]) if r["waiting"]
+              else (1, -r["released_last_hour"], r["tenant"]))
+    for turn, row in enumerate((r for r in rows if r["waiting"]), start=1):
+        row["turn"] = turn
+    return rows
 
 
 def _time(client: redis.Redis) -> tuple[int, int]:
@@ -87,8 +182,19 @@ def _time(client: redis.Redis) -> tuple[int, int]:
 
 def _hash(client: redis.Redis, key: str) -> dict[str, str]:
     raw: Any = client.hgetall(key)
-    return {(k.decode() if isinstance(k, bytes) else str(k)): (v.decode() if isinstance(v, bytes) else str(v))
-            for k, v in raw.items()}
+    return _decoded(raw)
+
+
+def _decoded(raw: dict[Any, Any]) -> dict[str, str]:
+    return {_str(k): _str(v) for k, v in raw.items()}
+
+
+def _scores(raw: list[tuple[Any, float]]) -> dict[str, float]:
+    return {_str(member): float(score) for member, score in raw}
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _int(value: str | None) -> int | None:

@@ -68,10 +68,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     from mailpipe.status import show_status
 
     settings = Settings.from_env()
-    snapshot = importlib.import_module("limiter.status").snapshot
+    limiter_status = importlib.import_module("limiter.status")
     client = redis.Redis.from_url(settings.redis_url)
     try:
-        limits = snapshot(client, settings.namespace, load_config(settings.servers_path), settings=settings)
+        config = load_config(settings.servers_path)
+        limits = limiter_status.snapshot(client, settings.namespace, config, settings=settings)
+        limits += limiter_status.fair_rows(client, settings.namespace, config)
     except redis.RedisError as exc:
         limits = [{"limiter": f"Redis unreachable: {type(exc).__name__}"}]
     finally:

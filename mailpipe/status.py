@@ -41,10 +41,39 @@ def show_status(settings: Settings, limits: list[dict[str, Any]], as_json: bool 
         print(f"{queue:40} {depth:>8}")
     if dead:
         print("\ndead letters by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(dead.items())))
-    if limits:
-        columns = list(limits[0])
+    table = [row for row in limits if row.get("kind") != "share"]
+    if table:
+        columns = list(table[0])
         print()
         print("  ".join(f"{c:>14}" for c in columns))
-        for row in limits:
+        for row in table:
             print("  ".join(f"{row.get(c, '')!s:>14}" for c in columns))
+    for line in share_lines([row for row in limits if row.get("kind") == "share"]):
+        print(line)
     return 0
+
+
+SHARE_COLUMNS = ("tenant", "waiting", "turn", "backlog", "weight", "share 1 min", "share 1 h")
+
+
+def share_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The limiter's "share" rows as one table per server, in the rows' order (turn order)."""
+    if not rows:
+        return []
+    lines = ["", "tenants waiting for each server, in turn order, then the others that released on it in the "
+                 "last hour (share: the tenant's part of the server's releases)"]
+    for server in dict.fromkeys(row["server"] for row in rows):
+        cells = [(row["tenant"], "yes" if row["waiting"] else "no", _blank(row["turn"]), str(row["backlog"]),
+                  _blank(row["weight"], "g"), _blank(row["share_last_minute"], ".2f"),
+                  _blank(row["share_last_hour"], ".2f"))
+                 for row in rows if row["server"] == server]
+        widths = [max(len(c) for c in column) for column in zip(SHARE_COLUMNS, *cells, strict=True)]
+        lines += ["", f"fair share on {server}"]
+        for line in (SHARE_COLUMNS, *cells):
+            lines.append("  " + "  ".join([line[0].ljust(widths[0]),
+                                           *(c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True))]))
+    return lines
+
+
+def _blank(value: float | int | None, spec: str = "") -> str:
+    return "" if value is None else format(value, spec)

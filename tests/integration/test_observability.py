@@ -206,7 +206,9 @@ def observed_run(settings: Settings, tmp_path: Path, prometheus_binary: str,
     is sent, refused (550), deferred then sent (451 once), and an intake message that does not
     decode, so every panel of the dashboard has something to show."""
     # A 1 s window keeps 20 of the burst back at this rate (see limiter/gcra.py).
-    settings = settings.replace(log_format="json", burst_mails=BURST_MAILS, window_s=1.0, send_margin_s=0.2,
+    # Per-tenant series on: the fair-share panels have data too.
+    settings = settings.replace(log_format="json", metrics_tenant_label=True, burst_mails=BURST_MAILS,
+                                window_s=1.0, send_margin_s=0.2,
                                 rabbitmq_api_url=os.environ.get("MAILPIPE_RABBITMQ_API_URL", API_URL))
     monkeypatch.setenv("OBS_SMTP_CREDENTIALS", f"{SMTP_USER} {SMTP_PASSWORD}")
     ports = dict(zip(STAGES, free_ports(len(STAGES)), strict=True))

@@ -224,6 +224,17 @@ def test_the_dashboard_is_grafana_json_on_the_provisioned_datasource() -> None:
         assert metric in text, metric
 
 
+def test_the_per_tenant_panels_name_the_setting_their_series_need() -> None:
+    board = json.loads((DEPLOY / "grafana" / "mailpipe.json").read_text())
+    setting = "MAILPIPE_METRICS_TENANT_LABEL"
+    assert Settings.from_env({setting: "true"}).metrics_tenant_label, "the setting the panels name exists"
+    for metric in ("mailpipe_limiter_tenant_released_mails_total", "mailpipe_limiter_tenant_grant_wait_seconds_bucket"):
+        (panel,) = [p for p in board["panels"] if any(metric in t["expr"] for t in p.get("targets", []))]
+        assert f"{setting}=true" in panel["description"], panel["title"]
+        assert all("by (server, tenant)" in t["expr"] or "by (le, server, tenant)" in t["expr"]
+                   for t in panel["targets"]), panel["title"]
+
+
 def test_the_report_draws_the_dashboards_expressions() -> None:
     board = json.loads((DEPLOY / "grafana" / "mailpipe.json").read_text())
     exprs = {t["expr"] for p in board["panels"] for t in p.get("targets", [])}

@@ -1,0 +1,97 @@
+"""``mailpipe status``'s fair-share rows, without Redis: what ``limiter.status.share_rows`` makes
+of one server's keys, and how ``mailpipe.status.share_lines`` prints them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from limiter.status import FairState, released_since, share_rows
+from mailpipe.status import share_lines
+
+NOW_S = 1_700_000_005
+NOW_US = NOW_S * 1_000_000 + 250_000
+LIVE = NOW_US + 2_000_000  # a lease that ends in 2 s
+
+
+def ring(*buckets: tuple[int, int]) -> dict[str, str]:
+    """A released ring holding (seconds ago, mails) per 10 s bucket."""
+    out: dict[str, str] = {}
+    for ago_s, mails in buckets:
+        bucket = (NOW_S - ago_s) // 10
+        out |= {f"b{bucket % 361}": str(bucket), f"c{bucket % 361}": str(mails)}
+    return out
+
+
+def state(tags: Mapping[str, float] | None = None, alive: Mapping[str, float] | None = None,
+          backlog: Mapping[str, int] | None = None, released: Mapping[str, str] | None = None,
+          tenant_released: Mapping[str, Mapping[str, str]] | None = None) -> FairState:
+    fair = {"v": "12.5", **{f"b:{t}": str(n) for t, n in (backlog or {}).items()}}
+    return FairState(fair, tags or {}, alive or {}, released or {}, tenant_released or {})
+
+
+def by_tenant(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {r["tenant"]: r for r in rows}
+
+
+def test_released_since_counts_whole_buckets_and_skips_stale_slots() -> None:
+    buckets = ring((0, 5), (65, 7), (1800, 11))
+    stale = (NOW_S - 3620) // 10  # its slot came round again without releases
+    buckets |= {f"b{stale % 361}": str(stale), f"c{stale % 361}": "1000"}
+    assert released_since(buckets, NOW_S - 60) == 5 + 7  # 65 s ago shares a bucket with 60 s ago
+    assert released_since(buckets, NOW_S - 3600) == 5 + 7 + 11
+    assert released_since({}, NOW_S - 3600) == 0
+
+
+def test_waiting_tenants_come_in_turn_order_with_their_backlog_and_weight() -> None:
+    rows = share_rows("own", state(tags={"acme": 20.0, "beta": 12.5, "zed": 12.5},
+                                   alive={"acme": LIVE, "beta": LIVE, "zed": LIVE},
+                                   backlog={"acme": 300, "beta": 7}),
+                      {"acme": 3.0, "beta": 1.0}, NOW_US)
+    assert [(r["tenant"], r["turn"]) for r in rows] == [("beta", 1), ("zed", 2), ("acme", 3)]
+    assert all(r["kind"] == "share" and r["server"] == "own" and r["waiting"] for r in rows)
+    assert [r["backlog"] for r in rows] == [7, 0, 300]
+    assert [r["weight"] for r in rows] == [1.0, None, 3.0], "zed is not in the servers file"
+
+
+def test_a_lease_that_ended_or_is_missing_means_not_waiting() -> None:
+    rows = by_tenant(share_rows("own", state(tags={"acme": 1.0, "beta": 2.0, "gone": 3.0},
+                                             alive={"acme": NOW_US, "beta": LIVE}), {}, NOW_US))
+    assert {t: (r["waiting"], r["turn"]) for t, r in rows.items()} == {
+        "acme": (False, None), "beta": (True, 1), "gone": (False, None)}
+
+
+def test_shares_are_of_the_servers_releases_and_none_when_it_released_nothing() -> None:
+    rows = by_tenant(share_rows(
+        "own",
+        state(tags={"acme": 1.0}, alive={"acme": LIVE},
+              released=ring((5, 40), (1800, 60)),
+              tenant_released={"acme": ring((5, 30), (1800, 20)), "beta": ring((5, 10)),
+                               "gamma": ring((1800, 40)), "idle": ring((3700, 9))}),
+        {}, NOW_US))
+    assert set(rows) == {"acme", "beta", "gamma"}, "idle released over an hour ago and does not wait"
+    shares = {t: (r["share_last_minute"], r["share_last_hour"]) for t, r in rows.items()}
+    assert shares == {"acme": (0.75, 0.5), "beta": (0.25, 0.1), "gamma": (0.0, 0.4)}
+    assert [r["tenant"] for r in rows.values()] == ["acme", "gamma", "beta"], "then the busiest first"
+
+    nothing = share_rows("own", state(tags={"acme": 1.0}, alive={"acme": LIVE}), {}, NOW_US)
+    assert (nothing[0]["share_last_minute"], nothing[0]["share_last_hour"]) == (None, None)
+
+
+def test_share_lines_print_a_table_per_server_with_blanks_for_none() -> None:
+    rows = [
+        {"kind": "share", "server": "own", "tenant": "acme", "waiting": True, "turn": 1, "backlog": 300,
+         "weight": 3.0, "share_last_minute": 0.75, "share_last_hour": 0.5},
+        {"kind": "share", "server": "own", "tenant": "gamma-long-name", "waiting": False, "turn": None,
+         "backlog": 0, "weight": None, "share_last_minute": None, "share_last_hour": 0.4},
+        {"kind": "share", "server": "bulk", "tenant": "beta", "waiting": True, "turn": 1, "backlog": 7,
+         "weight": 0.5, "share_last_minute": None, "share_last_hour": None},
+    ]
+    lines = share_lines(rows)
+    assert lines.index("fair share on own") < lines.index("fair share on bulk")
+    own = lines[lines.index("fair share on own") + 1: lines.index("fair share on own") + 4]
+    assert own[0].split() == ["tenant", "waiting", "turn", "backlog", "weight", "share", "1", "min", "share", "1", "h"]
+    assert own[1].split() == ["acme", "yes", "1", "300", "3", "0.75", "0.50"]
+    assert own[2].split() == ["gamma-long-name", "no", "0", "0.40"]
+    assert len({len(line) for line in own}) == 1, "the columns line up"
+    assert share_lines([]) == []
