@@ -240,6 +240,7 @@ class LimiterStage(Stage):
             return
         for key, line in list(self.lines.items()):
             self._park_far_turns(out, line, config, now)
+            self._renew_long_held(out, line, now)
             if not line:
                 del self.lines[key]
         self._park_over_hold(out, now)
@@ -379,6 +380,16 @@ class LimiterStage(Stage):
                 line.remove(held)
                 self._park(out, held, turn - now, "turn")
             turn += held.batch.mails * step_s
+
+    def _renew_long_held(self, out: Round, line: deque[Held], now: float) -> None:
+        """A batch granted part by part (its tenant's turns on a shared server) may take longer
+        than RabbitMQ lets a delivery stay unacked: after ``limiter_hold_s`` what is left goes
+        back to ``batches`` as a new message. Its tenant keeps its place: the place is its
+        finish tag in Redis, not the message."""
+        for held in [h for h in line if now - h.since > self.settings.limiter_hold_s]:
+            self._hand_back(out, held, self.topology.batches)
+            line.remove(held)
+            PARKED.labels(held.batch.server, "renewed").inc()
 
     def _park_over_hold(self, out: Round, now: float) -> None:
         """At most ``per_server_hold`` batches of a server: the heads of its lines stay (they are

@@ -24,6 +24,7 @@ from typing import Any
 
 import pika.exceptions
 import pytest
+from prometheus_client import REGISTRY
 
 from limiter.gcra import Limits, RedisLimiter, connect, worst_window
 from limiter.stage import LimiterStage
@@ -200,6 +201,23 @@ def test_a_batch_larger_than_the_burst_is_granted_in_parts(settings: Settings, h
     span = (sent[-1].granted_ms or 0) - (sent[0].granted_ms or 0)
     assert 1400 <= span < 3000  # 15 more at 10/s
     check_bound([(0.0, b) for b in sent], 36_000, 10)
+    assert harness.depth(settings.namespace + ".batches") == 0 and not stage.stage.lines
+
+
+def test_a_batch_held_longer_than_the_hold_goes_back_as_its_rest(
+        settings: Settings, harness: Harness, limiter: Callable[..., InProcess]) -> None:
+    """Granted part by part, a batch would stay unacked for as long as its parts take; after
+    limiter_hold_s what is left goes back to batches as a message of its own."""
+    write_servers(settings, SERVER.format(rate=36_000), TENANTS.format(cap=10_000))  # 10 mails/s
+    stage = limiter(burst_mails=1 + RESERVE, limiter_hold_s=1.0)
+    big = make_batch("s1", {"acme": 30})
+    renewed = {"server": "s1", "reason": "renewed"}
+    before = REGISTRY.get_sample_value("mailpipe_limiter_parked_total", renewed) or 0
+    harness.publish(big)
+    stage.run(10, until=lambda: mails(harness.collect()) >= 30)
+    sent = [b for _, b in harness.collect()]
+    assert job_ids(sent) == job_ids([big])  # every mail once, in order, across the renewals
+    assert (REGISTRY.get_sample_value("mailpipe_limiter_parked_total", renewed) or 0) - before >= 2  # 3 s of parts
     assert harness.depth(settings.namespace + ".batches") == 0 and not stage.stage.lines
 
 
