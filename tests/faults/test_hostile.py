@@ -633,11 +633,14 @@ def test_a_hostile_tenant_is_refused_or_rationed_and_b_is_served_on_time(setting
     b_latency.append(at_platform[b_keyed.id] - b_keyed_at)
     assert max(b_latency) <= B_BOUND_S, f"B waited {max(b_latency):.1f} s"
     ahead_of_b = sum(1 for j in campaign_ids if at_platform[j] <= b_done)
-    # What A may put ahead of B by its share (priority.lua): its burst (the grant burst times the
-    # share) and the share of the rate for as long as B waited, plus one batch for the timing.
+    # What A may put ahead of B: by its high-priority share (priority.lua), its burst (the grant
+    # burst times the share) and the share of the rate for as long as B waited; the rest of its
+    # campaign is normal mail, which gets A's fair half of what is left while both wait
+    # (gcra.lua's fair queue, equal weights); plus one batch for the timing.
     grant_burst = BURST - settings.window_reserve(RATE_PER_H)
+    waited = max(0.0, b_done - campaign_at)
     share_allowance = (max(1, math.floor(grant_burst * HIGH_SHARE))
-                       + HIGH_SHARE * RATE_PER_H / 3600 * max(0.0, b_done - campaign_at) + MAX_BATCH)
+                       + (HIGH_SHARE + (1 - HIGH_SHARE) / 2) * RATE_PER_H / 3600 * waited + MAX_BATCH)
     assert ahead_of_b <= share_allowance, f"{ahead_of_b} of A's campaign went out before B's last mail"
     high = priority.get("ahead", 0.0) + priority.get("rationed", 0.0)
     assert priority.get("rationed", 0.0) >= 0.8 * high and high >= CAMPAIGN / MAX_BATCH, priority
