@@ -51,9 +51,8 @@ from typing import NamedTuple, cast
 from zoneinfo import ZoneInfo
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from mailpipe import redis_client
 from mailpipe.errors import ConfigError, LimiterUnavailable
 from mailpipe.servers import ServerConfig
 from mailpipe.settings import Settings
@@ -430,10 +429,9 @@ def tenant_day_key(namespace: str, tenant_server: str, tenant: str) -> str:
 
 
 def connect(url: str, timeout_s: float = 1.0) -> redis.Redis:
-    """A client that fails fast: redis-py's own retries (with backoff, about 8 s against a
-    refused port) would stall the stage loop; the stage backs off itself and fails closed."""
-    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                retry=Retry(NoBackoff(), 0))
+    """A fail-fast client of the Redis at ``url`` (tests and benchmarks; the stage uses
+    ``mailpipe.redis_client.connect`` with its settings)."""
+    return redis_client.connect(Settings(redis_url=url), timeout_s)
 
 
 class Ask(NamedTuple):
@@ -459,11 +457,13 @@ class RedisLimiter:
     """The script, loaded once, behind a typed call. Redis errors become LimiterUnavailable."""
 
     def __init__(self, client: redis.Redis, namespace: str, *, mark_ttl_s: int = 86400,
-                 fair_lease_s: float = 2.0) -> None:
+                 fair_lease_s: float = 2.0, wait_replicas: int = 0) -> None:
         self.client = client
         self.namespace = namespace
         self.mark_ttl_s = mark_ttl_s
         self.lease_us = int(fair_lease_s * US)
+        # Replicas that must hold a round's decisions before its grants are used (WAIT).
+        self.wait_replicas = wait_replicas
         self._lua = importlib.resources.files("limiter").joinpath("gcra.lua").read_bytes()
         self._sha = hashlib.sha1(self._lua, usedforsecurity=False).hexdigest()  # the name Redis knows it by
         self._priority = client.register_script(
@@ -502,12 +502,20 @@ class RedisLimiter:
     def _run(self, commands: list[list[str]]) -> list[list[int]]:
         # EVALSHA, not redis-py's Script: in a pipeline that asks SCRIPT EXISTS first, a
         # second round trip per round.
-        if len(commands) == 1:
+        if len(commands) == 1 and not self.wait_replicas:
             return [cast("list[int]", self.client.evalsha(self._sha, *commands[0]))]  # type: ignore[arg-type]
         with self.client.pipeline(transaction=False) as pipe:
             for command in commands:
                 pipe.evalsha(self._sha, *command)  # type: ignore[arg-type]
-            return cast("list[list[int]]", pipe.execute())
+            if self.wait_replicas:  # on the same connection: it waits for these writes
+                pipe.execute_command(  # type: ignore[no-untyped-call]
+                    "WAIT", self.wait_replicas, redis_client.WAIT_TIMEOUT_MS)
+            replies = pipe.execute()
+        if self.wait_replicas:
+            problem = redis_client.not_replicated(int(replies.pop()), self.wait_replicas, "a round of decisions")
+            if problem:
+                raise LimiterUnavailable(problem)  # its grants are kept: asked again, they come back
+        return cast("list[list[int]]", replies)
 
     def _command(self, ask: Ask, queue: str) -> list[str]:
         """The KEYS count, KEYS and ARGV of one ask (gcra.lua's header documents them)."""

@@ -43,11 +43,10 @@ from limiter.gcra import (
     Limits,
     RedisLimiter,
     TenantAsk,
-    connect,
     derived_id,
     local_midnights,
 )
-from mailpipe import metrics
+from mailpipe import metrics, redis_client
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.codec import decode_batch, decode_job, encode_batch
 from mailpipe.errors import ConfigError, InvalidMessage, LimiterUnavailable
@@ -144,12 +143,13 @@ class Round:
 class LimiterStage(Stage):
     name = "limiter"
 
-    def __init__(self, settings: Settings, redis_client: redis.Redis | None = None) -> None:
+    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         super().__init__(settings)
         self.watcher = ConfigWatcher(settings.servers_path)
         # Short timeouts, no retries: a dead Redis must not stall the loop that serves RabbitMQ.
-        self.redis = redis_client or connect(settings.redis_url)
-        self.limiter = RedisLimiter(self.redis, settings.namespace, fair_lease_s=settings.fair_lease_s)
+        self.redis = client or redis_client.connect(settings)
+        self.limiter = RedisLimiter(self.redis, settings.namespace, fair_lease_s=settings.fair_lease_s,
+                                    wait_replicas=settings.redis_wait_replicas)
         self.lines: dict[Line, deque[Held]] = {}
         self._config = self.watcher.config
         self._gauged: set[str] = set()

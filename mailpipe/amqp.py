@@ -30,7 +30,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.adapters.utils import io_services_utils
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
-from mailpipe.errors import BrokerUnavailable, PublishRejected, Unroutable
+from mailpipe.errors import BrokerUnavailable, ConfigError, PublishRejected, Unroutable
 from mailpipe.settings import redact_url
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,14 @@ def _translated(what: str) -> Iterator[None]:
 
 
 class Broker:
-    def __init__(self, url: str, *, client_name: str, heartbeat_s: int = 30) -> None:
-        self.url = url
+    """One AMQP connection with a consuming and a confirming publishing channel. ``url`` may be
+    several (a cluster's nodes): ``connect`` tries them in turn, from the one that last worked."""
+
+    def __init__(self, url: str | Sequence[str], *, client_name: str, heartbeat_s: int = 30) -> None:
+        self.urls = (url,) if isinstance(url, str) else tuple(url)
+        if not self.urls:
+            raise ConfigError("no AMQP URL given")
+        self._current = 0  # the endpoint connected to, or to try first
         self.client_name = client_name
         self.heartbeat_s = heartbeat_s
         self._conn: pika.BlockingConnection | None = None
@@ -111,13 +117,35 @@ class Broker:
 
     # -- connection ---------------------------------------------------------------------------
 
+    @property
+    def url(self) -> str:
+        """The endpoint connected to (or to be tried first)."""
+        return self.urls[self._current]
+
     def connect(self) -> Broker:
+        """Connect to the first endpoint that answers, starting from the current one; when none
+        does, BrokerUnavailable names each one's failure (the caller backs off and calls again)."""
+        failures: list[str] = []
+        for _ in self.urls:
+            try:
+                return self._connect(self.url)
+            except BrokerUnavailable as exc:
+                failures.append(exc.reason)
+                self._current = (self._current + 1) % len(self.urls)
+        raise BrokerUnavailable("; ".join(failures))
+
+    def _connect(self, url: str) -> Broker:
         self.close()
-        params = pika.URLParameters(self.url)
+        params = pika.URLParameters(url)
         params.heartbeat = self.heartbeat_s
         params.blocked_connection_timeout = 60
         params.client_properties = {"connection_name": self.client_name}
-        with _translated(f"connecting to {redact_url(self.url)}"):
+        if len(self.urls) > 1:
+            # A node that accepts TCP but never answers must not hold up the next one for long.
+            params.socket_timeout = min(params.socket_timeout or 10, 5)
+            params.stack_timeout = min(params.stack_timeout or 15, 5)
+            params.connection_attempts = 1
+        with _translated(f"connecting to {redact_url(url)}"):
             self._conn = pika.BlockingConnection(params)
             self._consume_ch = self._conn.channel()
             self._publish_ch = self._conn.channel()._impl

@@ -149,7 +149,7 @@ class DeadQueue:
 
     def __init__(self, settings: Settings) -> None:
         self.topology = Topology.from_settings(settings)
-        self.broker = Broker(settings.amqp_url, client_name="mailpipe-dead")
+        self.broker = Broker(settings.amqp_endpoints, client_name="mailpipe-dead")
 
     def __enter__(self) -> DeadQueue:
         self.broker.connect()

@@ -27,6 +27,7 @@ import pika.exceptions
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from mailpipe import redis_client
 from mailpipe.amqp import Broker
 from mailpipe.codec import decode_event
 from mailpipe.errors import MailpipeError
@@ -197,7 +198,7 @@ def run_pipeline(settings: Settings, mails: int, size: int, rate_per_hour: int |
     else:
         print("rate limit: lifted for the demo (give --rate PER_HOUR to enforce one)", file=out)
 
-    broker = Broker(settings.amqp_url, client_name="mailpipe-demo").connect()
+    broker = Broker(settings.amqp_endpoints, client_name="mailpipe-demo").connect()
     topology.declare(broker.channel())
     events = broker.channel().queue_declare("", exclusive=True, auto_delete=True).method.queue
     broker.channel().queue_bind(events, topology.events, routing_key="#")
@@ -268,7 +269,7 @@ def follow(broker: Broker, events: str, namespace: str, settings: Settings, mail
     last_print = 0.0
     deadline = started + timeout_s
     published = 0
-    with Producer(settings.amqp_url, namespace, large_message_bytes=settings.large_message_bytes) as producer:
+    with Producer(settings.amqp_endpoints, namespace, large_message_bytes=settings.large_message_bytes) as producer:
         while progress.done < mails:
             wait_s = 0.2
             if published < mails:
@@ -360,7 +361,7 @@ def _wait(proc: subprocess.Popen[bytes], timeout_s: float = 40.0) -> int:
 def _delete(settings: Settings, topology: Topology) -> None:
     """The demo's namespace is its own: remove its queues and its Redis keys. On a connection
     of its own: the demo's may be the very thing that failed."""
-    broker = Broker(settings.amqp_url, client_name="mailpipe-demo-cleanup")
+    broker = Broker(settings.amqp_endpoints, client_name="mailpipe-demo-cleanup")
     with suppress(pika.exceptions.AMQPError, MailpipeError):
         channel = broker.connect().channel()
         for queue in topology.all_queues:
@@ -368,7 +369,7 @@ def _delete(settings: Settings, topology: Topology) -> None:
         channel.exchange_delete(topology.events)
     broker.close()
     with suppress(redis.RedisError):
-        client = redis.Redis.from_url(settings.redis_url)
+        client = redis_client.connect(settings, timeout_s=5.0)
         for key in client.scan_iter(match=f"*{topology.namespace}:*", count=1000):
             client.delete(key)
         client.close()

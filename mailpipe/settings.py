@@ -21,7 +21,18 @@ MIB = 1024 * 1024
 @dataclass(frozen=True)
 class Settings:
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # A RabbitMQ cluster: its nodes' URLs, comma-separated, tried in turn (amqp_url when empty).
+    amqp_urls: str = ""
+    # Members each quorum queue starts with; 0: every node of the cluster (RabbitMQ's default).
+    quorum_group_size: int = 0
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis through Sentinel: its addresses ("host:port,host:port") and the primary's name;
+    # redis_url then gives only the database, password and TLS.
+    redis_sentinels: str = ""
+    redis_master: str = "mailpipe"
+    # Replicas that must hold a grant or a claim before it is used (Redis WAIT): a failover
+    # then cannot forget it. 0: not waited for (one Redis, or the over-release accepted).
+    redis_wait_replicas: int = 0
     namespace: str = "mailpipe"
     servers_file: str = ""
 
@@ -144,6 +155,12 @@ class Settings:
     def burst(self, rate_per_hour: int) -> int:
         """The burst a server may receive above its rate (see ``burst_mails``)."""
         return self.burst_mails or self.max_batch_mails + self.window_reserve(rate_per_hour)
+
+    @property
+    def amqp_endpoints(self) -> tuple[str, ...]:
+        """The AMQP URLs to try, in order."""
+        urls = tuple(u.strip() for u in self.amqp_urls.split(",") if u.strip())
+        return urls or (self.amqp_url,)
 
     @property
     def servers_path(self) -> Path | None:

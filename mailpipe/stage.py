@@ -106,7 +106,7 @@ def run(stage: Stage, *, burst: bool = False, metrics_port: int | None = None,
     signal.signal(signal.SIGINT, flag)
     should_stop = stop or (lambda: flag.stopping)
 
-    broker = Broker(settings.amqp_url, client_name=f"mailpipe-{stage.name}", heartbeat_s=settings.heartbeat_s)
+    broker = Broker(settings.amqp_endpoints, client_name=f"mailpipe-{stage.name}", heartbeat_s=settings.heartbeat_s)
     connected = False
 
     def ready() -> bool:

@@ -13,7 +13,7 @@ from mailpipe.topology import Topology
 
 def queue_depths(settings: Settings) -> dict[str, int]:
     topology = Topology.from_settings(settings)
-    broker = Broker(settings.amqp_url, client_name="mailpipe-status").connect()
+    broker = Broker(settings.amqp_endpoints, client_name="mailpipe-status").connect()
     try:
         topology.declare(broker.channel())
         return {q: broker.channel().queue_declare(q, passive=True).method.message_count

@@ -53,13 +53,15 @@ class Topology:
     retry_delays_s: tuple[int, ...] = (60,)
     park_delays_s: tuple[int, ...] = (60, 300, 1800)
     large_message_bytes: int = LARGE_MESSAGE_BYTES
+    quorum_group_size: int = 0  # members a new quorum queue starts with; 0: every node
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topology:
         return cls(namespace=settings.namespace, delivery_limit=settings.delivery_limit,
                    retry_delays_s=retry_delays(settings.retry_base_s, settings.retry_max_s),
                    park_delays_s=tuple(settings.limiter_park_s * f for f in PARK_FACTORS),
-                   large_message_bytes=settings.large_message_bytes)
+                   large_message_bytes=settings.large_message_bytes,
+                   quorum_group_size=settings.quorum_group_size)
 
     def is_large(self, size: int) -> bool:
         """Whether a message of ``size`` encoded bytes goes on the ``.large`` queues."""
@@ -149,6 +151,12 @@ class Topology:
     def all_queues(self) -> tuple[str, ...]:
         return (*self.work_queues, self.dead, *(queue for queue, _, _ in self._delay_queues()))
 
+    def _quorum(self) -> dict[str, Any]:
+        """Quorum queues: replicated by Raft, a publisher confirm means a majority has the message."""
+        if self.quorum_group_size:
+            return {"x-queue-type": "quorum", "x-quorum-initial-group-size": self.quorum_group_size}
+        return {"x-queue-type": "quorum"}
+
     def declare(self, channel: BlockingChannel) -> None:
         dead_letter = {
             "x-dead-letter-exchange": "",
@@ -156,13 +164,13 @@ class Topology:
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
         }
-        _declare(channel, self.dead, durable=True, arguments=_quorum())
+        _declare(channel, self.dead, durable=True, arguments=self._quorum())
         for queue in self.work_queues:
             _declare(channel, queue, durable=True, arguments={
-                **_quorum(), **dead_letter, "x-delivery-limit": self.delivery_limit})
+                **self._quorum(), **dead_letter, "x-delivery-limit": self.delivery_limit})
         for queue, delay_s, back_to in self._delay_queues():
             _declare(channel, queue, durable=True, arguments={
-                **_quorum(), "x-message-ttl": delay_s * 1000, "x-dead-letter-exchange": "",
+                **self._quorum(), "x-message-ttl": delay_s * 1000, "x-dead-letter-exchange": "",
                 "x-dead-letter-routing-key": back_to, "x-dead-letter-strategy": "at-least-once",
                 "x-overflow": "reject-publish"})
         channel.exchange_declare(self.events, exchange_type="topic", durable=True)
@@ -178,8 +186,7 @@ def _declare(channel: BlockingChannel, queue: str, durable: bool, arguments: dic
                           f"or use another MAILPIPE_NAMESPACE") from None
 
 
-def _quorum() -> dict[str, Any]:
-    return {"x-queue-type": "quorum"}
+
 
 
 def retry_delays(base_s: float, max_s: float) -> tuple[int, ...]:

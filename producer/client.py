@@ -35,7 +35,12 @@ _DEFAULTS = Settings()
 
 
 class Producer:
-    def __init__(self, amqp_url: str = _DEFAULTS.amqp_url, namespace: str = _DEFAULTS.namespace, *,
+    """Publishes mail jobs, each confirmed by RabbitMQ before the call returns. ``amqp_url`` is
+    one URL or, for a cluster, a list of its nodes' URLs: a publish goes on through another node
+    when the one connected to dies, and fails with BrokerUnavailable (after ``reconnect_s``)
+    when none can confirm it (a cluster that lost its majority): never silently."""
+
+    def __init__(self, amqp_url: str | Sequence[str] = _DEFAULTS.amqp_url, namespace: str = _DEFAULTS.namespace, *,
                  max_message_bytes: int = _DEFAULTS.max_message_bytes,
                  max_recipients: int = _DEFAULTS.max_recipients,
                  large_message_bytes: int = _DEFAULTS.large_message_bytes, reconnect_s: float = 10.0) -> None:
@@ -109,7 +114,7 @@ class Producer:
             try:
                 if not self._broker.is_open:
                     self._broker.connect()
-                self._broker.publish(messages)
+                self._broker.publish(messages, timeout_s=max(0.5, give_up - time.monotonic()))
                 return
             except BrokerUnavailable:
                 self._broker.close()

@@ -35,7 +35,7 @@ from dataclasses import replace
 import redis
 from prometheus_client import Counter
 
-from mailpipe import metrics, suppression
+from mailpipe import metrics, redis_client, suppression
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.codec import decode_intake, encode_event, encode_job
 from mailpipe.errors import ConfigError, InvalidMessage, LimiterUnavailable, TransientError
@@ -71,7 +71,7 @@ class EnqueueStage(Stage):
         if unknown:
             raise ConfigError(f"MAILPIPE_LINT_REFUSE: unknown rule(s) {sorted(unknown)}; "
                               f"known: {', '.join(RULES)}")
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+        self.redis = redis_client.connect(settings, timeout_s=5.0)
         self.idempotency = Idempotency(self.redis, settings.namespace, lease_s=settings.idempotency_lease_s,
                                        ttl_s=settings.idempotency_ttl_s)
         # Requests whose key another holder has claimed, unacked, by delivery tag; asked again

@@ -24,11 +24,12 @@ import importlib.resources
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import cast
+from typing import Any, cast
 
 import redis.asyncio
 import redis.exceptions
 
+from mailpipe import redis_client
 from mailpipe.errors import TransientError
 from mailpipe.model import Job
 from sender import metrics
@@ -61,10 +62,13 @@ def _script(name: str) -> bytes:
 class Claims:
     """The claims of one process; ``owner`` names this holder in every lease it takes."""
 
-    def __init__(self, client: redis.asyncio.Redis, namespace: str, ttl_s: int) -> None:
+    def __init__(self, client: redis.asyncio.Redis, namespace: str, ttl_s: int, *, wait_replicas: int = 0) -> None:
         self.client = client
         self.namespace = namespace
         self.ttl_s = ttl_s
+        # Replicas that must hold a claim or mark before it counts (WAIT): a Redis failover
+        # then cannot forget who holds a recipient, nor that it was sent.
+        self.wait_replicas = wait_replicas
         self._claim = client.register_script(_script("claims.lua"))
         self._release = client.register_script(_script("release.lua"))
         self._pending: list[tuple[str, Sequence[str], asyncio.Future[None]]] = []
@@ -80,8 +84,14 @@ class Claims:
         args: list[str | int] = [owner, grant, lease_until_us, cutoff_us, self.ttl_s]
         for rcpts in recipients:
             args += [len(rcpts), *rcpts]
+        keys = [self.key(j) for j in jobs]
         try:
-            reply = cast("list[int]", await self._claim(keys=[self.key(j) for j in jobs], args=args))
+            if self.wait_replicas:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    await self._claim(keys=keys, args=args, client=pipe)
+                    reply = cast("list[int]", (await self._execute(pipe, "claims"))[0])
+            else:  # one round trip: a script in a pipeline costs a SCRIPT EXISTS first
+                reply = cast("list[int]", await self._claim(keys=keys, args=args))
         except (redis.exceptions.RedisError, OSError) as exc:
             metrics.MARK_ERRORS.labels("claim").inc()
             raise ClaimsUnavailable(f"Redis: claiming recipients failed: {exc}") from exc
@@ -95,7 +105,12 @@ class Claims:
         keys = [self.key(job) for job, _, _ in released]
         args: list[str | int] = [owner, self.ttl_s, *(f"{rcpt}\n{state}" for _, rcpt, state in released)]
         try:
-            await self._release(keys=keys, args=args)
+            if self.wait_replicas:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    await self._release(keys=keys, args=args, client=pipe)
+                    await self._execute(pipe, "released claims")
+            else:
+                await self._release(keys=keys, args=args)
         except (redis.exceptions.RedisError, OSError) as exc:
             metrics.MARK_ERRORS.labels("release").inc()
             raise ClaimsUnavailable(f"Redis: releasing claims failed: {exc}") from exc
@@ -119,8 +134,8 @@ class Claims:
                 async with self.client.pipeline(transaction=False) as pipe:
                     for key, recipients, _ in batch:
                         pipe.hset(key, mapping=dict.fromkeys(recipients, "s"))
-                    await pipe.execute()
-            except (redis.exceptions.RedisError, OSError) as exc:
+                    await self._execute(pipe, "sent marks")
+            except (redis.exceptions.RedisError, OSError, ClaimsUnavailable) as exc:
                 metrics.MARK_ERRORS.labels("write").inc()
                 error = ClaimsUnavailable(f"Redis: writing sent marks failed: {exc}")
             for _, _, done in batch:
@@ -130,6 +145,18 @@ class Claims:
                     done.set_result(None)
                 else:
                     done.set_exception(error)
+
+    async def _execute(self, pipe: redis.asyncio.client.Pipeline, what: str) -> list[Any]:
+        """Run ``pipe``; with ``wait_replicas``, WAIT on the same connection, and refuse the
+        result (ClaimsUnavailable) unless enough replicas hold it."""
+        if self.wait_replicas:
+            pipe.execute_command("WAIT", self.wait_replicas, redis_client.WAIT_TIMEOUT_MS)
+        replies: list[Any] = await pipe.execute()
+        if self.wait_replicas:
+            problem = redis_client.not_replicated(int(replies.pop()), self.wait_replicas, what)
+            if problem:
+                raise ClaimsUnavailable(problem)
+        return replies
 
     async def ping(self) -> bool:
         try:

@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 import redis
 import redis.asyncio
 
-from mailpipe import codec, suppression
+from mailpipe import codec, redis_client, suppression
 from mailpipe import metrics as kernel_metrics
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.errors import ConfigError, InvalidMessage
@@ -121,8 +121,8 @@ class SenderStage(Stage):
         s = self.settings
         self._pools = Pools(default_size=s.send_concurrency, timeout_s=s.smtp_timeout_s,
                             idle_timeout_s=s.smtp_idle_timeout_s, resolver=MxResolver())
-        self._redis = redis.asyncio.Redis.from_url(s.redis_url, socket_timeout=5, socket_connect_timeout=5)
-        self._claims = Claims(self._redis, s.namespace, s.sent_mark_ttl_s)
+        self._redis = redis_client.connect_async(s, timeout_s=5.0)
+        self._claims = Claims(self._redis, s.namespace, s.sent_mark_ttl_s, wait_replicas=s.redis_wait_replicas)
 
     def _submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self._ensure_loop())
@@ -331,8 +331,7 @@ class SenderStage(Stage):
         if not bad:
             return
         if self._sync_redis is None:
-            self._sync_redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=2,
-                                                    socket_connect_timeout=2)
+            self._sync_redis = redis_client.connect(self.settings, timeout_s=2.0)
         try:
             for tenant, recipient, reply in bad:
                 suppression.suppress(self._sync_redis, self.settings.namespace, tenant, recipient, str(reply),

@@ -398,6 +398,33 @@ def test_a_broker_that_never_answers_raises_broker_unavailable() -> None:
     assert "secret-pw" not in info.value.reason
 
 
+def test_several_endpoints_are_tried_in_turn_and_the_one_that_answers_is_kept(
+        rabbitmq: str | None, topology: Topology) -> None:
+    """A cluster's nodes: a dead one and a hung one are passed over (each failure named, no
+    password), the live one is used, and a reconnect starts from it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        hung = listener.getsockname()[1]
+        urls = [f"amqp://guest:secret-pw@127.0.0.1:{dead}/",
+                f"amqp://guest:secret-pw@127.0.0.1:{hung}/?socket_timeout=1&stack_timeout=1", AMQP_URL]
+        broker = Broker(urls, client_name="t-endpoints").connect()
+        try:
+            assert broker.url == AMQP_URL
+            broker.publish([Outgoing(topology.intake, b"x")])
+            broker.connect()  # again: straight to the node that answered
+            assert broker.url == AMQP_URL
+        finally:
+            broker.close()
+        with pytest.raises(BrokerUnavailable) as info:
+            Broker(urls[:2], client_name="t").connect()
+    assert str(dead) in info.value.reason and str(hung) in info.value.reason
+    assert "secret-pw" not in info.value.reason
+
+
 # -- nacks: re-sent, and never lost silently ----------------------------------------------------
 
 class CountingBroker(Broker):
