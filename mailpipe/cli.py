@@ -38,7 +38,7 @@ def cmd_topology(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     topology = Topology.from_settings(settings)
-    broker = Broker(settings.amqp_url, client_name="mailpipe-topology").connect()
+    broker = Broker(settings.amqp_endpoints, client_name="mailpipe-topology").connect()
     try:
         topology.declare(broker.channel())
     finally:
@@ -64,12 +64,13 @@ def cmd_servers_check(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import redis
 
+    from mailpipe import redis_client
     from mailpipe.servers import load_config
     from mailpipe.status import show_status
 
     settings = Settings.from_env()
     limiter_status = importlib.import_module("limiter.status")
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client.connect(settings, timeout_s=5.0)
     try:
         config = load_config(settings.servers_path)
         limits = limiter_status.snapshot(client, settings.namespace, config, settings=settings)
@@ -124,12 +125,10 @@ def cmd_dead(args: argparse.Namespace) -> int:
 
 
 def cmd_suppression(args: argparse.Namespace) -> int:
-    import redis
-
-    from mailpipe import suppression
+    from mailpipe import redis_client, suppression
 
     settings = Settings.from_env()
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client.connect(settings, timeout_s=5.0)
     try:
         if args.action == "remove":
             if not (args.tenant and args.recipient):
@@ -145,6 +144,12 @@ def cmd_suppression(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{row.tenant:16} {row.recipient:40} {row.expires_in_s // 86400:>3} d left  {row.reason}")
     return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from mailpipe.devcluster import command
+
+    return command(args.action, as_json=args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     supp.add_argument("recipient", nargs="?", help="the address to remove")
     supp.add_argument("--tenant", help="only this tenant (required for remove)")
     supp.set_defaults(func=cmd_suppression)
+
+    cluster = sub.add_parser("cluster", help="a local 3-node RabbitMQ cluster and Redis with Sentinel, for "
+                             "development (in $MAILPIPE_CLUSTER_DIR, default .cluster/)")
+    cluster.add_argument("action", choices=("up", "down", "status", "env"),
+                         help="env: export lines for a shell, eval \"$(mailpipe cluster env)\"")
+    cluster.add_argument("--json", action="store_true", help="status as one JSON object")
+    cluster.set_defaults(func=cmd_cluster)
     return parser
 
 

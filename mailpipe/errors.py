@@ -64,3 +64,8 @@ class SmtpTransient(SmtpError, TransientError):
 
 class SmtpPermanent(SmtpError, PermanentError):
     """A 5xx reply: the mail fails with the server's reply."""
+
+
+class ClusterError(MailpipeError):
+    """The local development cluster (mailpipe.devcluster) did not come up, or a member did not
+    do what was asked (start, stop, fail over) in time; the reason says which."""
