@@ -30,6 +30,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from mailpipe.errors import ConfigError
+from mailpipe.retry import delay_for, retry_delays
 from mailpipe.settings import Settings
 
 # Delay steps for mail scheduled with send_at: it waits in the longest step that fits, again
@@ -126,8 +127,8 @@ class Topology:
         return self._q(f"limiter.park.{delay_s}s")
 
     def retry_delay_s(self, attempt: int) -> int:
-        """The delay before a job's ``attempt``-th retry (1-based): it doubles each time."""
-        return self.retry_delays_s[min(max(attempt, 1), len(self.retry_delays_s)) - 1]
+        """The delay before a job's ``attempt``-th retry (1-based): mailpipe/retry.py's policy."""
+        return delay_for(self.retry_delays_s, attempt)
 
     def retry_queue(self, attempt: int, size: int = 0) -> str:
         """The retry queue of a job of ``size`` bytes; it dead-letters back to ``jobs_for(size)``."""
@@ -184,19 +185,3 @@ def _declare(channel: BlockingChannel, queue: str, durable: bool, arguments: dic
             raise
         raise ConfigError(f"queue {queue} exists with other arguments ({exc.reply_text}): delete it, "
                           f"or use another MAILPIPE_NAMESPACE") from None
-
-
-
-
-
-def retry_delays(base_s: float, max_s: float) -> tuple[int, ...]:
-    """base, 2 x base, 4 x base ... up to max, in whole seconds."""
-    delays: list[int] = []
-    delay = max(1.0, base_s)
-    while True:
-        step = max(1, int(min(delay, max_s)))  # a max below 1 s must not make a 0 s TTL: no delay
-        if step not in delays:
-            delays.append(step)
-        if delay >= max_s:
-            return tuple(delays)
-        delay *= 2

@@ -10,9 +10,9 @@ Read top to bottom, a batch goes:
 3. ``tick`` collects finished deliveries and, for each batch, publishes every output with ONE
    confirmed ``broker.publish`` call, then releases its claims, then acks the batch:
    - events to the ``events`` exchange, routing key ``<outcome>.<tenant>``;
-   - deferred recipients as a copy of the job (attempt + 1) to the retry queue, or, past
-     ``retry_max_age_s``, to the dead-letter queue as ``expired``;
-   - failed recipients as a copy of the job to the dead-letter queue, with the server's reply;
+   - refused recipients as ``mailpipe/retry.py``'s ``retry_step`` decides: a copy of the job
+     (attempt + 1) to its retry queue, or to the dead-letter queue as ``expired`` or with the
+     category of the server's reply;
    - mail not sent under this grant back to ``batches``, refunding the tokens of the jobs
      nobody touched under it (the limiter returns only what the grant still owes).
 Accepted recipients were marked "sent" right after their 250, before the next mail on their
@@ -29,7 +29,6 @@ import asyncio
 import hashlib
 import logging
 import os
-import random
 import socket
 import threading
 import time
@@ -48,6 +47,7 @@ from mailpipe import metrics as kernel_metrics
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.errors import ConfigError, InvalidMessage
 from mailpipe.model import Batch, Event, Job, now_ms
+from mailpipe.retry import Expire, Retry, RetryPolicy, retry_step
 from mailpipe.servers import ConfigWatcher, ServerConfig
 from mailpipe.settings import Settings
 from mailpipe.stage import Stage
@@ -60,7 +60,6 @@ from sender.smtp import Pools
 
 log = logging.getLogger(__name__)
 
-RETRY_JITTER = 0.2  # a retry waits 80% to 100% of its delay queue's TTL
 
 T = TypeVar("T")
 REAP_EVERY_S = 5.0
@@ -84,6 +83,7 @@ class SenderStage(Stage):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.watcher = ConfigWatcher(settings.servers_path)
+        self.retry_policy = RetryPolicy.from_settings(settings)
         self._in_flight: list[_InFlight] = []
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -347,31 +347,22 @@ class SenderStage(Stage):
         if sent:  # already_sent too: an event lost with the holder that sent it is not lost
             out.append(self._event(job, batch, "sent", sent, SENT_REPLY, at_ms))
             metrics.MAILS.labels(job.server, "sent", "").inc(len(outcome.sent))
-        expired = outcome.deferred and at_ms - job.created_ms > self.settings.retry_max_age_s * 1000
-        for reply, recipients in _group(outcome.deferred):
-            if expired:
-                copy = replace(job, recipients=tuple(recipients))
-                out.append(self._dead(copy, reply, "expired",
-                                      f"expired after {job.attempt + 1} attempt(s); last reply: {reply}"))
-                out.append(self._event(job, batch, "expired", recipients, reply, at_ms))
-                metrics.MAILS.labels(job.server, "expired", reply.category).inc(len(recipients))
+        for reply, recipients in _group({**outcome.deferred, **outcome.failed}):
+            step = retry_step(job, tuple(recipients), reply, at_ms, self.retry_policy)
+            if isinstance(step, Retry):
+                body = codec.encode_job(step.job)  # a large job waits and comes back on jobs.large
+                out.append(Outgoing(self.topology.retry_queue(step.job.attempt, len(body)), body,
+                                    message_id=f"{job.id}:{step.job.attempt}", expiration_ms=step.expiration_ms))
+                metrics.RETRIES.labels(job.server, str(min(step.job.attempt, 10))).inc(len(recipients))
+                outcome_name, category = "deferred", reply.category
+            elif isinstance(step, Expire):
+                out.append(self._dead(step.job, reply, "expired", step.reason))
+                outcome_name, category = "expired", reply.category
             else:
-                copy = replace(job, recipients=tuple(recipients), attempt=job.attempt + 1)
-                # Jitter: each retry waits between 80% and 100% of its queue's delay, so mail
-                # deferred together by a busy server does not come back all at once.
-                delay_ms = self.topology.retry_delay_s(copy.attempt) * 1000
-                body = codec.encode_job(copy)  # a large job waits and comes back on jobs.large
-                out.append(Outgoing(self.topology.retry_queue(copy.attempt, len(body)), body,
-                                    message_id=f"{job.id}:{copy.attempt}",
-                                    expiration_ms=int(delay_ms * random.uniform(1 - RETRY_JITTER, 1.0))))
-                metrics.RETRIES.labels(job.server, str(min(copy.attempt, 10))).inc(len(recipients))
-                out.append(self._event(job, batch, "deferred", recipients, reply, at_ms))
-                metrics.MAILS.labels(job.server, "deferred", reply.category).inc(len(recipients))
-        for reply, recipients in _group(outcome.failed):
-            copy = replace(job, recipients=tuple(recipients))
-            out.append(self._dead(copy, reply, reply.category, f"refused by {job.server}: {reply}"))
-            out.append(self._event(job, batch, "failed", recipients, reply, at_ms))
-            metrics.MAILS.labels(job.server, "failed", reply.category).inc(len(recipients))
+                out.append(self._dead(step.job, reply, step.category, step.reason))
+                outcome_name, category = "failed", step.category
+            out.append(self._event(job, batch, outcome_name, recipients, reply, at_ms))
+            metrics.MAILS.labels(job.server, outcome_name, category).inc(len(recipients))
         return out
 
     def _dead(self, job: Job, reply: Reply, category: str, reason: str) -> Outgoing:

@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mailpipe.retry import retry_delays
 from mailpipe.settings import Settings
-from mailpipe.topology import DEAD_REASON, DEAD_STAGE, SCHEDULE_STEPS_S, Topology, retry_delays
+from mailpipe.topology import DEAD_REASON, DEAD_STAGE, SCHEDULE_STEPS_S, Topology
 
 
 def test_names_are_under_the_namespace() -> None:
