@@ -50,7 +50,7 @@ from mailpipe import metrics, redis_client
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.codec import decode_batch, decode_job, encode_batch
 from mailpipe.errors import ConfigError, InvalidMessage, LimiterUnavailable
-from mailpipe.model import Batch
+from mailpipe.model import Batch, Category
 from mailpipe.servers import Config, ConfigWatcher
 from mailpipe.settings import Settings
 from mailpipe.stage import Stage
@@ -186,12 +186,12 @@ class LimiterStage(Stage):
                 batch = decode_batch(delivery.body)
                 jobs = [decode_job(job) for job in batch.jobs]  # every job decodes: a part never fails
             except InvalidMessage as exc:
-                self._dead(out, delivery, exc.reason, "invalid")
+                self._dead(out, delivery, exc.reason, Category.INVALID)
                 continue
             tenants = Tally(job.tenant for job in jobs)
             problem = unknown_names(batch, tenants, config)
             if problem:
-                self._dead(out, delivery, problem, "config", server=batch.server)
+                self._dead(out, delivery, problem, Category.CONFIG, server=batch.server)
                 continue
             if len(tenants) > 1:  # from an older packer: one batch per tenant, then their turns
                 out.outgoing += [Outgoing(self.topology.batches, encode_batch(b), message_id=b.id)
@@ -262,7 +262,7 @@ class LimiterStage(Stage):
                     except ConfigError as exc:
                         problem = exc.reason
                 line.remove(held)
-                self._dead(out, held.delivery, problem, "config", server=held.batch.server)
+                self._dead(out, held.delivery, problem, Category.CONFIG, server=held.batch.server)
         if not asked:
             return False
         try:

@@ -31,7 +31,7 @@ from mailpipe import redis_client
 from mailpipe.amqp import Broker
 from mailpipe.codec import decode_event
 from mailpipe.errors import MailpipeError
-from mailpipe.model import IntakeRequest, new_id, now_ms
+from mailpipe.model import IntakeRequest, Outcome, new_id, now_ms
 from mailpipe.services import ensure
 from mailpipe.settings import Settings
 from mailpipe.sink import LocalSink, free_port
@@ -288,10 +288,10 @@ def follow(broker: Broker, events: str, namespace: str, settings: Settings, mail
             deliveries = broker.poll(max(0.0, wait_s))
             for delivery in deliveries:
                 event = decode_event(delivery.body)
-                if event.outcome == "sent":
+                if event.outcome == Outcome.SENT:
                     progress.sent[event.job_id] = event.batch_id
                     progress.latencies_ms.append(event.at_ms - event.created_ms)
-                elif event.outcome in ("failed", "expired"):
+                elif event.outcome in (Outcome.FAILED, Outcome.EXPIRED):
                     progress.failed[event.job_id] = f"{event.code} {event.text}".strip()
                 else:
                     progress.deferred += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 SCHEMA_VERSION = 1
 # "high" is for transactional mail (a password reset): it overtakes "normal" mail of any volume.
@@ -118,7 +119,28 @@ class Batch:
     refund_tenants: dict[str, int] = field(default_factory=dict)
 
 
-OUTCOMES = ("sent", "deferred", "failed", "expired")
+class Outcome(StrEnum):
+    """What happened to a recipient's mail, as events and metrics name it."""
+
+    SENT = "sent"
+    DEFERRED = "deferred"  # refused for now: retried (mailpipe/retry.py)
+    FAILED = "failed"  # refused for good: a dead letter
+    EXPIRED = "expired"  # deferred past its maximum age: a dead letter
+
+
+OUTCOMES = tuple(Outcome)
+
+
+class Category(StrEnum):
+    """Why a stage dead-lettered a message (``x-mailpipe-category``), besides an SMTP reply's
+    category (sender/replies.py) for mail a server refused for good."""
+
+    INVALID = "invalid"  # does not decode or validate
+    CONFIG = "config"  # names a server or tenant the servers file does not have
+    ROUTING = "routing"  # names a server its tenant may not use
+    SUPPRESSED = "suppressed"  # to a recipient that bounced before
+    EXPIRED = "expired"  # deferred past retry_max_age_s
+    POISON = "poison"  # crashed the stage on its last delivery
 
 
 @dataclass(frozen=True)

@@ -146,10 +146,7 @@ class QueueDepthCollector(Collector):
     def read_amqp(self) -> list[QueueDepth]:
         """Passive declares on a connection of our own: the stage's connection belongs to its
         thread, and a scrape comes on the HTTP server's."""
-        params = pika.URLParameters(self.settings.amqp_url)
-        params.socket_timeout = params.blocked_connection_timeout = API_TIMEOUT_S
-        params.client_properties = {"connection_name": "mailpipe-queue-metrics"}
-        connection = pika.BlockingConnection(params)
+        connection = self._connect()
         try:
             depths = []
             for queue in self.topology.all_queues:
@@ -163,6 +160,21 @@ class QueueDepthCollector(Collector):
             return depths
         finally:
             connection.close()
+
+
+    def _connect(self) -> pika.BlockingConnection:
+        """The first node of the cluster that answers (MAILPIPE_AMQP_URLS), as the stages do."""
+        error: Exception | None = None
+        for url in self.settings.amqp_endpoints:
+            params = pika.URLParameters(url)
+            params.socket_timeout = params.blocked_connection_timeout = API_TIMEOUT_S
+            params.client_properties = {"connection_name": "mailpipe-queue-metrics"}
+            try:
+                return pika.BlockingConnection(params)
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                error = exc
+        assert error is not None  # amqp_endpoints is never empty
+        raise error
 
 
 class ServerLimitsCollector(Collector):

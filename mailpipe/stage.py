@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from mailpipe import metrics
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.errors import ConfigError, MailpipeError, TransientError
+from mailpipe.model import Category
 from mailpipe.settings import Settings
 from mailpipe.topology import DEAD_REASON, DEAD_STAGE, Topology
 
@@ -199,7 +200,7 @@ def _handle(stage: Stage, broker: Broker, deliveries: list[Delivery]) -> None:
             reason = (f"{stage.name} failed on this message {delivery.delivery_count + 1} times: "
                       f"{type(exc).__name__}: {exc}")
             log.exception("poison message: %s", reason)
-            broker.publish([stage.dead_letter(delivery.body, reason, "poison")])
+            broker.publish([stage.dead_letter(delivery.body, reason, Category.POISON)])
             broker.ack(delivery.tag)
 
 

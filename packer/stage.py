@@ -22,7 +22,7 @@ from mailpipe import metrics
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.codec import decode_job, encode_batch
 from mailpipe.errors import InvalidMessage
-from mailpipe.model import Batch, new_id, now_ms
+from mailpipe.model import Batch, Category, new_id, now_ms
 from mailpipe.settings import Settings
 from mailpipe.stage import Stage
 from packer.packing import OpenBatch, Packer
@@ -74,7 +74,7 @@ class PackerStage(Stage):
                     raise InvalidMessage(f"job.message: {job.size} bytes can never fit a "
                                          f"{self.settings.max_batch_bytes}-byte batch")
             except InvalidMessage as exc:
-                set_aside.append((delivery, self.dead_letter(delivery.body, exc.reason, "invalid")))
+                set_aside.append((delivery, self.dead_letter(delivery.body, exc.reason, Category.INVALID)))
                 continue
             if job.send_at_ms is not None and job.send_at_ms > wall_ms:  # "not before", never early
                 PARKED.inc()

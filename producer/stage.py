@@ -39,7 +39,7 @@ from mailpipe import metrics, redis_client, suppression
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.codec import decode_intake, encode_event, encode_job
 from mailpipe.errors import ConfigError, InvalidMessage, LimiterUnavailable, TransientError
-from mailpipe.model import Event, IntakeRequest, Job, now_ms
+from mailpipe.model import Category, Event, IntakeRequest, Job, Outcome, now_ms
 from mailpipe.servers import Config, ConfigWatcher
 from mailpipe.settings import Settings
 from mailpipe.stage import Stage
@@ -119,21 +119,21 @@ class EnqueueStage(Stage):
                 jobs.append((delivery, self.to_job(decode_intake(delivery.body, self.settings.max_message_bytes),
                                                    config)))
             except InvalidMessage as exc:
-                REJECTS.labels("invalid").inc()
-                out.append(self.dead_letter(delivery.body, exc.reason, "invalid"))
+                REJECTS.labels(Category.INVALID).inc()
+                out.append(self.dead_letter(delivery.body, exc.reason, Category.INVALID))
             except ConfigError as exc:
-                REJECTS.labels("routing").inc()
-                out.append(self.dead_letter(delivery.body, exc.reason, "routing"))
+                REJECTS.labels(Category.ROUTING).inc()
+                out.append(self.dead_letter(delivery.body, exc.reason, Category.ROUTING))
             except (TransientError, redis.RedisError):
                 raise  # RabbitMQ or Redis: the request is fine, the stage retries it
             except Exception as exc:
                 # A bug of ours or of a library on this one request (the email package's
                 # ValueError on a header, a UnicodeError): its dead letter, not a crash of the
                 # stage that would redeliver it and everything with it up to the delivery limit.
-                REJECTS.labels("invalid").inc()
+                REJECTS.labels(Category.INVALID).inc()
                 log.debug("request %s failed to render", delivery.message_id, exc_info=True)
                 out.append(self.dead_letter(delivery.body, f"message: cannot be rendered: "
-                                                           f"{type(exc).__name__}: {exc}", "invalid"))
+                                                           f"{type(exc).__name__}: {exc}", Category.INVALID))
         jobs = self.drop_suppressed(jobs, out)
         self.enqueue(broker, deliveries, jobs, out)
 
@@ -204,19 +204,19 @@ class EnqueueStage(Stage):
             if not blocked:
                 kept.append((delivery, job))
                 continue
-            REJECTS.labels("suppressed").inc(len(blocked))
+            REJECTS.labels(Category.SUPPRESSED).inc(len(blocked))
             reason = "suppressed: " + "; ".join(f"{r} ({why})" for r, why in blocked.items())
             out.append(Outgoing(f"failed.{job.tenant}", encode_event(Event(
-                job_id=job.id, tenant=job.tenant, server=job.server, outcome="failed",
+                job_id=job.id, tenant=job.tenant, server=job.server, outcome=Outcome.FAILED,
                 recipients=tuple(blocked), attempt=job.attempt, created_ms=job.created_ms, at_ms=now_ms(),
-                text=reason, category="suppressed", findings=job.findings,
+                text=reason, category=Category.SUPPRESSED, findings=job.findings,
                 advice="the address failed permanently before; remove it with `mailpipe suppression "
                        "remove` once it is fixed")), exchange=self.topology.events, mandatory=False))
             remaining = tuple(r for r in job.recipients if r not in blocked)
             if remaining:
                 kept.append((delivery, replace(job, recipients=remaining)))
             else:
-                out.append(self.dead_letter(encode_job(job), reason, "suppressed",
+                out.append(self.dead_letter(encode_job(job), reason, Category.SUPPRESSED,
                                             **{"x-mailpipe-tenant": job.tenant, "x-mailpipe-job-id": job.id}))
         return kept
 

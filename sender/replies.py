@@ -17,7 +17,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-SENT, DEFERRED, FAILED = "sent", "deferred", "failed"
+from mailpipe.model import Outcome
+
+SENT, DEFERRED, FAILED = Outcome.SENT, Outcome.DEFERRED, Outcome.FAILED
 
 RELAY_DENIED = "relay_denied"
 SPAM_REJECTED = "spam_rejected"

@@ -46,7 +46,7 @@ from mailpipe import codec, redis_client, suppression
 from mailpipe import metrics as kernel_metrics
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.errors import ConfigError, InvalidMessage
-from mailpipe.model import Batch, Event, Job, now_ms
+from mailpipe.model import Batch, Category, Event, Job, Outcome, now_ms
 from mailpipe.retry import Expire, Retry, RetryPolicy, retry_step
 from mailpipe.servers import ConfigWatcher, ServerConfig
 from mailpipe.settings import Settings
@@ -171,7 +171,7 @@ class SenderStage(Stage):
             batch = codec.decode_batch(delivery.body)
             server = self.watcher.current().server(batch.server)
         except (InvalidMessage, ConfigError) as exc:
-            category = "invalid" if isinstance(exc, InvalidMessage) else "config"
+            category = Category.INVALID if isinstance(exc, InvalidMessage) else Category.CONFIG
             broker.publish([self.dead_letter(delivery.body, exc.reason, category)])
             broker.ack(delivery.tag)
             return
@@ -181,7 +181,7 @@ class SenderStage(Stage):
                 jobs.append(codec.decode_job(raw, self.settings.max_message_bytes))
                 raws.append(raw)
             except InvalidMessage as exc:
-                outputs.append(self.dead_letter(raw, exc.reason, "invalid",
+                outputs.append(self.dead_letter(raw, exc.reason, Category.INVALID,
                                                 **{"x-mailpipe-batch-id": batch.id}))
         if batch.deadline_ms is None or batch.grant_id is None or not jobs:
             # Never granted: send nothing, hand every mail back for a grant.
@@ -354,13 +354,13 @@ class SenderStage(Stage):
                 out.append(Outgoing(self.topology.retry_queue(step.job.attempt, len(body)), body,
                                     message_id=f"{job.id}:{step.job.attempt}", expiration_ms=step.expiration_ms))
                 metrics.RETRIES.labels(job.server, str(min(step.job.attempt, 10))).inc(len(recipients))
-                outcome_name, category = "deferred", reply.category
+                outcome_name, category = Outcome.DEFERRED, reply.category
             elif isinstance(step, Expire):
-                out.append(self._dead(step.job, reply, "expired", step.reason))
-                outcome_name, category = "expired", reply.category
+                out.append(self._dead(step.job, reply, Category.EXPIRED, step.reason))
+                outcome_name, category = Outcome.EXPIRED, reply.category
             else:
                 out.append(self._dead(step.job, reply, step.category, step.reason))
-                outcome_name, category = "failed", step.category
+                outcome_name, category = Outcome.FAILED, step.category
             out.append(self._event(job, batch, outcome_name, recipients, reply, at_ms))
             metrics.MAILS.labels(job.server, outcome_name, category).inc(len(recipients))
         return out
