@@ -5,22 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Callable
 
+from mailpipe import stages
 from mailpipe.errors import ConfigError, MailpipeError
 from mailpipe.settings import Settings
-
-STAGES = {
-    "producer": ("producer.stage", "EnqueueStage"),
-    "packer": ("packer.stage", "PackerStage"),
-    "limiter": ("limiter.stage", "LimiterStage"),
-    "sender": ("sender.stage", "SenderStage"),
-}
-
-
-def stage_class(name: str) -> Callable[[Settings], object]:
-    module, cls = STAGES[name]
-    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -29,7 +17,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     argv = ["--metrics-port", str(args.metrics_port)] if args.metrics_port else []
     if args.burst:
         argv.append("--burst")
-    return stage_main(stage_class(args.stage), argv)  # type: ignore[arg-type]
+    return stage_main(stages.load(args.stage), argv)
 
 
 def cmd_topology(args: argparse.Namespace) -> int:
@@ -157,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one stage (any number of replicas may run)")
-    run.add_argument("stage", choices=sorted(STAGES))
+    run.add_argument("stage", choices=stages.NAMES)
     run.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz on this port")
     run.add_argument("--burst", action="store_true", help="exit once the input queue is drained")
     run.set_defaults(func=cmd_run)

@@ -42,6 +42,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from mailpipe import stages
 from mailpipe.errors import BrokerUnavailable
 from mailpipe.model import IntakeRequest, job_id_for, now_ms
 from mailpipe.settings import Settings
@@ -71,7 +72,7 @@ CHUNK = 5  # mails per publish call
 PUBLISH_PER_S = 12.0  # a little above the rate: a backlog forms, the limiter binds
 HEARTBEAT_S = 2  # the stages' AMQP heartbeat here: RabbitMQ closes a silent connection after ~2x
 HEARTBEAT_STOP_S = 3.0 * HEARTBEAT_S + 2.0  # a sender stopped past it comes back to a closed connection
-STAGES = ("producer", "packer", "limiter", "sender")
+STAGES = stages.NAMES
 
 
 # -- the proxy, with replies dropped on the wire ---------------------------------------------------

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from mailpipe import report
+from mailpipe import report, stages
 from mailpipe.settings import Settings
 from mailpipe.topology import Topology
 from tests.tools import require_tool
@@ -35,7 +35,7 @@ from tests.tools import require_tool
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S = DEPLOY / "k8s"
 REDIS_SCRIPTS = ("redis-start.sh", "sentinel-start.sh")
-STAGES = ("producer", "packer", "limiter", "sender")
+STAGES = stages.NAMES
 GRACE_MARGIN_S = 10  # SIGKILL must not come while the stage still drains
 
 
