@@ -53,7 +53,7 @@ from zoneinfo import ZoneInfo
 import redis
 
 from mailpipe import redis_client
-from mailpipe.errors import ConfigError, LimiterUnavailable
+from mailpipe.errors import ConfigError, RedisUnavailable
 from mailpipe.servers import ServerConfig
 from mailpipe.settings import Settings
 
@@ -211,7 +211,7 @@ def day_of(midnights_s: Sequence[int], at_s: int) -> tuple[int, int]:
     for start, end in itertools.pairwise(midnights_s):
         if start <= at_s < end:
             return start, end
-    raise LimiterUnavailable("the day boundaries given do not cover Redis time")
+    raise RedisUnavailable("the day boundaries given do not cover Redis time")
 
 
 @dataclass
@@ -454,7 +454,7 @@ class Ask(NamedTuple):
 
 
 class RedisLimiter:
-    """The script, loaded once, behind a typed call. Redis errors become LimiterUnavailable."""
+    """The script, loaded once, behind a typed call. Redis errors become RedisUnavailable."""
 
     def __init__(self, client: redis.Redis, namespace: str, *, mark_ttl_s: int = 86400,
                  fair_lease_s: float = 2.0, wait_replicas: int = 0) -> None:
@@ -490,7 +490,7 @@ class RedisLimiter:
                 self.client.script_load(self._lua)
                 replies = self._run(commands)
         except redis.RedisError as exc:
-            raise LimiterUnavailable(
+            raise RedisUnavailable(
                 f"Redis: rate limit decision failed: {type(exc).__name__}: {exc}") from exc
         decisions = []
         for reply in replies:
@@ -514,7 +514,7 @@ class RedisLimiter:
         if self.wait_replicas:
             problem = redis_client.not_replicated(int(replies.pop()), self.wait_replicas, "a round of decisions")
             if problem:
-                raise LimiterUnavailable(problem)  # its grants are kept: asked again, they come back
+                raise RedisUnavailable(problem)  # its grants are kept: asked again, they come back
         return cast("list[list[int]]", replies)
 
     def _command(self, ask: Ask, queue: str) -> list[str]:
@@ -549,7 +549,7 @@ class RedisLimiter:
                     pipe.hdel(f"{p}:fair", f"b:{name}")
                 pipe.execute()
         except redis.RedisError as exc:
-            raise LimiterUnavailable(f"Redis: leaving the fair queue failed: {type(exc).__name__}: {exc}") from exc
+            raise RedisUnavailable(f"Redis: leaving the fair queue failed: {type(exc).__name__}: {exc}") from exc
 
     def ration_high(self, server: str, tenants: dict[str, int], limits: Limits, share: float) -> bool:
         """May these tenants' high-priority mails go ahead of the line? Each tenant has an
@@ -564,10 +564,10 @@ class RedisLimiter:
         try:
             return bool(self._priority(keys=keys, args=args))
         except redis.RedisError as exc:
-            raise LimiterUnavailable(f"Redis: priority ration failed: {type(exc).__name__}: {exc}") from exc
+            raise RedisUnavailable(f"Redis: priority ration failed: {type(exc).__name__}: {exc}") from exc
 
     def ping(self) -> None:
         try:
             self.client.ping()
         except redis.RedisError as exc:
-            raise LimiterUnavailable(f"Redis: ping failed: {type(exc).__name__}: {exc}") from exc
+            raise RedisUnavailable(f"Redis: ping failed: {type(exc).__name__}: {exc}") from exc

@@ -49,7 +49,7 @@ from limiter.gcra import (
 from mailpipe import metrics, redis_client
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.codec import decode_batch, decode_job, encode_batch
-from mailpipe.errors import ConfigError, InvalidMessage, LimiterUnavailable
+from mailpipe.errors import ConfigError, InvalidMessage, RedisUnavailable
 from mailpipe.model import Batch, Category
 from mailpipe.servers import Config, ConfigWatcher
 from mailpipe.settings import Settings
@@ -267,7 +267,7 @@ class LimiterStage(Stage):
             return False
         try:
             decisions = self.limiter.acquire_many([ask for _, ask, _, _ in asked])
-        except LimiterUnavailable as exc:
+        except RedisUnavailable as exc:
             self._redis_failed(exc, now)
             self._park_overdue(out, now)
             return False
@@ -300,7 +300,7 @@ class LimiterStage(Stage):
         try:
             limits = Limits.of(config.servers[batch.server], self.settings)
             ahead = self.limiter.ration_high(batch.server, tenants, limits, self.settings.high_priority_share)
-        except (ConfigError, LimiterUnavailable):
+        except (ConfigError, RedisUnavailable):
             ahead = False
         PRIORITY.labels(batch.server, "ahead" if ahead else "rationed").inc()
         return ahead
@@ -424,14 +424,14 @@ class LimiterStage(Stage):
         for server, tenants in servers.items():
             try:
                 self.limiter.leave(server, tenants)
-            except LimiterUnavailable as exc:
+            except RedisUnavailable as exc:
                 log.debug("%s", exc.reason)
 
     def _dead(self, out: Round, delivery: Delivery, reason: str, category: str, **headers: str) -> None:
         out.outgoing.append(self.dead_letter(delivery.body, reason, category, **headers))
         out.acks.append(delivery.tag)
 
-    def _redis_failed(self, exc: LimiterUnavailable, now: float) -> None:
+    def _redis_failed(self, exc: RedisUnavailable, now: float) -> None:
         if self.redis_ok:
             log.warning("failing closed, nothing is released: %s", exc.reason)
         self.redis_ok = False
@@ -450,7 +450,7 @@ class LimiterStage(Stage):
     def _check_redis(self) -> None:
         try:
             self.limiter.ping()
-        except LimiterUnavailable as exc:
+        except RedisUnavailable as exc:
             self._redis_failed(exc, time.monotonic())
             return
         self._redis_worked()

@@ -44,8 +44,10 @@ class Unroutable(PermanentError):
     """The broker returned a mandatory publish: the target queue does not exist."""
 
 
-class LimiterUnavailable(TransientError, ConnectionError):
-    """Redis cannot be reached: the limiter fails closed and releases nothing."""
+class RedisUnavailable(TransientError, ConnectionError):
+    """Redis cannot be reached, or would not keep a write (too few replicas acknowledged it):
+    every stage fails closed: the limiter releases nothing, the sender sends nothing, the
+    intake queues nothing it cannot dedupe."""
 
 
 class SmtpError(MailpipeError):
@@ -64,6 +66,10 @@ class SmtpTransient(SmtpError, TransientError):
 
 class SmtpPermanent(SmtpError, PermanentError):
     """A 5xx reply: the mail fails with the server's reply."""
+
+
+class PrometheusError(MailpipeError):
+    """Prometheus did not answer, or refused a query (``mailpipe report``)."""
 
 
 class ClusterError(MailpipeError):

@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from mailpipe.errors import ConfigError, MailpipeError
+from mailpipe.errors import ConfigError, PrometheusError
 from mailpipe.settings import redact_url
 
 # (expression, legend) per panel, as in the dashboard, with $server and $__rate_interval.
@@ -33,10 +33,6 @@ SEND_RATE = (
 QUEUE_DEPTHS = (
     ("max by (queue, state) (mailpipe_queue_messages)", "{{queue}} {{state}}"),
 )
-
-
-class PrometheusError(MailpipeError):
-    """Prometheus did not answer, or refused a query."""
 
 
 @dataclass(frozen=True)

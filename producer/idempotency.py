@@ -23,7 +23,7 @@ from enum import Enum
 
 import redis
 
-from mailpipe.errors import LimiterUnavailable
+from mailpipe.errors import RedisUnavailable
 from mailpipe.model import Job
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class Idempotency:
                     pipe.get(key)
                 found = pipe.execute()
         except redis.RedisError as exc:
-            raise LimiterUnavailable(f"Redis: cannot claim idempotency keys: {exc}") from exc
+            raise RedisUnavailable(f"Redis: cannot claim idempotency keys: {exc}") from exc
         verdicts = []
         for claimed, value in zip(found[::2], found[1::2], strict=True):
             if claimed:
@@ -102,7 +102,7 @@ class Idempotency:
                     pipe.set(self.key(job), QUEUED, ex=self.ttl_s)
                 pipe.execute()
         except redis.RedisError as exc:
-            raise LimiterUnavailable(f"Redis: cannot mark idempotency keys queued: {exc}") from exc
+            raise RedisUnavailable(f"Redis: cannot mark idempotency keys queued: {exc}") from exc
 
     def release(self, jobs: Sequence[Job], token: str) -> None:
         """Give back the claims ``token`` made (their publish failed), so a retry need not wait

@@ -38,7 +38,7 @@ from prometheus_client import Counter
 from mailpipe import metrics, redis_client, suppression
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.codec import decode_intake, encode_event, encode_job
-from mailpipe.errors import ConfigError, InvalidMessage, LimiterUnavailable, TransientError
+from mailpipe.errors import ConfigError, InvalidMessage, RedisUnavailable, TransientError
 from mailpipe.model import Category, Event, IntakeRequest, Job, Outcome, now_ms
 from mailpipe.servers import Config, ConfigWatcher
 from mailpipe.settings import Settings
@@ -197,7 +197,7 @@ class EnqueueStage(Stage):
                     pipe.mget([suppression.key(self.settings.namespace, job.tenant, r) for r in job.recipients])
                 found = pipe.execute()
         except redis.RedisError as exc:
-            raise LimiterUnavailable(f"Redis: cannot check suppressed recipients: {exc}") from exc
+            raise RedisUnavailable(f"Redis: cannot check suppressed recipients: {exc}") from exc
         kept = []
         for (delivery, job), marks in zip(jobs, found, strict=True):
             blocked = {r: m.decode("utf-8", "replace") for r, m in zip(job.recipients, marks, strict=True) if m}

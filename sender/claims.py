@@ -30,13 +30,9 @@ import redis.asyncio
 import redis.exceptions
 
 from mailpipe import redis_client
-from mailpipe.errors import TransientError
+from mailpipe.errors import RedisUnavailable
 from mailpipe.model import Job
 from sender import metrics
-
-
-class ClaimsUnavailable(TransientError, ConnectionError):
-    """Redis cannot be reached: without claims a mail could be sent by two holders."""
 
 
 class Claim(IntEnum):
@@ -94,7 +90,7 @@ class Claims:
                 reply = cast("list[int]", await self._claim(keys=keys, args=args))
         except (redis.exceptions.RedisError, OSError) as exc:
             metrics.MARK_ERRORS.labels("claim").inc()
-            raise ClaimsUnavailable(f"Redis: claiming recipients failed: {exc}") from exc
+            raise RedisUnavailable(f"Redis: claiming recipients failed: {exc}") from exc
         codes = iter(reply[1:])
         return Snapshot(int(reply[0]), [{r: Claim(int(next(codes))) for r in rcpts} for rcpts in recipients])
 
@@ -113,11 +109,11 @@ class Claims:
                 await self._release(keys=keys, args=args)
         except (redis.exceptions.RedisError, OSError) as exc:
             metrics.MARK_ERRORS.labels("release").inc()
-            raise ClaimsUnavailable(f"Redis: releasing claims failed: {exc}") from exc
+            raise RedisUnavailable(f"Redis: releasing claims failed: {exc}") from exc
 
     def mark_sent(self, job: Job, recipients: Sequence[str]) -> asyncio.Future[None]:
         """Record ``recipients`` of ``job`` as sent; the future is done once Redis has them (or
-        fails with ClaimsUnavailable). Group commit: marks asked for while a write is on its
+        fails with RedisUnavailable). Group commit: marks asked for while a write is on its
         way go together in the next one, so concurrent connections share round trips."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((self.key(job), recipients, done))
@@ -128,16 +124,16 @@ class Claims:
     async def _write(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
-            error: ClaimsUnavailable | None = None
+            error: RedisUnavailable | None = None
             try:
                 # No EXPIRE: the claim that came before set the key's life.
                 async with self.client.pipeline(transaction=False) as pipe:
                     for key, recipients, _ in batch:
                         pipe.hset(key, mapping=dict.fromkeys(recipients, "s"))
                     await self._execute(pipe, "sent marks")
-            except (redis.exceptions.RedisError, OSError, ClaimsUnavailable) as exc:
+            except (redis.exceptions.RedisError, OSError, RedisUnavailable) as exc:
                 metrics.MARK_ERRORS.labels("write").inc()
-                error = ClaimsUnavailable(f"Redis: writing sent marks failed: {exc}")
+                error = RedisUnavailable(f"Redis: writing sent marks failed: {exc}")
             for _, _, done in batch:
                 if done.done():
                     continue
@@ -148,14 +144,14 @@ class Claims:
 
     async def _execute(self, pipe: redis.asyncio.client.Pipeline, what: str) -> list[Any]:
         """Run ``pipe``; with ``wait_replicas``, WAIT on the same connection, and refuse the
-        result (ClaimsUnavailable) unless enough replicas hold it."""
+        result (RedisUnavailable) unless enough replicas hold it."""
         if self.wait_replicas:
             pipe.execute_command("WAIT", self.wait_replicas, redis_client.WAIT_TIMEOUT_MS)
         replies: list[Any] = await pipe.execute()
         if self.wait_replicas:
             problem = redis_client.not_replicated(int(replies.pop()), self.wait_replicas, what)
             if problem:
-                raise ClaimsUnavailable(problem)
+                raise RedisUnavailable(problem)
         return replies
 
     async def ping(self) -> bool:

@@ -21,11 +21,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from mailpipe.errors import SmtpError
+from mailpipe.errors import RedisUnavailable, SmtpError
 from mailpipe.model import Job, now_ms
 from mailpipe.servers import ServerConfig
 from sender import metrics
-from sender.claims import Claim, Claims, ClaimsUnavailable
+from sender.claims import Claim, Claims
 from sender.replies import FAILED, SENT, Reply
 from sender.smtp import Connection, ServerPool, reply_of, send_mail
 
@@ -153,7 +153,7 @@ class _Run:
         while asked and not self.stopped_by:
             try:
                 late = await self.claim(asked, cutoff_us, first)
-            except ClaimsUnavailable as exc:
+            except RedisUnavailable as exc:
                 log.warning("%s: the rest of the batch goes back", exc.reason)
                 self.waiting.update(asked)
                 self.stop("redis")
@@ -241,7 +241,7 @@ class _Run:
             return True
         try:
             await marking
-        except ClaimsUnavailable as exc:
+        except RedisUnavailable as exc:
             log.warning("%s: sending stops for this batch", exc.reason)
             self.stop("redis")
             return False

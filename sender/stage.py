@@ -45,14 +45,14 @@ import redis.asyncio
 from mailpipe import codec, redis_client, suppression
 from mailpipe import metrics as kernel_metrics
 from mailpipe.amqp import Broker, Delivery, Outgoing
-from mailpipe.errors import ConfigError, InvalidMessage
+from mailpipe.errors import ConfigError, InvalidMessage, RedisUnavailable
 from mailpipe.model import Batch, Category, Event, Job, Outcome, now_ms
 from mailpipe.retry import Expire, Retry, RetryPolicy, retry_step
 from mailpipe.servers import ConfigWatcher, ServerConfig
 from mailpipe.settings import Settings
 from mailpipe.stage import Stage
 from sender import metrics
-from sender.claims import Claims, ClaimsUnavailable
+from sender.claims import Claims
 from sender.delivery import US, BatchDelivery, Hold, JobOutcome, deliver
 from sender.mx import MxResolver
 from sender.replies import BAD_RECIPIENT, SENT_REPLY, Reply
@@ -200,7 +200,7 @@ class SenderStage(Stage):
 
     def _claims_or_fail(self) -> Claims:
         if self._claims is None:
-            raise ClaimsUnavailable("the SMTP event loop is not running")
+            raise RedisUnavailable("the SMTP event loop is not running")
         return self._claims
 
     async def _deliver(self, flight: _InFlight, hold: Hold) -> BatchDelivery:
@@ -311,7 +311,7 @@ class SenderStage(Stage):
             return
         try:
             self._call(self._claims_or_fail().release(owner, released))
-        except (ClaimsUnavailable, TimeoutError) as exc:
+        except (RedisUnavailable, TimeoutError) as exc:
             # Harmless: the claims end with their lease, and a later holder hands them back.
             log.warning("cannot release %d claim(s): %s", len(released), exc)
 

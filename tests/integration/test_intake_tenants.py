@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.codec import decode_job, encode_intake
-from mailpipe.errors import BrokerUnavailable, LimiterUnavailable
+from mailpipe.errors import BrokerUnavailable, RedisUnavailable
 from mailpipe.model import IntakeRequest, Job, new_id, now_ms
 from mailpipe.settings import Settings
 from mailpipe.stage import run
@@ -199,7 +199,7 @@ def test_a_request_that_fails_to_render_is_one_dead_letter_and_the_stage_goes_on
     assert not [r for r in caplog.records if "poison" in r.getMessage()]
 
 
-@pytest.mark.parametrize("error", [BrokerUnavailable("broker gone"), LimiterUnavailable("redis gone")])
+@pytest.mark.parametrize("error", [BrokerUnavailable("broker gone"), RedisUnavailable("redis gone")])
 def test_infrastructure_errors_still_propagate(settings: Settings, monkeypatch: pytest.MonkeyPatch,
                                               error: Exception) -> None:
     """Only a request's own failure becomes its dead letter: RabbitMQ or Redis being away is

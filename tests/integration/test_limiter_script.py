@@ -1,5 +1,5 @@
 """gcra.lua against real Redis: it must decide exactly as the Python reference (limiter.gcra.decide)
-given the same Redis time, and translate an unreachable Redis into LimiterUnavailable."""
+given the same Redis time, and translate an unreachable Redis into RedisUnavailable."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from limiter.gcra import (
     local_midnights,
 )
 from limiter.status import released_since, snapshot
-from mailpipe.errors import LimiterUnavailable
+from mailpipe.errors import RedisUnavailable
 from mailpipe.servers import parse_config
 from mailpipe.settings import Settings
 
@@ -168,9 +168,9 @@ def test_released_buckets_age_out() -> None:
 def test_unreachable_redis_is_limiter_unavailable() -> None:
     dead = connect("redis://127.0.0.1:1/0", timeout_s=0.5)
     limiter = RedisLimiter(dead, "test-nowhere")
-    with pytest.raises(LimiterUnavailable, match="Redis"):
+    with pytest.raises(RedisUnavailable, match="Redis"):
         limiter.acquire("s", "b", 1, Limits.for_server(1200, 500))
-    with pytest.raises(LimiterUnavailable):
+    with pytest.raises(RedisUnavailable):
         limiter.ping()
 
 

@@ -12,10 +12,10 @@ import pytest
 
 from limiter.gcra import Limits, RedisLimiter, TenantAsk, connect, local_midnights
 from mailpipe import redis_client
-from mailpipe.errors import LimiterUnavailable
+from mailpipe.errors import RedisUnavailable
 from mailpipe.model import Job
 from mailpipe.settings import Settings
-from sender.claims import Claims, ClaimsUnavailable
+from sender.claims import Claims
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +26,7 @@ def test_a_grant_no_replica_holds_is_not_used_and_comes_back_the_same(redis_url:
     tenants = [TenantAsk("a", 2, 100, local_midnights("UTC", time.time()))]
     try:
         waiting = RedisLimiter(client, namespace, wait_replicas=1)
-        with pytest.raises(LimiterUnavailable, match="0 of the 1 replica"):
+        with pytest.raises(RedisUnavailable, match="0 of the 1 replica"):
             waiting.acquire("s", "b1", 2, Limits.for_server(3600, 10), tenants=tenants)
         # The grant was made on the primary and is remembered: asked again, it comes back the
         # same, not a second time (here without waiting, as after a replica caught up).
@@ -46,7 +46,7 @@ def test_a_claim_no_replica_holds_stops_the_sender(redis_url: str) -> None:
         client = redis_client.connect_async(Settings(redis_url=redis_url))
         try:
             claims = Claims(client, namespace, 60, wait_replicas=1)
-            with pytest.raises(ClaimsUnavailable, match="claims reached 0 of the 1 replica"):
+            with pytest.raises(RedisUnavailable, match="claims reached 0 of the 1 replica"):
                 await claims.claim("owner", "grant", [job], [job.recipients], 2**62, 2**62)
         finally:
             await client.aclose()

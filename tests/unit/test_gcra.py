@@ -26,7 +26,7 @@ from limiter.gcra import (
 )
 from limiter.stage import by_tenant, rest_of, unknown_names
 from mailpipe.codec import encode_job
-from mailpipe.errors import ConfigError, LimiterUnavailable
+from mailpipe.errors import ConfigError, RedisUnavailable
 from mailpipe.model import Batch, Job
 from mailpipe.servers import parse_config
 
@@ -309,7 +309,7 @@ def test_a_worker_clock_off_by_hours_still_lets_redis_time_pick_the_day() -> Non
     right = local_midnights("UTC", now_s)
     for skew_s in (-30, 30, -20 * 3600, 20 * 3600):
         assert day_of(local_midnights("UTC", now_s + skew_s), now_s) == day_of(right, now_s)
-    with pytest.raises(LimiterUnavailable):
+    with pytest.raises(RedisUnavailable):
         day_of(local_midnights("UTC", now_s + 5 * 86400), now_s)
 
 
