@@ -27,7 +27,6 @@ from mailpipe.servers import Config
 from mailpipe.settings import Settings
 
 BUCKET_S = 10
-SLOTS = 361
 
 
 def snapshot(redis_client: redis.Redis, namespace: str, config: Config,

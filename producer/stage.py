@@ -192,15 +192,12 @@ class EnqueueStage(Stage):
         if not jobs:
             return jobs
         try:
-            with self.redis.pipeline(transaction=False) as pipe:
-                for _delivery, job in jobs:
-                    pipe.mget([suppression.key(self.settings.namespace, job.tenant, r) for r in job.recipients])
-                found = pipe.execute()
+            found = suppression.suppressed(self.redis, self.settings.namespace,
+                                           [(job.tenant, job.recipients) for _, job in jobs])
         except redis.RedisError as exc:
             raise RedisUnavailable(f"Redis: cannot check suppressed recipients: {exc}") from exc
         kept = []
-        for (delivery, job), marks in zip(jobs, found, strict=True):
-            blocked = {r: m.decode("utf-8", "replace") for r, m in zip(job.recipients, marks, strict=True) if m}
+        for (delivery, job), blocked in zip(jobs, found, strict=True):
             if not blocked:
                 kept.append((delivery, job))
                 continue

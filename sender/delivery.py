@@ -78,11 +78,6 @@ class BatchDelivery:
     ended: float
     stopped_by: str = ""  # "", "late", "deadline", "stop" or "redis": why mails were handed back
 
-    @property
-    def unattempted(self) -> list[int]:
-        """The jobs with recipients to hand back."""
-        return [i for i, o in enumerate(self.outcomes) if o.back]
-
     def releases(self, grant: str) -> list[tuple[Job, str, str]]:
         """The claims to let go once the outputs are published: refused recipients as attempted
         under ``grant``, handed-back ones as given back under it."""

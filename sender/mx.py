@@ -17,7 +17,7 @@ import dns.resolver
 
 from mailpipe.errors import SmtpPermanent, SmtpTransient
 from mailpipe.servers import Address
-from sender.replies import CONNECTION, OTHER
+from sender.replies import ReplyCategory
 
 
 class MxResolver:
@@ -42,7 +42,7 @@ class MxResolver:
             return [address.host]  # no MX: the name is the host itself
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
             raise SmtpTransient(f"DNS: MX lookup for {address.host} failed: {exc}",
-                                text=f"MX lookup for {address.host} failed", category=CONNECTION) from exc
+                                text=f"MX lookup for {address.host} failed", category=ReplyCategory.CONNECTION) from exc
         records = [r for r in answer if isinstance(r, dns.rdtypes.ANY.MX.MX)]
         return order(address.host, [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in records])
 
@@ -51,7 +51,7 @@ def order(domain: str, records: list[tuple[int, str]]) -> list[str]:
     """MX hosts by preference, shuffled within a preference; a null MX refuses the domain."""
     if any(host in ("", ".") for _, host in records):
         raise SmtpPermanent(f"{domain} publishes a null MX: it accepts no mail", code=556,
-                            text=f"5.1.10 {domain} does not accept mail (null MX)", category=OTHER)
+                            text=f"5.1.10 {domain} does not accept mail (null MX)", category=ReplyCategory.OTHER)
     if not records:
         return [domain]
     shuffled = list(records)

@@ -16,21 +16,27 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 
 from mailpipe.model import Outcome
 
 SENT, DEFERRED, FAILED = Outcome.SENT, Outcome.DEFERRED, Outcome.FAILED
 
-RELAY_DENIED = "relay_denied"
-SPAM_REJECTED = "spam_rejected"
-BAD_RECIPIENT = "bad_recipient"
-TOO_LARGE = "too_large"
-AUTH_FAILED = "auth_failed"
-TLS_FAILED = "tls_failed"
-CONNECTION = "connection"
-OTHER = "other"
-CATEGORIES = (RELAY_DENIED, SPAM_REJECTED, BAD_RECIPIENT, TOO_LARGE, AUTH_FAILED, TLS_FAILED,
-              CONNECTION, OTHER)
+
+
+class ReplyCategory(StrEnum):
+    """Why a server refused: a dead letter's category, and the advice its tenant gets. A new
+    category is a member here, its rule in ``category_for`` and its line in ``ADVICE``."""
+
+    RELAY_DENIED = "relay_denied"
+    SPAM_REJECTED = "spam_rejected"
+    BAD_RECIPIENT = "bad_recipient"
+    TOO_LARGE = "too_large"
+    AUTH_FAILED = "auth_failed"
+    TLS_FAILED = "tls_failed"
+    CONNECTION = "connection"
+    OTHER = "other"
+
 
 # RFC 3463: class.subject.detail, at the start of the text ("5.7.1 Unable to relay") or, as
 # qmail writes it, at the end in parentheses ("... rcpthosts (#5.7.1)").
@@ -54,23 +60,23 @@ _OWN_SERVER = ("Send this tenant's mail through its own organisation's SMTP serv
                "with its \"username password\"), and add that server to the sender domain's SPF "
                "record, so that receivers accept mail from the sender's own domain.")
 
-ADVICE = {
-    RELAY_DENIED: "The server refused to relay this mail for the sender's domain. " + _OWN_SERVER,
-    SPAM_REJECTED: "The receiving server took this mail for spam. " + _OWN_SERVER
+ADVICE: dict[str, str] = {
+    ReplyCategory.RELAY_DENIED: "The server refused to relay this mail for the sender's domain. " + _OWN_SERVER,
+    ReplyCategory.SPAM_REJECTED: "The receiving server took this mail for spam. " + _OWN_SERVER
                    + " If that does not help, fix the message: a subject, tidy HTML, more text than "
                      "images, no suspicious attachments or script links.",
-    BAD_RECIPIENT: "The receiving server says this address does not exist: check it with the recipient.",
-    TOO_LARGE: "The message is larger than the server accepts: send smaller attachments, or a link.",
-    AUTH_FAILED: "The SMTP server refused the login: check the server's credentials "
+    ReplyCategory.BAD_RECIPIENT: "The receiving server says this address does not exist: check it with the recipient.",
+    ReplyCategory.TOO_LARGE: "The message is larger than the server accepts: send smaller attachments, or a link.",
+    ReplyCategory.AUTH_FAILED: "The SMTP server refused the login: check the server's credentials "
                  "(\"username password\", one space between) and that the account may send mail.",
-    TLS_FAILED: "TLS with the SMTP server failed: port 465 needs implicit TLS (SSL), 587 needs "
+    ReplyCategory.TLS_FAILED: "TLS with the SMTP server failed: port 465 needs implicit TLS (SSL), 587 needs "
                 "STARTTLS (TLS); check the port, and give the server's CA in ca_file if its "
                 "certificate is not publicly trusted. Credentials are sent only over TLS: a server "
                 "with a \"username password\" must offer STARTTLS or implicit TLS (port 465), "
                 "and tls = \"none\" cannot be used with credentials.",
-    CONNECTION: "The SMTP server could not be reached or dropped the connection; the mail is retried "
+    ReplyCategory.CONNECTION: "The SMTP server could not be reached or dropped the connection; the mail is retried "
                 "automatically. Check the server's address and port if this persists.",
-    OTHER: "",
+    ReplyCategory.OTHER: "",
 }
 
 
@@ -120,19 +126,19 @@ def category_for(code: int, text: str, enhanced: str | None = None) -> str:
     enhanced = enhanced if enhanced is not None else enhanced_code(text)
     subject = enhanced.split(".", 1)[1] if enhanced else ""
     if (code in (530, 534, 535, 454) and (_AUTH.search(text) or code == 535)) or subject in ("7.8", "7.9"):
-        return AUTH_FAILED
+        return ReplyCategory.AUTH_FAILED
     if (code == 552 and subject != "2.2") or subject in ("3.4", "2.3") or _TOO_LARGE.search(text):
-        return TOO_LARGE
+        return ReplyCategory.TOO_LARGE
     if _SPAM.search(text):
-        return SPAM_REJECTED
+        return ReplyCategory.SPAM_REJECTED
     if _RELAY.search(text):
-        return RELAY_DENIED
+        return ReplyCategory.RELAY_DENIED
     if subject.startswith("1.") or _BAD_RECIPIENT.search(text):
-        return BAD_RECIPIENT
+        return ReplyCategory.BAD_RECIPIENT
     if code == 553 or subject == "7.1":
         # "553 5.7.1" without more words: in practice a relay (or sender) refusal, as in seed 003.
-        return RELAY_DENIED
-    return OTHER
+        return ReplyCategory.RELAY_DENIED
+    return ReplyCategory.OTHER
 
 
 def classify(code: int, text: str) -> Reply:
@@ -143,7 +149,7 @@ def classify(code: int, text: str) -> Reply:
                  category=category_for(code, text, enhanced))
 
 
-def connection_failure(text: str, category: str = CONNECTION) -> Reply:
+def connection_failure(text: str, category: str = ReplyCategory.CONNECTION) -> Reply:
     """A failure without a reply (refused, timeout, dropped, TLS): always deferred."""
     return Reply(code=0, text=" ".join(text.split()), enhanced=None, outcome=DEFERRED, category=category)
 

@@ -37,11 +37,8 @@ from mailpipe.servers import ServerConfig
 from sender import metrics
 from sender.mx import MxResolver
 from sender.replies import (
-    AUTH_FAILED,
-    CONNECTION,
-    OTHER,
-    TLS_FAILED,
     Reply,
+    ReplyCategory,
     classify,
     connection_failure,
 )
@@ -65,7 +62,7 @@ def reply_of(exc: SmtpError) -> Reply:
     if exc.code:
         reply = classify(exc.code, exc.text)
         return Reply(reply.code, reply.text, reply.enhanced, reply.outcome, exc.category or reply.category)
-    return connection_failure(exc.text or exc.reason, exc.category or CONNECTION)
+    return connection_failure(exc.text or exc.reason, exc.category or ReplyCategory.CONNECTION)
 
 
 def _is_tls_error(exc: BaseException) -> bool:
@@ -83,14 +80,14 @@ def translate(exc: BaseException, server: str, during: str) -> SmtpError:
     if isinstance(exc, SmtpError):
         return exc
     if _is_tls_error(exc):
-        reply = connection_failure(f"TLS failed: {_describe(exc)}", TLS_FAILED)
+        reply = connection_failure(f"TLS failed: {_describe(exc)}", ReplyCategory.TLS_FAILED)
         return error_for(reply, f"{where}: TLS failed")
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         reply = classify(exc.code, exc.message)
         if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
-            reply = Reply(reply.code, reply.text, reply.enhanced, reply.outcome, AUTH_FAILED)
-        elif reply.category == OTHER and (during.startswith("connect") or exc.code == 421):
-            reply = Reply(reply.code, reply.text, reply.enhanced, reply.outcome, CONNECTION)
+            reply = Reply(reply.code, reply.text, reply.enhanced, reply.outcome, ReplyCategory.AUTH_FAILED)
+        elif reply.category == ReplyCategory.OTHER and (during.startswith("connect") or exc.code == 421):
+            reply = Reply(reply.code, reply.text, reply.enhanced, reply.outcome, ReplyCategory.CONNECTION)
         return error_for(reply, f"{where}: {reply}")
     if isinstance(exc, aiosmtplib.SMTPTimeoutError | asyncio.TimeoutError | TimeoutError):
         return error_for(connection_failure(f"timed out during {during}"), f"{where}: timed out")
@@ -155,7 +152,7 @@ async def open_connection(server: ServerConfig, *, timeout_s: float, resolver: M
         try:
             return await _open_one(server, host, timeout_s=timeout_s, local_hostname=local_hostname)
         except SmtpTransient as exc:
-            if exc.category != CONNECTION or i == len(hosts) - 1:
+            if exc.category != ReplyCategory.CONNECTION or i == len(hosts) - 1:
                 raise
             log.info("%s; trying the next MX host", exc.reason)
     raise AssertionError("unreachable: hosts is never empty")
@@ -165,7 +162,7 @@ def _refused_in_clear(server: ServerConfig, why: str) -> SmtpError:
     """The error for a connection that would have to send the credentials in clear."""
     return error_for(connection_failure(
         f"{server.address}: {why}; mailpipe sends credentials only over TLS, so it did not log in "
-        "(use implicit TLS on port 465 or STARTTLS, or remove the credentials)", TLS_FAILED),
+        "(use implicit TLS on port 465 or STARTTLS, or remove the credentials)", ReplyCategory.TLS_FAILED),
         f"SMTP {server.name}: {why}; credentials are never sent in clear")
 
 
@@ -176,7 +173,7 @@ async def _open_one(server: ServerConfig, host: str, *, timeout_s: float,
     if mode == "none" and server.credentials is not None:
         # Not even a connection: a server that would see the password in clear gets nothing.
         error = _refused_in_clear(server, 'tls = "none" with credentials')
-        metrics.CONNECTIONS.labels(server.name, TLS_FAILED).inc()
+        metrics.CONNECTIONS.labels(server.name, ReplyCategory.TLS_FAILED).inc()
         raise error
     # With credentials, STARTTLS is required whatever the port: no AUTH in clear.
     require_starttls = mode == "starttls" or (mode == "opportunistic" and server.credentials is not None)
@@ -198,7 +195,7 @@ async def _open_one(server: ServerConfig, host: str, *, timeout_s: float,
             if not offered and mode == "starttls":
                 raise error_for(connection_failure(
                     f"{address} does not offer STARTTLS, which port {address.port} requires; "
-                    "refusing to send in clear", TLS_FAILED), f"SMTP {server.name}: STARTTLS not offered")
+                    "refusing to send in clear", ReplyCategory.TLS_FAILED), f"SMTP {server.name}: STARTTLS not offered")
             if not offered and require_starttls:
                 raise _refused_in_clear(server, "the server does not offer STARTTLS")
             if offered:
@@ -214,7 +211,7 @@ async def _open_one(server: ServerConfig, host: str, *, timeout_s: float,
                 await client.ehlo()
             if not client.supports_extension("auth"):
                 raise error_for(connection_failure(
-                    f"{address} does not offer AUTH", AUTH_FAILED),
+                    f"{address} does not offer AUTH", ReplyCategory.AUTH_FAILED),
                     f"SMTP {server.name}: AUTH not offered")
             await client.login(server.credentials.username, server.credentials.password)
             authenticated = True

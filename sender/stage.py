@@ -55,7 +55,7 @@ from sender import metrics
 from sender.claims import Claims
 from sender.delivery import US, BatchDelivery, Hold, JobOutcome, deliver
 from sender.mx import MxResolver
-from sender.replies import BAD_RECIPIENT, SENT_REPLY, Reply
+from sender.replies import SENT_REPLY, Reply, ReplyCategory
 from sender.smtp import Pools
 
 log = logging.getLogger(__name__)
@@ -103,10 +103,6 @@ class SenderStage(Stage):
         return self.settings.send_prefetch
 
     # -- the SMTP event loop, in its own thread -------------------------------------------------
-
-    def start_loop(self) -> None:
-        """Start the SMTP event loop now (``start()`` does it on connect)."""
-        self._ensure_loop()
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -327,7 +323,7 @@ class SenderStage(Stage):
         fails later mail to them at once (mailpipe/suppression.py). Best effort: without Redis
         the next mail to them is simply refused by the server again."""
         bad = [(o.job.tenant, r, reply) for o in outcomes for r, reply in o.failed.items()
-               if reply.category == BAD_RECIPIENT]
+               if reply.category == ReplyCategory.BAD_RECIPIENT]
         if not bad:
             return
         if self._sync_redis is None:

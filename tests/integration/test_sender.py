@@ -184,8 +184,8 @@ def test_one_250_one_451_one_550_in_one_mail(settings: Settings, bus: Bus) -> No
                                         "failed": ["nobody@example.com"]}
     client = redis.Redis.from_url(settings.redis_url)
     try:  # the unknown recipient is suppressed for the tenant; the deferred one is not
-        found = suppression.suppressed(client, settings.namespace, "acme",
-                                       ("nobody@example.com", "busy@example.com"))
+        [found] = suppression.suppressed(client, settings.namespace,
+                                         [("acme", ("nobody@example.com", "busy@example.com"))])
     finally:
         client.close()
     assert list(found) == ["nobody@example.com"] and "User unknown" in found["nobody@example.com"]
@@ -403,8 +403,8 @@ def test_ready_reflects_redis(settings: Settings) -> None:
     stage = SenderStage(settings)
     down = SenderStage(settings.replace(redis_url="redis://127.0.0.1:1/0"))
     try:
-        stage.start_loop()
-        down.start_loop()
+        stage._ensure_loop()
+        down._ensure_loop()
         assert stage.ready()
         assert not down.ready()
     finally:

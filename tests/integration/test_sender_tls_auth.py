@@ -22,7 +22,7 @@ from mailpipe.model import Job, new_id, now_ms
 from mailpipe.servers import ServerConfig, parse_config
 from sender.check import check_servers
 from sender.delivery import BatchDelivery, deliver
-from sender.replies import ADVICE, TLS_FAILED
+from sender.replies import ADVICE, ReplyCategory
 from sender.smtp import Pools, open_connection, reply_of
 from tests.smtp_peer import SmtpPeer, TestCerts, make_test_ca
 
@@ -109,14 +109,14 @@ def test_credentials_without_starttls_offered_are_never_sent() -> None:
         verbs = peer.verbs()
         messages = peer.messages
     reply = reply_of(info.value)
-    assert reply.category == TLS_FAILED and reply.transient
+    assert reply.category == ReplyCategory.TLS_FAILED and reply.transient
     assert "STARTTLS" in reply.text and "only over TLS" in reply.text
     assert "s3cret" not in reply.text and "s3cret" not in info.value.reason
-    assert reply.advice == ADVICE[TLS_FAILED] and "only over TLS" in reply.advice
+    assert reply.advice == ADVICE[ReplyCategory.TLS_FAILED] and "only over TLS" in reply.advice
     assert "AUTH" not in verbs and "MAIL" not in verbs and set(verbs) <= {"EHLO", "QUIT"}
     assert messages == []
     [outcome] = result.outcomes
-    assert outcome.sent == [] and [r.category for r in outcome.deferred.values()] == [TLS_FAILED]
+    assert outcome.sent == [] and [r.category for r in outcome.deferred.values()] == [ReplyCategory.TLS_FAILED]
 
 
 def test_tls_none_with_credentials_never_connects() -> None:
@@ -128,9 +128,9 @@ def test_tls_none_with_credentials_never_connects() -> None:
         result = run_delivery([job("a@example.com")], srv)
         connections, verbs, messages = peer.connections, peer.verbs(), peer.messages
     reply = reply_of(info.value)
-    assert reply.category == TLS_FAILED and 'tls = "none"' in reply.text and reply.advice
+    assert reply.category == ReplyCategory.TLS_FAILED and 'tls = "none"' in reply.text and reply.advice
     assert (connections, verbs, messages) == (0, [], [])
-    assert [r.category for o in result.outcomes for r in o.deferred.values()] == [TLS_FAILED]
+    assert [r.category for o in result.outcomes for r in o.deferred.values()] == [ReplyCategory.TLS_FAILED]
 
 
 def test_tls_none_without_credentials_still_sends_in_clear() -> None:
@@ -164,7 +164,7 @@ def test_certificates_stay_verified_by_default(certs: TestCerts) -> None:
         with pytest.raises(SmtpTransient) as info:
             asyncio.run(open_connection(srv, timeout_s=5))
         verbs = peer.verbs()
-    assert info.value.category == TLS_FAILED
+    assert info.value.category == ReplyCategory.TLS_FAILED
     assert "AUTH" not in verbs and "MAIL" not in verbs
 
 

@@ -72,7 +72,7 @@ def test_relay_and_spam_advice_point_to_own_server_and_spf(category: str) -> Non
 
 
 def test_every_category_but_other_has_advice() -> None:
-    for category in replies.CATEGORIES:
+    for category in replies.ReplyCategory:
         assert bool(replies.ADVICE[category]) == (category != "other"), category
 
 
