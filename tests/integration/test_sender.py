@@ -403,8 +403,8 @@ def test_ready_reflects_redis(settings: Settings) -> None:
     stage = SenderStage(settings)
     down = SenderStage(settings.replace(redis_url="redis://127.0.0.1:1/0"))
     try:
-        stage._ensure_loop()
-        down._ensure_loop()
+        stage.smtp.start()
+        down.smtp.start()
         assert stage.ready()
         assert not down.ready()
     finally:

@@ -14,9 +14,10 @@ from mailpipe.model import Batch, Job, now_ms
 from mailpipe.servers import parse_config
 from mailpipe.settings import Settings
 from sender.delivery import JobOutcome
+from sender.outputs import group
 from sender.replies import SENT_REPLY, classify, connection_failure
 from sender.smtp import error_for, reply_of, tls_context, translate
-from sender.stage import SenderStage, _group
+from sender.stage import SenderStage
 
 
 def test_translate_keeps_code_text_and_category() -> None:
@@ -85,7 +86,7 @@ def test_outputs_of_a_mixed_job(stage: SenderStage) -> None:
     later = classify(451, "4.7.1 later")
     outcome.deferred = {"busy@x": later, "busy2@x": later}
     outcome.failed = {"bad@x": classify(550, "5.1.1 unknown")}
-    out = stage._outputs(outcome, BATCH)
+    out = stage.outputs.of_outcome(outcome, BATCH)
     retry = [o for o in out if o.routing_key.startswith("unit.retry.")]
     assert [codec.decode_job(o.body).recipients for o in retry] == [("busy@x", "busy2@x")]
     assert retry[0].routing_key == stage.topology.retry_queue(2) == "unit.retry.120s"
@@ -105,7 +106,7 @@ def test_deferred_past_max_age_is_expired(stage: SenderStage) -> None:
     created = now_ms() - int(stage.settings.retry_max_age_s * 1000) - 1000
     outcome = JobOutcome(make_job("busy@x", created_ms=created), attempted=True, at_ms=now_ms())
     outcome.deferred = {"busy@x": classify(451, "4.7.1 later")}
-    out = stage._outputs(outcome, BATCH)
+    out = stage.outputs.of_outcome(outcome, BATCH)
     assert [o.routing_key for o in out if o.exchange == ""] == ["unit.dead"]
     assert [codec.decode_event(o.body).outcome for o in out if o.exchange] == ["expired"]
 
@@ -113,11 +114,11 @@ def test_deferred_past_max_age_is_expired(stage: SenderStage) -> None:
 def test_given_back_batch_names_its_grant_and_the_refund(stage: SenderStage) -> None:
     jobs = [make_job("a@x", id="j1"), make_job("b@x", id="j2", tenant="other")]
     raws = [codec.encode_job(j) for j in jobs]
-    first = codec.decode_batch(stage._give_back(BATCH, raws, jobs, "deadline", "h1", refund=1,
+    first = codec.decode_batch(stage.outputs.give_back(BATCH, raws, jobs, "deadline", "h1", refund=1,
                                                 refund_tenants={"acme": 1}).body)
-    again = codec.decode_batch(stage._give_back(BATCH, raws, jobs, "deadline", "h1", refund=1,
+    again = codec.decode_batch(stage.outputs.give_back(BATCH, raws, jobs, "deadline", "h1", refund=1,
                                                 refund_tenants={"acme": 1}).body)
-    other = codec.decode_batch(stage._give_back(BATCH, raws, jobs, "deadline", "h2", refund=0).body)
+    other = codec.decode_batch(stage.outputs.give_back(BATCH, raws, jobs, "deadline", "h2", refund=0).body)
     assert first.id == again.id != BATCH.id and other.id != first.id  # one per holder
     assert (first.refund, first.mails, first.grant_id, first.deadline_ms) == (1, 2, None, None)
     assert first.refund_of == BATCH.id and first.refund_tenants == {"acme": 1}
@@ -127,6 +128,6 @@ def test_given_back_batch_names_its_grant_and_the_refund(stage: SenderStage) -> 
 
 def test_group_by_reply() -> None:
     a, b = classify(451, "later"), classify(452, "full")
-    assert _group({"x": a, "y": b, "z": a}) == [(a, ["x", "z"]), (b, ["y"])]
-    assert _group({}) == []
+    assert group({"x": a, "y": b, "z": a}) == [(a, ["x", "z"]), (b, ["y"])]
+    assert group({}) == []
     assert SENT_REPLY.outcome == "sent"
