@@ -26,7 +26,7 @@ from mailpipe.model import Job, new_id, now_ms  # noqa: E402 (after the sys.path
 from mailpipe.servers import ServerConfig, parse_config  # noqa: E402 (after the sys.path fix)
 from mailpipe.sink import LocalSink  # noqa: E402 (after the sys.path fix)
 from sender.delivery import deliver  # noqa: E402 (after the sys.path fix)
-from sender.smtp import ServerPool  # noqa: E402 (after the sys.path fix)
+from sender.pool import ServerPool  # noqa: E402 (after the sys.path fix)
 
 
 def jobs(n: int, size: int) -> list[Job]:

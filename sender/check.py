@@ -16,7 +16,8 @@ from typing import TextIO
 from mailpipe.errors import ConfigError, SmtpError
 from mailpipe.servers import Config, ServerConfig
 from sender.mx import MxResolver
-from sender.smtp import open_connection, reply_of
+from sender.smtp import open_connection
+from sender.translate import reply_of
 
 
 def check_servers(config: Config, names: Sequence[str] = (), *, timeout_s: float = 10.0,

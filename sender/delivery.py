@@ -26,8 +26,11 @@ from mailpipe.model import Job, now_ms
 from mailpipe.servers import ServerConfig
 from sender import metrics
 from sender.claims import Claim, Claims
+from sender.pool import ServerPool
 from sender.replies import FAILED, SENT, Reply
-from sender.smtp import Connection, ServerPool, reply_of, send_mail
+from sender.smtp import Connection
+from sender.transaction import send_mail
+from sender.translate import reply_of
 
 log = logging.getLogger(__name__)
 

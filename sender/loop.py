@@ -19,7 +19,7 @@ from mailpipe.errors import RedisUnavailable
 from mailpipe.settings import Settings
 from sender.claims import Claims
 from sender.mx import MxResolver
-from sender.smtp import Pools
+from sender.pool import Pools
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ from mailpipe.servers import Config, ServerConfig, parse_config
 from sender.check import check_servers
 from sender.claims import Claims
 from sender.delivery import BatchDelivery, Hold, deliver
-from sender.smtp import Pools, ServerPool, open_connection
+from sender.pool import Pools, ServerPool
+from sender.smtp import open_connection
 from tests.smtp_peer import SmtpPeer, TestCerts, make_test_ca
 
 pytestmark = pytest.mark.integration

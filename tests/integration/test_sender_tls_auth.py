@@ -22,8 +22,10 @@ from mailpipe.model import Job, new_id, now_ms
 from mailpipe.servers import ServerConfig, parse_config
 from sender.check import check_servers
 from sender.delivery import BatchDelivery, deliver
+from sender.pool import Pools
 from sender.replies import ADVICE, ReplyCategory
-from sender.smtp import Pools, open_connection, reply_of
+from sender.smtp import open_connection
+from sender.translate import reply_of
 from tests.smtp_peer import SmtpPeer, TestCerts, make_test_ca
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,7 @@ from mailpipe.settings import Settings
 from mailpipe.stage import _handle
 from sender.claims import Claim, Claims
 from sender.delivery import Hold, deliver
-from sender.smtp import Pools
+from sender.pool import Pools
 from sender.stage import SenderStage
 from tests.integration.test_sender import Bus, by_outcome, granted, make_job, run_sender, write_servers
 from tests.smtp_peer import Received, SmtpPeer

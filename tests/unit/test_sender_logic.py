@@ -16,8 +16,9 @@ from mailpipe.settings import Settings
 from sender.delivery import JobOutcome
 from sender.outputs import group
 from sender.replies import SENT_REPLY, classify, connection_failure
-from sender.smtp import error_for, reply_of, tls_context, translate
+from sender.smtp import tls_context
 from sender.stage import SenderStage
+from sender.translate import error_for, reply_of, translate
 
 
 def test_translate_keeps_code_text_and_category() -> None:

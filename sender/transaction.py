@@ -1,0 +1,138 @@
+"""One mail transaction over an open connection: MAIL, RCPT per recipient, DATA, pipelined
+when the server offers PIPELINING (``sender/session.py`` speaks it)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from sender import metrics
+from sender.replies import Reply, classify
+from sender.session import ServerReply, Session, address_arg, data_payload
+from sender.smtp import Connection
+from sender.translate import translate
+
+
+@dataclass(frozen=True)
+class MailResult:
+    """What the server said about one mail, per recipient. ``aborted``: ``ready`` said no, and
+    the message was never sent (the connection is closed: the server discards the mail)."""
+
+    accepted: tuple[str, ...]
+    refused: dict[str, Reply]
+    aborted: bool = False
+
+
+async def send_mail(conn: Connection, sender: str, recipients: Sequence[str], message: bytes, *,
+                    ready: Callable[[], Awaitable[bool]] | None = None) -> MailResult:
+    """One transaction: MAIL, RCPT per recipient, DATA, pipelined when the server offers it.
+    ``ready`` is awaited after the 354, before the message: the server can accept nothing
+    before it says yes (the sender waits there for the previous mail's "sent" mark).
+
+    Per-recipient replies are kept apart; a reply to MAIL or DATA applies to every recipient it
+    covers. Raises SmtpTransient/SmtpPermanent only for what breaks the session (and marks it
+    broken).
+    """
+    session = conn.session
+    server = conn.server
+    conn.mails += 1
+    conn.last_used = time.monotonic()
+    refused: dict[str, Reply] = {}
+    try:
+        mail_from = address_arg(sender)
+    except ValueError as exc:
+        reply = classify(553, f"5.1.7 sender address not sendable: {exc}")
+        return MailResult(accepted=(), refused=dict.fromkeys(recipients, reply))
+    envelope: list[tuple[str, bytes]] = []
+    for recipient in recipients:
+        try:
+            envelope.append((recipient, address_arg(recipient)))
+        except ValueError as exc:
+            refused[recipient] = classify(553, f"5.1.3 address not sendable: {exc}")
+    if not envelope:
+        return MailResult(accepted=(), refused=refused)
+    mail = b"MAIL FROM:" + mail_from
+    if session.supports("size"):
+        mail += b" SIZE=%d" % len(message)
+    if session.supports("8bitmime") and not message.isascii():
+        mail += b" BODY=8BITMIME"
+    try:
+        started = time.monotonic()
+        replies = await _envelope(session, mail + b"\r\n", [arg for _, arg in envelope])
+        metrics.REPLY_SECONDS.labels(server, "envelope").observe(time.monotonic() - started)
+        mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
+        if not mail_reply.ok:
+            reply = classify(mail_reply.code, mail_reply.text)
+            refused.update(dict.fromkeys((r for r, _ in envelope), reply))
+            await _reset(conn, replies)
+            return MailResult(accepted=(), refused=refused)
+        accepted: list[str] = []
+        for (recipient, _), answer in zip(envelope, rcpt_replies, strict=False):
+            if answer.ok:
+                accepted.append(recipient)
+            else:
+                refused[recipient] = classify(answer.code, answer.text)
+        closing = next((answer for answer in replies if answer.code == 421), None)
+        if closing is not None:  # the server is closing the session: nothing more goes now
+            conn.close()
+            reply = classify(closing.code, closing.text)
+            return MailResult(accepted=(), refused=dict.fromkeys(recipients, reply))
+        if data_reply.code != 354:
+            if accepted:  # DATA itself refused: it covers every recipient RCPT accepted
+                refused.update(dict.fromkeys(accepted, classify(data_reply.code, data_reply.text)))
+            await _reset(conn, replies)
+            return MailResult(accepted=(), refused=refused)
+        if not accepted:  # RFC 2920: a DATA that got 354 with no recipient is ended at once
+            await session.command(b".\r\n")
+            await _reset(conn, replies)
+            return MailResult(accepted=(), refused=refused)
+        if ready is not None and not await ready():
+            conn.close()
+            return MailResult(accepted=(), refused=refused, aborted=True)
+        started = time.monotonic()
+        final = await session.command(data_payload(message))
+        metrics.REPLY_SECONDS.labels(server, "data").observe(time.monotonic() - started)
+        if not final.ok:
+            refused.update(dict.fromkeys(accepted, classify(final.code, final.text)))
+            await _reset(conn, [final])
+            return MailResult(accepted=(), refused=refused)
+        return MailResult(accepted=tuple(accepted), refused=refused)
+    except BaseException as exc:
+        conn.close()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise translate(exc, server, "sending") from exc
+    finally:
+        conn.last_used = time.monotonic()
+
+
+async def _envelope(session: Session, mail: bytes, rcpts: list[bytes]) -> list[ServerReply]:
+    """The replies to MAIL, each RCPT and DATA (padded with the last one when the server
+    stopped early: a refused MAIL, a 421). Pipelined: one write, one wait."""
+    commands = [mail, *(b"RCPT TO:" + arg + b"\r\n" for arg in rcpts), b"DATA\r\n"]
+    if session.pipelining:
+        session.write(b"".join(commands))
+        replies = await session.replies(len(commands))
+    else:
+        replies = []
+        for i, command in enumerate(commands):
+            replies.append(await session.command(command))
+            if replies[-1].code == 421 or (i == 0 and not replies[0].ok):
+                break
+            if i == len(commands) - 2 and not any(r.ok for r in replies[1:]):
+                break  # no recipient accepted: no DATA
+    return replies + [replies[-1]] * (len(commands) - len(replies))
+
+
+async def _reset(conn: Connection, replies: Sequence[ServerReply]) -> None:
+    """RSET after a refused transaction; a 421 or a failing RSET ends the session."""
+    if any(reply.code == 421 for reply in replies):
+        conn.close()
+        return
+    try:
+        if not (await conn.session.command(b"RSET\r\n")).ok:
+            conn.close()
+    except (ConnectionError, TimeoutError):
+        conn.close()
