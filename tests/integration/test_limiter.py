@@ -535,7 +535,7 @@ def test_high_priority_goes_ahead_within_its_share_and_waits_in_line_above_it(
     harness.publish(*campaign)
     stage.run(3, until=lambda: sum(len(line) for line in stage.stage.lines.values()) >= 5)
     # Its two within the share go ahead of its own line and do not wait for its turn on the
-    # server (tests/unit/test_fair_share.py); the other two are its normal mail, in its line.
+    # server (tests/unit/test_fair_queue.py); the other two are its normal mail, in its line.
     line = stage.stage.lines["s1", "acme"]
     assert [(h.batch.id, h.ahead) for h in line] == [(c.id, i < 2) for i, c in enumerate(campaign)]
     assert [h.batch.id for h in stage.stage.lines["s1", "beta"]] == [normal.id]
