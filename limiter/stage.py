@@ -126,11 +126,9 @@ class Round:
     released: list[tuple[Batch, int]] = field(default_factory=list)  # (granted part, wait ms)
     left: set[Line] = field(default_factory=set)  # lines emptied by parking: their tenants leave
 
-    def flush(self, broker: Broker, stage: str, per_tenant: bool) -> None:
+    def flush(self, broker: Broker, per_tenant: bool) -> None:
         broker.publish(self.outgoing)
         broker.ack_all(self.acks)
-        for out in self.outgoing:
-            metrics.MESSAGES_OUT.labels(stage, out.routing_key).inc()
         for batch, wait_ms in self.released:
             RELEASED.labels(batch.server).inc(batch.mails)
             GRANT_WAIT.labels(batch.server).observe(max(0, wait_ms) / 1000)
@@ -222,7 +220,7 @@ class LimiterStage(Stage):
         self._flush(broker, out)
 
     def _flush(self, broker: Broker, out: Round) -> None:
-        out.flush(broker, self.name, self.settings.metrics_tenant_label)
+        out.flush(broker, self.settings.metrics_tenant_label)
         self._leave(out.left)
         self._gauge()
 

@@ -13,8 +13,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 MESSAGES_IN = Counter("mailpipe_messages_in_total", "Messages a stage consumed.", ["stage"])
-MESSAGES_OUT = Counter("mailpipe_messages_out_total", "Messages a stage published, confirmed.",
-                       ["stage", "queue"])
+MESSAGES_OUT = Counter("mailpipe_messages_out_total",
+                       "Messages a stage published, confirmed, by queue (or exchange), whatever they are: "
+                       "counted once, in Broker.publish.", ["stage", "queue"])
 DEAD_LETTERS = Counter("mailpipe_dead_letters_total", "Messages a stage sent to the dead-letter queue.",
                        ["stage", "reason"])
 RECONNECTS = Counter("mailpipe_reconnects_total", "Connections a stage re-opened after losing one.",

@@ -97,7 +97,8 @@ class _StopFlag:
 
 def run(stage: Stage, *, burst: bool = False, metrics_port: int | None = None,
         idle_exit_s: float = 1.0, stop: Callable[[], bool] | None = None) -> int:
-    """Run ``stage`` until SIGTERM/SIGINT (or, in burst mode, until its queue is drained).
+    """Run ``stage`` until SIGTERM/SIGINT (or, in burst mode, until its queue is drained):
+    one connected session after another, with a capped backoff between them.
 
     Returns the process exit code: 0 after a clean stop.
     """
@@ -106,63 +107,27 @@ def run(stage: Stage, *, burst: bool = False, metrics_port: int | None = None,
     signal.signal(signal.SIGTERM, flag)
     signal.signal(signal.SIGINT, flag)
     should_stop = stop or (lambda: flag.stopping)
-
-    broker = Broker(settings.amqp_endpoints, client_name=f"mailpipe-{stage.name}", heartbeat_s=settings.heartbeat_s)
-    connected = False
-
-    def ready() -> bool:
-        return connected and broker.is_open and stage.ready()
-
+    broker = Broker(settings.amqp_endpoints, client_name=f"mailpipe-{stage.name}",
+                    heartbeat_s=settings.heartbeat_s, stage=stage.name)
+    session = _Session(stage, broker, should_stop, burst, idle_exit_s)
     if metrics_port is not None:
         from mailpipe import queue_metrics
 
         queue_metrics.register(settings)  # queue depths and server limits, asked at scrape time
-        metrics.serve(metrics_port, ready)
+        metrics.serve(metrics_port, lambda: session.connected and broker.is_open and stage.ready())
     backoff_s = 0.2
-    attempts = 0
-    idle_since = time.monotonic()
     try:
-        while not should_stop():
+        while not should_stop() and not session.drained:
             try:
-                broker.connect()
-                stage.topology.declare(broker.channel())
-                stage.start(broker)
-                for queue, prefetch in stage.inputs:
-                    broker.consume(queue, prefetch)
-                connected = True
-                metrics.READY.labels(stage.name).set(1)
-                if attempts:
-                    metrics.RECONNECTS.labels(stage.name, "rabbitmq").inc()
-                    log.info("reconnected to RabbitMQ after %d attempt(s)", attempts)
-                attempts, backoff_s = 0, 0.2
-                log.info("%s consuming %s", stage.name,
-                         ", ".join(f"{queue} (prefetch {prefetch})" for queue, prefetch in stage.inputs))
-                while not should_stop():
-                    deliveries = broker.poll(POLL_S)
-                    if deliveries:
-                        metrics.MESSAGES_IN.labels(stage.name).inc(len(deliveries))
-                        with metrics.HANDLE_SECONDS.labels(stage.name).time():
-                            _handle(stage, broker, deliveries)
-                        idle_since = time.monotonic()
-                    stage.tick(broker)
-                    if stage.busy():
-                        idle_since = time.monotonic()
-                    elif burst and time.monotonic() - idle_since > idle_exit_s:
-                        log.info("burst mode: %s is drained, exiting",
-                                 ", ".join(queue for queue, _ in stage.inputs))
-                        flag.stopping = True
-                        break
-                broker.stop_consuming()
-                stage.drain(broker, time.monotonic() + settings.shutdown_timeout_s)
+                session.run()
+                backoff_s = 0.2
             except ConfigError:
                 raise  # a wrong setting or topology: retrying cannot help
             except Exception as exc:
                 # Nothing else stops the stage, a bug of ours included: what it held unacked is
                 # redelivered, and a message that fails every time is dead-lettered by _handle
                 # on its last delivery.
-                connected = False
-                metrics.READY.labels(stage.name).set(0)
-                attempts += 1
+                session.lost()
                 if isinstance(exc, TransientError):
                     log.warning("%s (retrying in %.1f s)", exc.reason, backoff_s)
                 else:
@@ -179,6 +144,60 @@ def run(stage: Stage, *, burst: bool = False, metrics_port: int | None = None,
         broker.close()
     log.info("%s stopped cleanly", stage.name)
     return 0
+
+
+class _Session:
+    """One connection's life: connect, declare, start the stage, consume and hand deliveries
+    over until asked to stop (or, in burst mode, until the input is drained), then drain."""
+
+    def __init__(self, stage: Stage, broker: Broker, should_stop: Callable[[], bool], burst: bool,
+                 idle_exit_s: float) -> None:
+        self.stage = stage
+        self.broker = broker
+        self.should_stop = should_stop
+        self.burst = burst
+        self.idle_exit_s = idle_exit_s
+        self.connected = False
+        self.drained = False  # burst mode: the input is empty, the process exits
+        self.failures = 0  # sessions lost in a row
+
+    def run(self) -> None:
+        stage, broker = self.stage, self.broker
+        broker.connect()
+        stage.topology.declare(broker.channel())
+        stage.start(broker)
+        for queue, prefetch in stage.inputs:
+            broker.consume(queue, prefetch)
+        self.connected = True
+        metrics.READY.labels(stage.name).set(1)
+        if self.failures:
+            metrics.RECONNECTS.labels(stage.name, "rabbitmq").inc()
+            log.info("reconnected to RabbitMQ after %d attempt(s)", self.failures)
+        self.failures = 0
+        log.info("%s consuming %s", stage.name,
+                 ", ".join(f"{queue} (prefetch {prefetch})" for queue, prefetch in stage.inputs))
+        idle_since = time.monotonic()
+        while not self.should_stop():
+            deliveries = broker.poll(POLL_S)
+            if deliveries:
+                metrics.MESSAGES_IN.labels(stage.name).inc(len(deliveries))
+                with metrics.HANDLE_SECONDS.labels(stage.name).time():
+                    _handle(stage, broker, deliveries)
+                idle_since = time.monotonic()
+            stage.tick(broker)
+            if stage.busy():
+                idle_since = time.monotonic()
+            elif self.burst and time.monotonic() - idle_since > self.idle_exit_s:
+                log.info("burst mode: %s is drained, exiting", ", ".join(queue for queue, _ in stage.inputs))
+                self.drained = True
+                break
+        broker.stop_consuming()
+        stage.drain(broker, time.monotonic() + stage.settings.shutdown_timeout_s)
+
+    def lost(self) -> None:
+        self.connected = False
+        self.failures += 1
+        metrics.READY.labels(self.stage.name).set(0)
 
 
 def _handle(stage: Stage, broker: Broker, deliveries: list[Delivery]) -> None:

@@ -18,7 +18,6 @@ import time
 
 from prometheus_client import Counter, Histogram
 
-from mailpipe import metrics
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.codec import decode_job, encode_batch
 from mailpipe.errors import InvalidMessage
@@ -122,4 +121,3 @@ class PackerStage(Stage):
             BATCH_BYTES.labels(batch.server).observe(batch.bytes)
             log.debug("batch %s: %d mails, %d bytes for %s", batch.id, batch.mails, batch.bytes,
                       batch.server)
-        metrics.MESSAGES_OUT.labels(self.name, self.topology.batches).inc(len(batches))

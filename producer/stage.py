@@ -35,7 +35,7 @@ from dataclasses import replace
 import redis
 from prometheus_client import Counter
 
-from mailpipe import metrics, redis_client, suppression
+from mailpipe import redis_client, suppression
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.codec import decode_intake, encode_event, encode_job
 from mailpipe.errors import ConfigError, InvalidMessage, RedisUnavailable, TransientError
@@ -147,16 +147,13 @@ class EnqueueStage(Stage):
         queued = [j for d, j in jobs if verdicts.get(d.tag, Verdict.MINE) is Verdict.MINE]
         claimed = [j for d, j in keyed if verdicts[d.tag] is Verdict.MINE]
         held = {d.tag: (d, j) for d, j in keyed if verdicts[d.tag] is Verdict.PENDING}
-        job_out = [self.job_message(j) for j in queued]
-        out += job_out
+        out += [self.job_message(j) for j in queued]
         try:
             broker.publish(out)
         except BaseException:
             self.idempotency.release(claimed, claim.token)  # a retry need not wait out the lease
             raise
         self.idempotency.confirm(claimed)
-        for message in job_out:
-            metrics.MESSAGES_OUT.labels(self.name, message.routing_key).inc()
         DUPLICATES.inc(sum(1 for v in verdicts.values() if v is Verdict.DUPLICATE))
         done = [d.tag for d in deliveries if d.tag not in held]
         if done:
