@@ -80,6 +80,9 @@ TENANT_GRANT_WAIT = Histogram("mailpipe_limiter_tenant_grant_wait_seconds",
                               "From the batch's creation to the grant of each of its parts, per tenant.",
                               ["server", "tenant"], buckets=GRANT_WAIT_BUCKETS)
 
+# Redis calls of the limiter fail after at most this: a dead Redis must not stall the loop
+# that also serves RabbitMQ (heartbeats, deliveries).
+LIMITER_REDIS_TIMEOUT_S = 1.0
 # A round asks Redis for up to this many due batches of each line in one round trip.
 ROUND_PER_LINE = 32
 BACKOFF_MIN_S = 0.1
@@ -144,8 +147,7 @@ class LimiterStage(Stage):
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         super().__init__(settings)
         self.watcher = ConfigWatcher(settings.servers_path)
-        # Short timeouts, no retries: a dead Redis must not stall the loop that serves RabbitMQ.
-        self.redis = client or redis_client.connect(settings)
+        self.redis = client or redis_client.connect(settings, min(LIMITER_REDIS_TIMEOUT_S, settings.redis_timeout_s))
         self.limiter = RedisLimiter(self.redis, settings.namespace, fair_lease_s=settings.fair_lease_s,
                                     wait_replicas=settings.redis_wait_replicas)
         self.lines: dict[Line, deque[Held]] = {}

@@ -58,7 +58,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     limiter_status = importlib.import_module("limiter.status")
-    client = redis_client.connect(settings, timeout_s=5.0)
+    client = redis_client.connect(settings)
     try:
         config = load_config(settings.servers_path)
         limits = limiter_status.snapshot(client, settings.namespace, config, settings=settings)
@@ -116,7 +116,7 @@ def cmd_suppression(args: argparse.Namespace) -> int:
     from mailpipe import redis_client, suppression
 
     settings = Settings.from_env()
-    client = redis_client.connect(settings, timeout_s=5.0)
+    client = redis_client.connect(settings)
     try:
         if args.action == "remove":
             if not (args.tenant and args.recipient):

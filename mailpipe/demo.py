@@ -367,7 +367,7 @@ def _delete(settings: Settings, topology: Topology) -> None:
         channel.exchange_delete(topology.events)
     broker.close()
     with suppress(redis.RedisError):
-        client = redis_client.connect(settings, timeout_s=5.0)
+        client = redis_client.connect(settings)
         for key in client.scan_iter(match=f"*{topology.namespace}:*", count=1000):
             client.delete(key)
         client.close()

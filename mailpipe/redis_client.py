@@ -62,9 +62,11 @@ def _options(settings: Settings, timeout_s: float) -> dict[str, Any]:
     return options
 
 
-def connect(settings: Settings, timeout_s: float = 1.0) -> redis.Redis:
-    """A client that fails fast: redis-py's own retries (with backoff, about 8 s against a
-    refused port) would stall a stage's loop; the stage backs off itself and fails closed."""
+def connect(settings: Settings, timeout_s: float | None = None) -> redis.Redis:
+    """A client that fails fast (after ``timeout_s``, by default ``MAILPIPE_REDIS_TIMEOUT_S``):
+    redis-py's own retries (with backoff, about 8 s against a refused port) would stall a
+    stage's loop; the stage backs off itself and fails closed."""
+    timeout_s = settings.redis_timeout_s if timeout_s is None else timeout_s
     addresses = sentinels(settings)
     if not addresses:
         return redis.Redis.from_url(settings.redis_url, socket_timeout=timeout_s,
@@ -77,8 +79,9 @@ def connect(settings: Settings, timeout_s: float = 1.0) -> redis.Redis:
     return client
 
 
-def connect_async(settings: Settings, timeout_s: float = 5.0) -> redis.asyncio.Redis:
+def connect_async(settings: Settings) -> redis.asyncio.Redis:
     """The same, for the sender's event loop."""
+    timeout_s = settings.redis_timeout_s
     addresses = sentinels(settings)
     if not addresses:
         return redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=timeout_s,

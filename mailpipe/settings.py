@@ -33,6 +33,10 @@ class Settings:
     # Replicas that must hold a grant or a claim before it is used (Redis WAIT): a failover
     # then cannot forget it. 0: not waited for (one Redis, or the over-release accepted).
     redis_wait_replicas: int = 0
+    # A Redis call that takes longer fails (RedisUnavailable): the stage backs off and fails
+    # closed. The limiter waits at most LIMITER_REDIS_TIMEOUT_S, whatever this says: its loop
+    # also serves RabbitMQ.
+    redis_timeout_s: float = 5.0
     namespace: str = "mailpipe"
     servers_file: str = ""
 
@@ -128,6 +132,7 @@ class Settings:
         positive = ("prefetch", "large_message_bytes", "large_prefetch", "delivery_limit",
                     "max_message_bytes", "max_recipients", "max_batch_mails", "max_batch_bytes",
                     "window_s", "send_concurrency", "smtp_timeout_s", "retry_base_s", "retry_max_s",
+                    "redis_timeout_s",
                     "shutdown_timeout_s")
         for name in positive:
             if getattr(self, name) <= 0:

@@ -71,7 +71,7 @@ class EnqueueStage(Stage):
         if unknown:
             raise ConfigError(f"MAILPIPE_LINT_REFUSE: unknown rule(s) {sorted(unknown)}; "
                               f"known: {', '.join(RULES)}")
-        self.redis = redis_client.connect(settings, timeout_s=5.0)
+        self.redis = redis_client.connect(settings)
         self.idempotency = Idempotency(self.redis, settings.namespace, lease_s=settings.idempotency_lease_s,
                                        ttl_s=settings.idempotency_ttl_s)
         # Requests whose key another holder has claimed, unacked, by delivery tag; asked again

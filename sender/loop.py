@@ -53,7 +53,7 @@ class LoopHost:
         s = self.settings
         self.pools = Pools(default_size=s.send_concurrency, timeout_s=s.smtp_timeout_s,
                            idle_timeout_s=s.smtp_idle_timeout_s, resolver=MxResolver())
-        self._redis = redis_client.connect_async(s, timeout_s=5.0)
+        self._redis = redis_client.connect_async(s)
         self._claims = Claims(self._redis, s.namespace, s.sent_mark_ttl_s, wait_replicas=s.redis_wait_replicas)
 
     @property

@@ -252,7 +252,7 @@ class SenderStage(Stage):
         if not bad:
             return
         if self._sync_redis is None:
-            self._sync_redis = redis_client.connect(self.settings, timeout_s=2.0)
+            self._sync_redis = redis_client.connect(self.settings)
         try:
             for tenant, recipient, reply in bad:
                 suppression.suppress(self._sync_redis, self.settings.namespace, tenant, recipient, str(reply),
