@@ -5,7 +5,11 @@
 --          "s"                          sent (the server said 250)
 --          "h <owner> <until_us> <grant>" held by owner until then, under that grant
 --          "x <grant>" / "r <grant>"    released by a holder of that grant, its outcome published
---                                       (x: attempted, r: given back to the limiter)
+--                                       (x: refused for good or expired, a dead letter, which a
+--                                       replay sends under this attempt again; r: given back)
+--          "d <grant>"                  deferred by a holder of that grant, its retry copy (the next
+--                                       attempt, under another key) published: final for every
+--                                       holder of this attempt, whatever its grant
 --          "a <grant>"                  attempted or held under that grant, outcome unknown
 --                                       (a holder fenced after a lost connection)
 -- ARGV[1] owner  ARGV[2] grant  ARGV[3] until_us: the lease  ARGV[4] cutoff_us: past it, nothing
@@ -16,7 +20,8 @@
 --   1 claimed now, or claimable when past the cutoff (never touched under this grant)
 --   2 sent already          3 held by a live holder (ask again later)
 --   4 touched under this grant, outcome unknown: not sent under it again, given back unrefunded
---   5 released by another holder of this grant: its outcome is published, nothing to do here
+--   5 released by another holder of this grant, or deferred to the next attempt under any
+--     grant: its outcome is published, nothing to do here
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -41,7 +46,9 @@ for i = 1, #KEYS do
         code = 3
       else
         local of = (kind == 'h') and c or a  -- an expired lease: its holder is gone
-        if of == grant then
+        if kind == 'd' then
+          code = 5  -- its retry copy sends it: sent under this attempt too, it would go twice
+        elseif of == grant then
           if kind == 'x' or kind == 'r' then code = 5 else code = 4 end
         end
       end

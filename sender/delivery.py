@@ -63,6 +63,7 @@ class JobOutcome:
     failed: dict[str, Reply] = field(default_factory=dict)
     back: list[str] = field(default_factory=list)  # not sent under this grant: to the limiter
     refundable: bool = False  # nothing of it was touched under this grant: its token comes back
+    retried: list[str] = field(default_factory=list)  # deferred ones whose retry copy (attempt + 1) goes out
     at_ms: int = 0
 
     def record(self, recipient: str, reply: Reply) -> None:
@@ -82,9 +83,12 @@ class BatchDelivery:
     stopped_by: str = ""  # "", "late", "deadline", "stop" or "redis": why mails were handed back
 
     def releases(self, grant: str) -> list[tuple[Job, str, str]]:
-        """The claims to let go once the outputs are published: refused recipients as attempted
-        under ``grant``, handed-back ones as given back under it."""
-        out = [(o.job, r, f"x {grant}") for o in self.outcomes for r in (*o.deferred, *o.failed)]
+        """The claims to let go once the outputs are published: recipients whose retry copy
+        went out as deferred under ``grant`` (done for every holder of this attempt: the copy,
+        attempt + 1, sends them), the other refused ones (dead letters) as attempted under it,
+        handed-back ones as given back under it."""
+        out = [(o.job, r, f"{'d' if r in o.retried else 'x'} {grant}") for o in self.outcomes
+               for r in (*o.deferred, *o.failed)]
         return out + [(o.job, r, f"r {grant}") for o in self.outcomes for r in o.back]
 
 
@@ -134,6 +138,7 @@ class _Run:
         self.should_stop = stop
         self.started = time.monotonic()
         self.cutoff = self.started
+        self.lease_end = float("inf")  # monotonic: when this holder's claims end (with a hold)
         self.mine: dict[int, list[str]] = {}  # claimed, to send
         self.waiting: dict[int, list[str]] = {}  # held by another live holder
         self.marking: list[tuple[Job, asyncio.Future[None]]] = []
@@ -180,6 +185,7 @@ class _Run:
                                        [asked[i] for i in indexes], hold.deadline_us + hold.lease_extra_us,
                                        cutoff_us)
         self.cutoff = before + (cutoff_us - snap.now_us) / US
+        self.lease_end = before + (hold.deadline_us + hold.lease_extra_us - snap.now_us) / US
         late = snap.now_us >= cutoff_us
         for index, codes in zip(indexes, snap.codes, strict=True):
             outcome = self.outcomes[index]
@@ -254,7 +260,11 @@ class _Run:
         outcome = self.outcomes[index]
         job = outcome.job
         outcome.attempted = True
-        ready = (lambda: self._marked(marking)) if marking is not None else None
+        async def ready() -> bool:
+            # The message goes once the previous mark is in, and only while this holder's lease
+            # lasts: a holder frozen mid-transaction (SIGSTOP, a stalled VM) past its lease is,
+            # to the others, gone, and one of them may have sent these recipients meanwhile.
+            return await self._marked(marking) and time.monotonic() < self.lease_end
         try:
             result = await send_mail(conn, job.sender, recipients, job.message, ready=ready)
         except SmtpError as exc:

@@ -61,6 +61,7 @@ class Outputs:
         for reply, recipients in group({**outcome.deferred, **outcome.failed}):
             step = retry_step(job, tuple(recipients), reply, at_ms, self.policy)
             if isinstance(step, Retry):
+                outcome.retried.extend(recipients)  # released as "d": attempt + 1 carries them now
                 body = codec.encode_job(step.job)  # a large job waits and comes back on jobs.large
                 out.append(Outgoing(self.topology.retry_queue(step.job.attempt, len(body)), body,
                                     message_id=f"{job.id}:{step.job.attempt}", expiration_ms=step.expiration_ms))

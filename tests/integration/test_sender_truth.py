@@ -233,9 +233,10 @@ def test_a_late_batch_gives_back_what_nobody_touched_with_its_refund(settings: S
 def test_claims_keep_one_grant_from_sending_twice_what_it_gave_back(settings: Settings) -> None:
     """The states a second holder meets, straight from the script: what a holder of grant G
     released (given back or refused, its outcome published) is done for every other holder
-    of G, and free for a holder of another grant; what a holder of G left unknown (fenced, or
+    of G, and free for a holder of another grant, but for a deferred one, whose retry copy
+    (attempt + 1) sends it: done for every holder of this attempt; what a holder of G left unknown (fenced, or
     its lease ran out) is not sent under G again, but is free under another grant."""
-    job = make_job("given@x", "refused@x", "fenced@x", "sent@x", "held@x")
+    job = make_job("given@x", "refused@x", "fenced@x", "sent@x", "deferred@x", "held@x")
 
     async def go() -> dict[str, dict[str, Claim]]:
         client: Any = redis.asyncio.Redis.from_url(settings.redis_url)
@@ -247,11 +248,11 @@ def test_claims_keep_one_grant_from_sending_twice_what_it_gave_back(settings: Se
             first = await claims.claim("one", "G", [job], [job.recipients], far, far)
             assert set(first.codes[0].values()) == {Claim.MINE}
             await claims.release("one", [(job, "given@x", "r G"), (job, "refused@x", "x G"),
-                                         (job, "fenced@x", "a G")])
+                                         (job, "fenced@x", "a G"), (job, "deferred@x", "d G")])
             await claims.mark_sent(job, ["sent@x"])
             out = {}
             for holder, grant in (("two", "G"), ("three", "H")):
-                snap = await claims.claim(holder, grant, [job], [job.recipients[:4]], far, far)
+                snap = await claims.claim(holder, grant, [job], [job.recipients[:5]], far, far)
                 out[holder] = snap.codes[0]
             out["held"] = (await claims.claim("four", "H", [job], [["held@x"]], far, far)).codes[0]
             return out
@@ -260,7 +261,8 @@ def test_claims_keep_one_grant_from_sending_twice_what_it_gave_back(settings: Se
 
     got = asyncio.run(go())
     assert got["two"] == {"given@x": Claim.DONE, "refused@x": Claim.DONE, "fenced@x": Claim.TOUCHED,
-                          "sent@x": Claim.SENT}
+                          "sent@x": Claim.SENT, "deferred@x": Claim.DONE}
+    # Deferred: its retry copy (attempt + 1) sends it, so no holder of this attempt does, whatever its grant.
     assert got["three"] == {"given@x": Claim.MINE, "refused@x": Claim.MINE, "fenced@x": Claim.MINE,
-                            "sent@x": Claim.SENT}
+                            "sent@x": Claim.SENT, "deferred@x": Claim.DONE}
     assert got["held"] == {"held@x": Claim.HELD}  # "one" still holds it, under its lease
