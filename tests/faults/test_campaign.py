@@ -15,7 +15,10 @@ nemesis, driven by ``random.Random(seed)``, applies one fault at a time:
 - ``redis``: freeze Redis (SIGSTOP) for a few seconds;
 - ``reset``: the proxy between senders and peer resets connections for a while;
 - ``blackhole``: the proxy answers no new connection and drops the reply to DATA on open ones
-  (a 250 lost on the wire; the connection stays mute after it), for a few seconds.
+  (a 250 lost on the wire; the connection stays mute after it), for a few seconds;
+- ``defer``: the server answers 451 to a quarter of the recipients for a few seconds: their
+  retry copies (attempt + 1) come back after a second or two, beside whatever second holder of
+  the first attempt the other faults made (a deferral is final for every one of them).
 
 Then it waits until the run has drained (every queue of the namespace empty, ready and unacked,
 but the dead letters; no claim held in Redis) and checks: no recipient lost, every duplicate one
@@ -35,6 +38,7 @@ import random
 import signal
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,7 +226,7 @@ def schedule(rng: random.Random, mails: int) -> list[Step]:
             return Step(kind, f"sender-{rng.randrange(2)}", seconds, gap)
         return Step(kind, "", rng.uniform(2.0, 4.0), gap)
 
-    kinds = ["rabbit", "redis", "reset", "blackhole", "stop"]
+    kinds = ["rabbit", "redis", "reset", "blackhole", "stop", "defer"]
     steps = [one("kill", f"sender-{rng.randrange(2)}"), one("kill", f"producer-{rng.randrange(2)}"),
              one("kill", f"{rng.choice(('packer', 'limiter'))}-{rng.randrange(2)}")]
     steps += [one(k) for k in kinds]
@@ -235,8 +239,9 @@ def schedule(rng: random.Random, mails: int) -> list[Step]:
 
 class Nemesis:
     def __init__(self, pipeline: Pipeline, rabbit: PrivateRabbit, private_redis: PrivateRedis,
-                 proxy: CampaignProxy, origin: float) -> None:
+                 proxy: CampaignProxy, peer: LedgerPeer, origin: float) -> None:
         self.pipeline, self.rabbit, self.redis, self.proxy = pipeline, rabbit, private_redis, proxy
+        self.peer = peer
         self.origin = origin
         self.applied: list[Fault] = []
         self.cuts: list[Cut] = []
@@ -296,6 +301,19 @@ class Nemesis:
             time.sleep(step.duration_s)
             self.proxy.blackhole = self.proxy.swallow = False
             detail = f"{len(self.proxy.lost_replies) - before} replies to DATA dropped"
+        elif step.kind == "defer":
+            deferred: list[str] = []
+
+            def a_quarter(address: str) -> bool:
+                if zlib.crc32(address.encode()) % 4:
+                    return False
+                deferred.append(address)
+                return True
+
+            self.peer.refuse(a_quarter, 451, "4.7.1 Try again later")
+            time.sleep(step.duration_s)
+            self.peer.reset()  # the campaign sets no other behaviour on the peer
+            detail = f"{len(deferred)} recipients deferred"
         else:
             raise AssertionError(f"unknown fault {step.kind}")
         self.applied.append(Fault(at, step.kind, step.target, round(step.duration_s, 3), detail))
@@ -382,7 +400,8 @@ def test_fault_campaign(settings: Settings, tmp_path: Path) -> None:
         settings = settings.replace(
             amqp_url=rabbit.url, redis_url=private_redis.url, reconnect_max_s=1.0, burst_mails=BURST,
             heartbeat_s=HEARTBEAT_S,
-            window_s=1.0, send_margin_s=0.2, max_batch_mails=CHUNK, linger_ms=100, smtp_timeout_s=3.0)
+            window_s=1.0, send_margin_s=0.2, max_batch_mails=CHUNK, linger_ms=100, smtp_timeout_s=3.0,
+            retry_base_s=1, retry_max_s=2)  # a deferred mail is back within seconds
         write_servers(settings, proxy.port, server=(
             f'[servers.tenant-smtp]\naddress = "[127.0.0.1]:{proxy.port}"\ntls = "none"\n'
             f'rate_per_hour = {RATE_PER_S * 3600}\n'
@@ -390,7 +409,7 @@ def test_fault_campaign(settings: Settings, tmp_path: Path) -> None:
         client = redis.Redis.from_url(private_redis.url, socket_timeout=5)
         origin = time.time()
         with Pipeline(settings, logs, replicas=2) as pipeline:
-            nemesis = Nemesis(pipeline, rabbit, private_redis, proxy, origin)
+            nemesis = Nemesis(pipeline, rabbit, private_redis, proxy, peer, origin)
             publisher = Publisher(rabbit.url, settings.namespace, total, seed)
             publisher.start()
             try:
