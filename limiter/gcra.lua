@@ -16,7 +16,9 @@
 --                                number, c<i> = mails released in it (i = bucket mod 361)
 --   KEYS[4] {p}:grant:<batch>    hash, the grant made for this batch id: n = mails, at = Redis
 --                                time (us), tat / mtat = each TAT just after it, g = mails per
---                                tenant; a redelivered batch gets the same grant, not a second one
+--                                tenant, published = 1 once its part is confirmed in send
+--                                (RedisLimiter.published); a redelivered batch gets the same
+--                                grant, not a second one
 --   KEYS[5] {p}:grant:<refund_of> the grant a give-back returns; `refunded` is set in it once
 --                                applied, so a refund is applied once and only while the grant
 --                                is known (an expired grant refunds nothing)
@@ -51,7 +53,8 @@
 --
 -- Returns {granted, retry_after_us, now_us, cached, granted per tenant...}: granted = 0 with
 -- retry_after_us > 0 means "ask again then"; retry_after_us = -1: not decided (KEYS[6] is
--- set); cached = 1 when KEYS[4] answered.
+-- set); cached = 1 when KEYS[4] answered, 2 when it also says the grant was published (its
+-- part is in the send queue: a redelivered batch need not publish it again).
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -144,9 +147,9 @@ if refund > 0 and redis.call('HEXISTS', KEYS[5], 'n') == 1
 end
 
 -- 2. A batch granted before (a redelivery) gets that grant again.
-local cached = redis.call('HMGET', KEYS[4], 'n', 'at', 'g')
+local cached = redis.call('HMGET', KEYS[4], 'n', 'at', 'g', 'published')
 if cached[1] then
-  local out = {tonumber(cached[1]), 0, tonumber(cached[2]), 1}
+  local out = {tonumber(cached[1]), 0, tonumber(cached[2]), cached[4] and 2 or 1}
   for v in string.gmatch(cached[3] or '', '%d+') do out[#out + 1] = tonumber(v) end
   return out
 end

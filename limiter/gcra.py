@@ -132,6 +132,7 @@ class Decision(NamedTuple):
     now_us: int
     cached: bool
     tenant_grants: tuple[int, ...]
+    published: bool = False  # cached, and its part is already in the send queue
 
     @property
     def now_ms(self) -> int:
@@ -496,7 +497,8 @@ class RedisLimiter:
         for reply in replies:
             values = [int(v) for v in reply]
             decisions.append(Decision(granted=values[0], retry_after_us=values[1], now_us=values[2],
-                                      cached=bool(values[3]), tenant_grants=tuple(values[4:])))
+                                      cached=bool(values[3]), tenant_grants=tuple(values[4:]),
+                                      published=values[3] == 2))
         return decisions
 
     def _run(self, commands: list[list[str]]) -> list[list[int]]:
@@ -565,6 +567,20 @@ class RedisLimiter:
             return bool(self._priority(keys=keys, args=args))
         except redis.RedisError as exc:
             raise RedisUnavailable(f"Redis: priority ration failed: {type(exc).__name__}: {exc}") from exc
+
+    def published(self, server: str, batch_ids: Iterable[str]) -> None:
+        """These grants' parts are confirmed in the send queue: a redelivery of their batch need
+        not publish them again (only late copies would come of it, each handing its mail back).
+        Best effort: unmarked, a part is published again, as before."""
+        p = server_prefix(self.namespace, server)
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for batch_id in batch_ids:
+                    pipe.hset(f"{p}:grant:{batch_id}", "published", "1")
+                    pipe.expire(f"{p}:grant:{batch_id}", self.mark_ttl_s)  # never a key without a life
+                pipe.execute()
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"Redis: marking grants published failed: {type(exc).__name__}: {exc}") from exc
 
     def ping(self) -> None:
         try:

@@ -128,6 +128,7 @@ class Round:
     acks: list[int] = field(default_factory=list)
     released: list[tuple[Batch, int]] = field(default_factory=list)  # (granted part, wait ms)
     left: set[Line] = field(default_factory=set)  # lines emptied by parking: their tenants leave
+    parts: list[tuple[str, str]] = field(default_factory=list)  # (server, part id) published in send
 
     def flush(self, broker: Broker, per_tenant: bool) -> None:
         broker.publish(self.outgoing)
@@ -223,6 +224,7 @@ class LimiterStage(Stage):
 
     def _flush(self, broker: Broker, out: Round) -> None:
         out.flush(broker, self.settings.metrics_tenant_label)
+        self._mark_published(out.parts)
         self._leave(out.left)
         self._gauge()
 
@@ -328,10 +330,16 @@ class LimiterStage(Stage):
         return ask, names, limits.interval_us / US
 
     def _release(self, out: Round, held: Held, decision: Decision, names: list[str]) -> None:
-        """Publish the granted part (all that is left, or its first ``granted`` mails)."""
+        """Publish the granted part (all that is left, or its first ``granted`` mails), unless
+        it is in the send queue already (a redelivered batch whose part was confirmed there)."""
         batch = held.batch
         start, end = held.offset, held.offset + min(decision.granted, held.remaining)
         part_id = held.part_id
+        if decision.published:
+            held.offset = end
+            if not held.remaining:
+                out.acks.append(held.delivery.tag)
+            return
         part = dataclasses.replace(
             batch, id=part_id, jobs=batch.jobs[start:end], mails=end - start, bytes=sum(held.sizes[start:end]),
             tenants={held.tenant: end - start} if held.tenant else {},
@@ -340,6 +348,7 @@ class LimiterStage(Stage):
             refund_tenants={})
         out.outgoing.append(Outgoing(self.topology.send, encode_batch(part), message_id=part.id))
         out.released.append((part, decision.now_ms - batch.created_ms))
+        out.parts.append((batch.server, part_id))
         held.offset = end
         whole = start == 0 and end == batch.mails
         DECISIONS.labels(batch.server, "granted" if whole else "split").inc()
@@ -413,6 +422,16 @@ class LimiterStage(Stage):
                 line.remove(held)
             if not line:
                 del self.lines[key]
+
+    def _mark_published(self, parts: list[tuple[str, str]]) -> None:
+        servers: dict[str, list[str]] = {}
+        for server, part_id in parts:
+            servers.setdefault(server, []).append(part_id)
+        for server, ids in servers.items():
+            try:
+                self.limiter.published(server, ids)
+            except RedisUnavailable as exc:
+                log.debug("%s", exc.reason)
 
     def _leave(self, lines: set[Line]) -> None:
         """Tenants whose every batch here was parked no longer wait for their server; if Redis

@@ -221,6 +221,25 @@ def test_a_batch_held_longer_than_the_hold_goes_back_as_its_rest(
     assert harness.depth(settings.namespace + ".batches") == 0 and not stage.stage.lines
 
 
+def test_a_redelivered_batch_publishes_again_only_the_parts_not_yet_in_send(
+        settings: Settings, harness: Harness, limiter: Callable[..., InProcess]) -> None:
+    """A limiter that lost its connection gets its held batch again: the parts it had
+    confirmed in send are not published a second time (their copies would only come late and
+    hand their mail back); a part granted but never confirmed would be."""
+    write_servers(settings, SERVER.format(rate=36_000), TENANTS.format(cap=10_000))  # 10 mails/s
+    first = limiter(burst_mails=5 + RESERVE)
+    big = make_batch("s1", {"acme": 12})
+    harness.publish(big)
+    first.run(5, until=lambda: mails(harness.collect()) >= 6)
+    first.close()  # its connection goes: the batch, partly granted, is redelivered
+    before = len(harness.collect())
+    second = limiter(burst_mails=5 + RESERVE)
+    second.run(8, until=lambda: mails(harness.collect()) >= 12)
+    sent = [b for _, b in harness.collect()]
+    assert sorted(job_ids(sent)) == sorted(job_ids([big]))  # every mail, each part once
+    assert len({b.id for b in sent}) == len(sent) and len(sent) > before
+
+
 def test_a_batch_of_several_tenants_is_split_into_one_per_tenant(
         settings: Settings, harness: Harness, limiter: Callable[..., InProcess]) -> None:
     write_servers(settings, SERVER.format(rate=36_000), TENANTS.format(cap=10_000))
