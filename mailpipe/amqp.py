@@ -184,6 +184,22 @@ class Broker:
         return self._conn is not None and self._conn.is_open
 
     def close(self) -> None:
+        """Close the connection with AMQP's closing handshake."""
+        conn = self._forget()
+        if conn is not None and conn.is_open:
+            with suppress(pika.exceptions.AMQPError, OSError):  # it may be broken already
+                conn.close()
+
+    def abort(self) -> None:
+        """Drop the connection without the closing handshake, after a failure: a node that
+        cannot answer (a cluster without its majority) holds a graceful close for minutes."""
+        conn = self._forget()
+        transport = getattr(conn._impl, "_transport", None) if conn is not None else None
+        if transport is not None:
+            with suppress(Exception):  # whatever state it is in, the socket goes
+                transport.abort()
+
+    def _forget(self) -> pika.BlockingConnection | None:
         conn, self._conn = self._conn, None
         self._consume_ch = None
         self._publish_ch = None
@@ -191,9 +207,7 @@ class Broker:
         self._consumer_tags.clear()
         self._unacked.clear()  # the broker gives them back to their queues
         self.unacked_bytes = 0
-        if conn is not None and conn.is_open:
-            with suppress(pika.exceptions.AMQPError, OSError):  # it may be broken already
-                conn.close()
+        return conn
 
     def channel(self) -> BlockingChannel:
         """The consuming channel, for declarations and the odd basic_get."""

@@ -132,7 +132,7 @@ def run(stage: Stage, *, burst: bool = False, metrics_port: int | None = None,
                     log.warning("%s (retrying in %.1f s)", exc.reason, backoff_s)
                 else:
                     log.exception("%s failed unexpectedly (retrying in %.1f s)", stage.name, backoff_s)
-                broker.close()
+                broker.abort()  # a graceful close could wait on a broker that cannot answer
                 _sleep_unless(should_stop, backoff_s)
                 backoff_s = min(backoff_s * 2, settings.reconnect_max_s)
     except MailpipeError as exc:

@@ -25,7 +25,7 @@ from types import TracebackType
 
 from mailpipe.amqp import Broker, Outgoing
 from mailpipe.codec import encode_intake
-from mailpipe.errors import BrokerUnavailable, InvalidMessage
+from mailpipe.errors import BrokerUnavailable, InvalidMessage, PublishRejected
 from mailpipe.model import Attachment, IntakeRequest, job_id_for, now_ms
 from mailpipe.settings import Settings
 from mailpipe.topology import Topology
@@ -116,8 +116,8 @@ class Producer:
                     self._broker.connect()
                 self._broker.publish(messages, timeout_s=max(0.5, give_up - time.monotonic()))
                 return
-            except BrokerUnavailable:
-                self._broker.close()
+            except (BrokerUnavailable, PublishRejected):  # a node lost, its nacks: transient
+                self._broker.abort()  # a graceful close waits on a cluster that cannot answer
                 if time.monotonic() + delay_s > give_up:
                     raise
                 time.sleep(delay_s)
