@@ -399,11 +399,6 @@ def _day_start(midnights_s: Sequence[int], at_s: int) -> int | None:
     return None
 
 
-def derived_id(batch_id: str, what: str) -> str:
-    """A stable id made from another (the rest of a split, a grant): the same on a redelivery."""
-    return hashlib.sha256(f"{batch_id}:{what}".encode()).hexdigest()[:32]
-
-
 def worst_window(releases: Sequence[tuple[int, int]], window_ms: int) -> int:
     """The most mails released in any closed interval of ``window_ms``; ``releases`` holds
     (time_ms, mails). The GCRA bound says: at most ``window/T + B``."""

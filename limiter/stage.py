@@ -43,14 +43,13 @@ from limiter.gcra import (
     Limits,
     RedisLimiter,
     TenantAsk,
-    derived_id,
     local_midnights,
 )
 from mailpipe import metrics, redis_client
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.codec import decode_batch, decode_job, encode_batch
 from mailpipe.errors import ConfigError, InvalidMessage, RedisUnavailable
-from mailpipe.model import Batch, Category
+from mailpipe.model import Batch, Category, derived_id
 from mailpipe.servers import Config, ConfigWatcher
 from mailpipe.settings import Settings
 from mailpipe.stage import Stage

@@ -17,7 +17,7 @@ MESSAGES_OUT = Counter("mailpipe_messages_out_total",
                        "Messages a stage published, confirmed, by queue (or exchange), whatever they are: "
                        "counted once, in Broker.publish.", ["stage", "queue"])
 DEAD_LETTERS = Counter("mailpipe_dead_letters_total", "Messages a stage sent to the dead-letter queue.",
-                       ["stage", "reason"])
+                       ["stage", "category"])
 RECONNECTS = Counter("mailpipe_reconnects_total", "Connections a stage re-opened after losing one.",
                      ["stage", "service"])
 READY = Gauge("mailpipe_ready", "1 when the stage is connected to what it needs.", ["stage"])

@@ -5,6 +5,7 @@ The wire form of each is in ``mailpipe/codec.py`` and documented in ``docs/wire-
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -117,6 +118,12 @@ class Batch:
     priority: str = "normal"
     refund_of: str | None = None
     refund_tenants: dict[str, int] = field(default_factory=dict)
+
+
+def derived_id(batch_id: str, what: str) -> str:
+    """A stable id made from another (a part of a batch, a grant, a give-back): the same on a
+    redelivery, so whatever it names is made once."""
+    return hashlib.sha256(f"{batch_id}:{what}".encode()).hexdigest()[:32]
 
 
 class Outcome(StrEnum):

@@ -9,7 +9,6 @@ The sender stage publishes all of it in one confirmed call, then acks the batch.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
@@ -17,7 +16,7 @@ from typing import Any
 
 from mailpipe import codec
 from mailpipe.amqp import Outgoing
-from mailpipe.model import Batch, Category, Event, Job, Outcome, now_ms
+from mailpipe.model import Batch, Category, Event, Job, Outcome, derived_id, now_ms
 from mailpipe.retry import Expire, Retry, RetryPolicy, retry_step
 from mailpipe.topology import Topology
 from sender import metrics
@@ -99,7 +98,7 @@ class Outputs:
                   refund: int, refund_tenants: dict[str, int] | None = None) -> Outgoing:
         """Mail not sent under this grant, as a new ungranted batch; ``refund`` of its jobs give
         their tokens back to this batch's grant (the limiter applies that once per grant)."""
-        back = Batch(id=hashlib.sha256(f"{batch.id}:{batch.grant_id}:{owner}:back".encode()).hexdigest()[:32],
+        back = Batch(id=derived_id(batch.id, f"{batch.grant_id}:{owner}:back"),
                      server=batch.server, jobs=tuple(raws), mails=len(raws),
                      bytes=sum(job.size for job in jobs), created_ms=batch.created_ms,
                      refund=refund, tenants=dict(Counter(job.tenant for job in jobs)),

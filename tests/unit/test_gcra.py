@@ -19,7 +19,6 @@ from limiter.gcra import (
     TenantAsk,
     day_of,
     decide,
-    derived_id,
     local_midnights,
     tokens_available,
     worst_window,
@@ -27,7 +26,7 @@ from limiter.gcra import (
 from limiter.stage import by_tenant, rest_of, unknown_names
 from mailpipe.codec import encode_job
 from mailpipe.errors import ConfigError, RedisUnavailable
-from mailpipe.model import Batch, Job
+from mailpipe.model import Batch, Job, derived_id
 from mailpipe.servers import parse_config
 
 T0 = 1_700_000_000 * US  # 2023-11-14 22:13:20 UTC
