@@ -1,10 +1,10 @@
-# Two commands on a fresh machine: `make demo` and `make test`.
+# Two commands on a fresh machine: `make demo` and `make check`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test unit lint bench clean chaos
+.PHONY: demo check test test-cluster unit lint bench clean chaos
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,13 +16,23 @@ demo: $(INSTALLED)
 	$(BIN)/python -m mailpipe.services
 	$(BIN)/mailpipe demo $(ARGS)
 
-## make test: lint, types, then every test (unit, integration, faults) against real services
+## make check: what CI runs: make test, then make test-cluster (about 21 minutes here)
+check: test test-cluster
+
+## make test: lint, types, then every test (unit, integration, faults) against real services,
+## but the ones that start a local cluster (under 20 minutes here)
 test: $(INSTALLED)
 	scripts/install-tools prometheus docker-compose openssl
 	$(BIN)/python -m mailpipe.services
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not cluster" $(PYTEST_ARGS)
+
+## make test-cluster: the tests on a local three-node RabbitMQ cluster with Redis Sentinel,
+## started and stopped by the tests on ports of their own (about 4 minutes)
+test-cluster: $(INSTALLED)
+	$(BIN)/python -m mailpipe.services
+	$(BIN)/pytest -m cluster $(PYTEST_ARGS)
 
 ## make unit: the fast tests only, no services needed
 unit: $(INSTALLED)
