@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -37,19 +36,10 @@ from typing import Any
 from pipeline import per_mail_us, services_and_sink
 
 from mailpipe.demo import run_pipeline
-from mailpipe.devcluster import LocalCluster, missing_binaries
+from mailpipe.devcluster import LocalCluster, free_ports, missing_binaries
 from mailpipe.settings import Settings
 
 SIZE = 2048
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (all bound at once, so none is handed out twice)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ import logging
 import time
 from collections import Counter as Tally
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import redis
@@ -423,27 +423,12 @@ class LimiterStage(Stage):
                 del self.lines[key]
 
     def _mark_published(self, parts: list[tuple[str, str]]) -> None:
-        servers: dict[str, list[str]] = {}
-        for server, part_id in parts:
-            servers.setdefault(server, []).append(part_id)
-        for server, ids in servers.items():
-            try:
-                self.limiter.published(server, ids)
-            except RedisUnavailable as exc:
-                log.debug("%s", exc.reason)
+        _per_server(parts, self.limiter.published)
 
     def _leave(self, lines: set[Line]) -> None:
         """Tenants whose every batch here was parked no longer wait for their server; if Redis
         does not answer, their lease ends the wait instead."""
-        servers: dict[str, list[str]] = {}
-        for server, tenant in lines:
-            if not self.lines.get((server, tenant)):
-                servers.setdefault(server, []).append(tenant)
-        for server, tenants in servers.items():
-            try:
-                self.limiter.leave(server, tenants)
-            except RedisUnavailable as exc:
-                log.debug("%s", exc.reason)
+        _per_server([(s, t) for s, t in lines if not self.lines.get((s, t))], self.limiter.leave)
 
     def _dead(self, out: Round, delivery: Delivery, reason: str, category: str, **headers: str) -> None:
         out.outgoing.append(self.dead_letter(delivery.body, reason, category, **headers))
@@ -496,6 +481,19 @@ class LimiterStage(Stage):
 
     def close(self) -> None:
         self.redis.close()
+
+
+def _per_server(pairs: list[tuple[str, str]], call: Callable[[str, list[str]], None]) -> None:
+    """``call(server, names)`` once per server; best effort: a Redis that does not answer
+    leaves it to the leases and the next redelivery."""
+    servers: dict[str, list[str]] = {}
+    for server, name in pairs:
+        servers.setdefault(server, []).append(name)
+    for server, names in servers.items():
+        try:
+            call(server, names)
+        except RedisUnavailable as exc:
+            log.debug("%s", exc.reason)
 
 
 # -- pure helpers -----------------------------------------------------------------------------

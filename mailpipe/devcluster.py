@@ -145,6 +145,15 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, interva
         time.sleep(interval_s)
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (all bound at once, so none is handed out twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
 def port_free(port: int) -> bool:
     with socket.socket() as sock:
         # As the servers bind: connections of a cluster just stopped, in TIME_WAIT, do not count.

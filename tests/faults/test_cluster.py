@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import sys
 import threading
 import time
@@ -45,7 +44,7 @@ import pytest
 import redis
 
 from mailpipe import redis_client
-from mailpipe.devcluster import LocalCluster, missing_binaries
+from mailpipe.devcluster import LocalCluster, free_ports, missing_binaries
 from mailpipe.errors import ClusterError, MailpipeError
 from mailpipe.model import IntakeRequest, job_id_for, now_ms
 from mailpipe.settings import Settings
@@ -86,15 +85,6 @@ RECONNECT_LIMIT_S = 30.0  # the issue's bound on a stage's own reconnection
 REDIS_KILL_GRACE_S = 1.0
 
 SUMMARY: dict[str, Any] = {}
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (all bound at once, so none is handed out twice)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
 
 
 @pytest.fixture(scope="module")

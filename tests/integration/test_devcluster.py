@@ -4,10 +4,8 @@ Sentinels promote the replica when the primary is killed. ``down`` leaves no pro
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,20 +14,11 @@ import pika
 import pytest
 import redis
 
-from mailpipe.devcluster import RABBIT_BIN, LocalCluster, missing_binaries
+from mailpipe.devcluster import RABBIT_BIN, LocalCluster, free_ports, missing_binaries
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
 QUEUE = "devcluster-test"
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (all bound at once, so none is handed out twice)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
 
 
 def running(pid: int) -> bool:
