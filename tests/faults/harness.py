@@ -464,8 +464,14 @@ def queue_depths(namespace: str, rabbit: PrivateRabbit | None = None) -> dict[st
         return None
     if out.returncode != 0:
         return None
+    return parse_depths(out.stdout, namespace)
+
+
+def parse_depths(listing: str, namespace: str) -> dict[str, tuple[int, int]]:
+    """``rabbitmqctl list_queues name messages_ready messages_unacknowledged`` output, for the
+    queues of ``namespace``."""
     depths: dict[str, tuple[int, int]] = {}
-    for line in out.stdout.splitlines():
+    for line in listing.splitlines():
         cols = line.split()
         if cols and cols[0].startswith(f"{namespace}."):
             counts = cols[1:]

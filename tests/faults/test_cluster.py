@@ -57,6 +57,7 @@ from tests.faults.harness import (
     _unavailable,
     dead_for_check,
     held_claims,
+    parse_depths,
     tcp_client_ports,
     wait_until,
     write_servers,
@@ -236,15 +237,7 @@ def queue_depths(cluster: LocalCluster, namespace: str) -> dict[str, tuple[int, 
                               "messages_unacknowledged", timeout_s=30)
         except ClusterError:
             continue
-        depths: dict[str, tuple[int, int]] = {}
-        for line in out.splitlines():
-            cols = line.split()
-            if cols and cols[0].startswith(f"{namespace}."):
-                counts = cols[1:]
-                # A quorum queue whose leader does not answer has no counts: not empty, unknown.
-                known = len(counts) == 2 and all(c.isdigit() for c in counts)
-                depths[cols[0]] = (int(counts[0]), int(counts[1])) if known else (-1, -1)
-        return depths
+        return parse_depths(out, namespace)
     return None
 
 
