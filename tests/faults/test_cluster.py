@@ -361,9 +361,7 @@ def report_json(name: str, figures: dict[str, Any], report: CampaignReport) -> N
 
 def test_kill_9_the_node_the_stages_use(cluster: LocalCluster, tmp_path: Path) -> None:
     wall = time.monotonic()
-    settings = cluster_settings(cluster, tmp_path)
-    logs = tmp_path / "logs"
-    logs.mkdir()
+    settings, logs = cluster_settings(cluster, tmp_path), logs_dir(tmp_path)
     faults: list[Fault] = []
     node0 = cluster.rabbit_ports[0]
     with LedgerPeer() as peer:
@@ -410,6 +408,17 @@ def test_kill_9_the_node_the_stages_use(cluster: LocalCluster, tmp_path: Path) -
     slow = {n: s for n, s in reconnected.items() if s > RECONNECT_LIMIT_S}
     assert not slow, f"stages that took over {RECONNECT_LIMIT_S:g} s to reconnect: {slow}"
     assert all(n and 0 not in n for n in nodes.values()), f"a stage not on a surviving node: {nodes}"
+    assert_promises(report)
+
+
+def logs_dir(tmp_path: Path) -> Path:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    return logs
+
+
+def assert_promises(report: CampaignReport) -> None:
+    """What every scenario ends with: publishes were confirmed, and the checker found nothing."""
     assert report.mails > 0, "no publish was confirmed"
     assert report.ok, "violations:\n" + "\n".join(report.violations()) + "\n" + report.to_json()
 
@@ -418,9 +427,7 @@ def test_kill_9_the_node_the_stages_use(cluster: LocalCluster, tmp_path: Path) -
 
 def test_majority_lost_publishes_fail_loudly(cluster: LocalCluster, tmp_path: Path) -> None:
     wall = time.monotonic()
-    settings = cluster_settings(cluster, tmp_path)
-    logs = tmp_path / "logs"
-    logs.mkdir()
+    settings, logs = cluster_settings(cluster, tmp_path), logs_dir(tmp_path)
     faults: list[Fault] = []
     with LedgerPeer() as peer:
         write_rate_limited_server(settings, peer.port)
@@ -509,17 +516,14 @@ def test_majority_lost_publishes_fail_loudly(cluster: LocalCluster, tmp_path: Pa
         f"these took longer: {[(round(c.seconds, 1), c.error[:100]) for c in slow]}; one was seen hung "
         f"for {hung} s in:\n{hung_stack}")
     assert len(raised) >= 3, f"too few publishes raised while the majority was lost: {figures}"
-    assert report.mails > 0, "no publish was confirmed"
-    assert report.ok, "violations:\n" + "\n".join(report.violations()) + "\n" + report.to_json()
+    assert_promises(report)
 
 
 # -- c. the Redis primary dies ----------------------------------------------------------------------
 
 def test_redis_primary_killed(cluster: LocalCluster, tmp_path: Path) -> None:
     wall = time.monotonic()
-    settings = cluster_settings(cluster, tmp_path)
-    logs = tmp_path / "logs"
-    logs.mkdir()
+    settings, logs = cluster_settings(cluster, tmp_path), logs_dir(tmp_path)
     faults: list[Fault] = []
     with LedgerPeer() as peer:
         write_rate_limited_server(settings, peer.port)
@@ -584,5 +588,4 @@ def test_redis_primary_killed(cluster: LocalCluster, tmp_path: Path) -> None:
     report_json("c_redis_primary_killed", figures, report)
     assert not while_none, (f"{len(while_none)} mails reached the peer while no Redis primary answered "
                             f"({silent_from - origin:.2f} .. {no_primary_until - origin:.2f} s): {figures}")
-    assert report.mails > 0, "no publish was confirmed"
-    assert report.ok, "violations:\n" + "\n".join(report.violations()) + "\n" + report.to_json()
+    assert_promises(report)
