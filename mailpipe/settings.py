@@ -129,11 +129,20 @@ class Settings:
         return settings
 
     def validate(self) -> None:
+        """Refuse at start a value that cannot work, naming the variable and the range that does."""
+        # Each of these breaks at 0: a prefetch of 0 is RabbitMQ's "unlimited" (memory grows
+        # with the queue); a TTL or lease of 0 deletes its key at once (or is a Redis error);
+        # a park queue with a TTL of 0 returns its batch at once; a reconnect backoff of 0
+        # spins; a hold of 0 hands every batch back each round; a fair lease of 0 loses a
+        # waiting tenant's place to its replica's own latency.
         positive = ("prefetch", "large_message_bytes", "large_prefetch", "delivery_limit",
                     "max_message_bytes", "max_recipients", "max_batch_mails", "max_batch_bytes",
                     "window_s", "send_concurrency", "smtp_timeout_s", "retry_base_s", "retry_max_s",
                     "redis_timeout_s",
-                    "shutdown_timeout_s")
+                    "shutdown_timeout_s",
+                    "send_prefetch", "limiter_prefetch", "limiter_park_s", "limiter_hold_s",
+                    "idempotency_ttl_s", "idempotency_lease_s", "suppress_days", "reconnect_max_s",
+                    "fair_lease_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"MAILPIPE_{name.upper()} must be > 0, got {getattr(self, name)}")
@@ -152,6 +161,22 @@ class Settings:
             raise ConfigError(f"MAILPIPE_NAMESPACE={self.namespace!r}: letters, digits, - and _ only")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"MAILPIPE_LOG_FORMAT={self.log_format!r}: expected text or json")
+        levels = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+        if self.log_level.upper() not in levels:
+            raise ConfigError(f"MAILPIPE_LOG_LEVEL={self.log_level!r}: expected one of {', '.join(levels)}")
+        # No mail may start later than window - margin: with nothing left, every batch is late
+        # and loops through refund and re-grant forever.
+        if self.send_margin_s >= self.window_s:
+            raise ConfigError(f"MAILPIPE_SEND_MARGIN_S must be below MAILPIPE_WINDOW_S ({self.window_s:g}), "
+                              f"got {self.send_margin_s:g}")
+        # A claim is leased until its batch's deadline plus the SMTP timeout: a claim hash that
+        # expired sooner would let a second holder send what the first still has.
+        lease_s = self.window_s + self.smtp_timeout_s
+        if self.sent_mark_ttl_s <= lease_s:
+            raise ConfigError(f"MAILPIPE_SENT_MARK_TTL_S must be > MAILPIPE_WINDOW_S + MAILPIPE_SMTP_TIMEOUT_S "
+                              f"({lease_s:g}, a claim's longest lease), got {self.sent_mark_ttl_s}")
+        if self.redis_sentinels.strip() and not self.redis_master:
+            raise ConfigError("MAILPIPE_REDIS_MASTER must name the primary when MAILPIPE_REDIS_SENTINELS is set")
 
     def window_reserve(self, rate_per_hour: int) -> int:
         """Mails a server's rate sends in one delivery window: no grant may use them."""
