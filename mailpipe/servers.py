@@ -152,6 +152,10 @@ class ServerConfig:
     ca_file: str | None = None
     max_mails_per_connection: int = 1000
     platform: bool = False  # the platform's own: every tenant may send through it
+    # Bounces come back here (issue 23): the envelope sender is a signed VERP address on this
+    # domain, whose MX is the inbound stage. None: the platform's (MAILPIPE_RETURN_PATH_DOMAIN)
+    # for a platform server, no VERP for any other.
+    return_path_domain: str | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,9 @@ class TenantConfig:
     domains: tuple[str, ...] | None = None
     domain_policy: str = "refuse"
     weight: float = 1.0  # its share of a server against the other tenants with mail waiting
+    # Its own return-path domain (a subdomain of one of its domains, MX to the inbound stage):
+    # its mail's VERP envelope sender is there, so SPF aligns with its From (DMARC) as before.
+    return_path_domain: str | None = None
 
     def __post_init__(self) -> None:
         if not self.servers:  # built in code with only ``server``: that one
@@ -231,6 +238,24 @@ class Config:
                               f"its servers are {', '.join(allowed)}")
         return self.servers[requested]
 
+    def return_path_domain(self, server: ServerConfig, tenant: str, platform_domain: str) -> str | None:
+        """Where the bounces of ``tenant``'s mail through ``server`` come back (a VERP envelope
+        sender there), or None: no VERP. The server must be configured for it (its own
+        ``return_path_domain``, or a platform server with ``platform_domain`` set); the tenant's
+        own ``return_path_domain``, when it has one, is used in place of the server's."""
+        domain = server.return_path_domain or (platform_domain if server.platform else "") or None
+        if domain is None:
+            return None
+        own = self.tenants[tenant].return_path_domain if tenant in self.tenants else None
+        return own or domain
+
+    def return_path_domains(self, platform_domain: str) -> frozenset[str]:
+        """Every domain bounces may come back to (the inbound stage takes mail for these only)."""
+        domains = {s.return_path_domain for s in self.servers.values()}
+        domains |= {t.return_path_domain for t in self.tenants.values()}
+        domains.add(platform_domain.lower().rstrip(".") or None)
+        return frozenset(d for d in domains if d)
+
     def unchecked_tenants(self) -> list[str]:
         """Tenants without ``domains``: their senders are not checked (warned about at start)."""
         return sorted(name for name, tenant in self.tenants.items() if tenant.domains is None)
@@ -241,9 +266,9 @@ MIN_WEIGHT, MAX_WEIGHT = 0.01, 1000
 
 _SERVER_KEYS = {"address", "credentials_env", "credentials_file", "bulk", "rate_per_hour",
                 "per_minute", "unlimited", "concurrency", "tls", "tls_verify", "ca_file",
-                "max_mails_per_connection", "platform"}
+                "max_mails_per_connection", "platform", "return_path_domain"}
 _TENANT_KEYS = {"server", "servers", "daily_limit", "timezone", "dkim_domain", "dkim_selector",
-                "dkim_key_file", "dkim_key_env", "domains", "domain_policy", "weight"}
+                "dkim_key_file", "dkim_key_env", "domains", "domain_policy", "weight", "return_path_domain"}
 
 
 def load_config(path: Path | None, environ: dict[str, str] | None = None) -> Config:
@@ -319,7 +344,19 @@ def _server(name: str, table: dict[str, Any], where: str, environ: Any) -> Serve
         unlimited=_typed(table, "unlimited", bool, where) or False, concurrency=concurrency,
         tls_verify=True if tls_verify is None else tls_verify, ca_file=ca_file,
         max_mails_per_connection=max_per_conn, platform=_typed(table, "platform", bool, where) or False,
+        return_path_domain=_return_path_domain(table, where),
     )
+
+
+def _return_path_domain(table: dict[str, Any], where: str) -> str | None:
+    """A domain name (ASCII lowercase), or None when not given."""
+    text = _typed(table, "return_path_domain", str, where)
+    if text is None:
+        return None
+    try:
+        return normalize_domain(text)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.return_path_domain: {text!r} is not a domain name: {exc}") from None
 
 
 def _credentials(table: dict[str, Any], where: str, environ: Any) -> Credentials | None:
@@ -361,9 +398,15 @@ def _tenant(name: str, table: dict[str, Any], where: str, environ: Any,
         raise ConfigError(f"{where}.domain_policy: {policy!r} is not one of {', '.join(DOMAIN_POLICIES)}")
     if policy is not None and domains is None:
         raise ConfigError(f"{where}.domain_policy: needs domains (the tenant's verified sender domains)")
+    return_path = _return_path_domain(table, where)
+    if return_path is not None and domains is not None and not any(
+            return_path.endswith("." + d.removeprefix("*.")) or return_path == d for d in domains):
+        raise ConfigError(f"{where}.return_path_domain: {return_path!r} is not at one of the tenant's domains "
+                          f"(SPF would not align with its From)")
     return TenantConfig(name=name, server=server, daily_limit=daily_limit, timezone=timezone,
                         dkim=_dkim(table, where, environ), servers=servers or (server,), domains=domains,
-                        domain_policy=policy or "refuse", weight=_weight(table, where))
+                        domain_policy=policy or "refuse", weight=_weight(table, where),
+                        return_path_domain=return_path)
 
 
 def _weight(table: dict[str, Any], where: str) -> float:

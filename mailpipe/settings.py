@@ -9,7 +9,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -102,6 +102,45 @@ class Settings:
     queue_metrics_cache_s: float = 5.0
     # Per-tenant series (releases, grant wait): one per tenant and server, so off by default.
     metrics_tenant_label: bool = False
+
+    # -- After the 250: bounces, complaints, one-click unsubscribe (issue 23) ----------------------
+    # The platform's return-path domain, whose MX is the inbound stage: mail through a platform
+    # server gets a signed VERP envelope sender on it (mailpipe/verp.py). Empty: none on the
+    # platform's servers (a server's own return_path_domain in the servers file still applies).
+    return_path_domain: str = ""
+    # Signing keys for return paths and unsubscribe links: "id:secret,id:secret" (id 0 to 255,
+    # secret at least 16 characters); the first signs, every one verifies (rotation: put the new
+    # key first, drop the old one after verp_valid_days). Or a file holding the same. Never logged.
+    verp_keys: str = field(default="", repr=False)
+    verp_keys_file: str = ""
+    verp_valid_days: int = 30  # a return path is accepted this long after its mail was sent
+    unsubscribe_valid_days: int = 60  # an unsubscribe link works this long
+    # The one-click endpoint as recipients reach it (behind the platform's HTTPS), e.g.
+    # https://mail.example.com/unsubscribe; empty: bulk mail carries the mailto link only.
+    unsubscribe_url: str = ""
+    # The inbound stage: SMTP for the return-path domains, HTTP for the unsubscribe endpoint.
+    inbound_smtp_host: str = "0.0.0.0"
+    inbound_smtp_port: int = 2525
+    inbound_http_port: int = 8025
+    inbound_max_bytes: int = 10 * MIB  # a larger report is refused (552) before it is stored
+    # Feedback-loop addresses registered with providers (comma-separated, at our domains): taken
+    # without a token at RCPT; what they bring counts only if the reported mail carries one.
+    inbound_feedback_addresses: str = ""
+    # Suppression per tenant and address (mailpipe/suppression.py).
+    suppress_hard_days: int = 180
+    soft_bounce_limit: int = 3  # soft bounces (one a day at most) that suppress ...
+    soft_bounce_window_days: int = 30  # ... within this many days, for suppress_soft_days
+    suppress_soft_days: int = 30
+    suppress_hard_shared: bool = False  # a hard bounce suppresses the address for every tenant
+    # A tenant that hurts everyone's deliverability (mailpipe/reputation.py): over its last
+    # reputation_window_sends sends on the platform's servers, warn and pause at these ratios.
+    reputation_window_sends: int = 1000
+    reputation_min_sends: int = 200  # judged only with at least this many sends in the window
+    reputation_warn_bounce_ratio: float = 0.05
+    reputation_pause_bounce_ratio: float = 0.10
+    reputation_warn_complaint_ratio: float = 0.001
+    reputation_pause_complaint_ratio: float = 0.005
+    reports_keep_days: int = 30  # raw reports in the <ns>.reports.archive stream
 
     # Process.
     shutdown_timeout_s: float = 30.0

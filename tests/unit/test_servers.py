@@ -549,3 +549,39 @@ def test_the_example_servers_file_loads(tmp_path: Path) -> None:
     text = example.read_text(encoding="utf-8").replace("/run/secrets/platform_smtp", str(secret))
     config = load_config(write(tmp_path, text), {"ACME_SMTP": "acme secret"})
     assert config.platform_servers and all(t.domains for t in config.tenants.values())
+
+
+# -- return-path domains (issue 23) -----------------------------------------------------------------
+
+def test_return_path_domains_of_servers_and_tenants() -> None:
+    from mailpipe.servers import parse_config
+
+    config = parse_config({
+        "servers": {"platform": {"address": "[smtp.example.com]:587", "platform": True},
+                    "own": {"address": "[smtp.acme.example]:587", "return_path_domain": "Bounces.Acme.Example."},
+                    "plain": {"address": "[smtp.globex.example]:587"}},
+        "tenants": {"acme": {"servers": ["own"], "domains": ["acme.example"],
+                             "return_path_domain": "rp.acme.example"},
+                    "globex": {"servers": ["plain"]}}}, "test", {})
+    platform, own, plain = (config.servers[n] for n in ("platform", "own", "plain"))
+    assert own.return_path_domain == "bounces.acme.example"
+    assert config.return_path_domain(platform, "globex", "bounces.example.net") == "bounces.example.net"
+    assert config.return_path_domain(platform, "globex", "") is None, "no platform domain: no VERP"
+    assert config.return_path_domain(plain, "globex", "bounces.example.net") is None
+    assert config.return_path_domain(own, "acme", "") == "rp.acme.example", "the tenant's own wins"
+    assert config.return_path_domains("bounces.example.net") == {
+        "bounces.example.net", "bounces.acme.example", "rp.acme.example"}
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"servers": {"s": {"address": "x.example", "return_path_domain": "not a domain"}}},
+     "servers.s.return_path_domain"),
+    ({"servers": {"s": {"address": "x.example"}},
+      "tenants": {"t": {"server": "s", "domains": ["acme.example"], "return_path_domain": "bounces.other.example"}}},
+     "not at one of the tenant's domains"),
+])
+def test_a_bad_return_path_domain_is_named(table: dict[str, object], message: str) -> None:
+    from mailpipe.servers import parse_config
+
+    with pytest.raises(ConfigError, match=message):
+        parse_config(table, "test", {})
