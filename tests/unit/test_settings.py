@@ -88,7 +88,7 @@ def test_a_bad_value_names_the_variable(name: str, value: str, kind: str) -> Non
     ("MAILPIPE_BURST_MAILS", "-5", "MAILPIPE_BURST_MAILS must not be negative"),
     ("MAILPIPE_LINGER_MS", "-1", "MAILPIPE_LINGER_MS must not be negative"),
     ("MAILPIPE_SENT_MARK_TTL_S", "-1", "MAILPIPE_SENT_MARK_TTL_S must not be negative"),
-    ("MAILPIPE_RECONNECT_MAX_S", "-0.5", "MAILPIPE_RECONNECT_MAX_S must not be negative"),
+    ("MAILPIPE_RECONNECT_MAX_S", "-0.5", "MAILPIPE_RECONNECT_MAX_S must be > 0, got -0.5"),
     ("MAILPIPE_NAMESPACE", "", "MAILPIPE_NAMESPACE=''"),
     ("MAILPIPE_NAMESPACE", "a.b", "MAILPIPE_NAMESPACE='a.b': letters, digits, - and _ only"),
     ("MAILPIPE_NAMESPACE", "a b", "MAILPIPE_NAMESPACE='a b'"),
