@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import msgpack
@@ -195,6 +196,29 @@ def _priority(f: _Fields) -> str:
 
 # -- intake -----------------------------------------------------------------------------------
 
+# created_ms is milliseconds since the Unix epoch, the publisher's: the Date header, and one
+# half of what names a mail (with its id: sender/claims.py). Below 10^12 (2001-09-09) no time
+# of today is in milliseconds: a publisher writing seconds, or 0, would date its mail in 1970.
+# From 10^14 (the year 5138) it is microseconds or nanoseconds. Either is refused here, where
+# the publisher hears of it, rather than guessed at: a time filled in when the request is read
+# would differ between two readings of one request (a producer that died after its confirm
+# reads it again), and the two copies would be two mails.
+CREATED_MS_MIN = 10**12
+CREATED_MS_MAX = 10**14
+
+
+def _created_ms(f: _Fields) -> int:
+    value: int = f.integer("created_ms")
+    if CREATED_MS_MIN <= value < CREATED_MS_MAX:
+        return value
+    if value < CREATED_MS_MIN:
+        read = f"it reads as {datetime.fromtimestamp(value / 1000, UTC):%Y-%m-%d}; seconds? multiply by 1000"
+    else:
+        read = "after the year 5000: microseconds? divide by 1000"
+    raise InvalidMessage(f"{f.kind}.created_ms: {value} is not milliseconds since the Unix epoch ({read}); "
+                         f"expected {CREATED_MS_MIN} to {CREATED_MS_MAX - 1} (2001-09-09 to 5138-11-16)")
+
+
 def encode_intake(req: IntakeRequest) -> bytes:
     return _pack("intake", {
         "id": req.id, "tenant": req.tenant, "sender": req.sender, "created_ms": req.created_ms,
@@ -220,7 +244,7 @@ def decode_intake(data: bytes, max_message_bytes: int) -> IntakeRequest:
         attachments.append(Attachment(item[0], item[1], item[2]))
     return IntakeRequest(
         id=f.text("id", max_len=64), tenant=f.text("tenant", max_len=255), sender=f.text("sender"),
-        created_ms=f.integer("created_ms"), to=f.texts("to"), cc=f.texts("cc"), bcc=f.texts("bcc"),
+        created_ms=_created_ms(f), to=f.texts("to"), cc=f.texts("cc"), bcc=f.texts("bcc"),
         subject=f.text("subject", required=False), text=f.text("text", required=False, max_len=MAX_TEXT),
         html=f.text("html", required=False, max_len=MAX_TEXT), attachments=tuple(attachments),
         headers=f.text_map("headers"), server=f.text("server", required=False, max_len=255),

@@ -17,7 +17,7 @@ from typing import Any
 from mailpipe import codec
 from mailpipe.amqp import Outgoing
 from mailpipe.model import Batch, Category, Event, Job, Outcome, derived_id, now_ms
-from mailpipe.retry import Expire, Retry, RetryPolicy, retry_step
+from mailpipe.retry import Expire, Retry, RetryPolicy, Step, retry_step
 from mailpipe.topology import Topology
 from sender import metrics
 from sender.delivery import BatchDelivery, JobOutcome
@@ -58,7 +58,7 @@ class Outputs:
             out.append(self.event(job, batch, Outcome.SENT, sent, SENT_REPLY, at_ms))
             metrics.MAILS.labels(job.server, Outcome.SENT, "").inc(len(outcome.sent))
         for reply, recipients in group({**outcome.deferred, **outcome.failed}):
-            step = retry_step(job, tuple(recipients), reply, at_ms, self.policy)
+            step = self.retry_step(job, tuple(recipients), reply, at_ms)
             if isinstance(step, Retry):
                 outcome.retried.extend(recipients)  # released as "d": attempt + 1 carries them now
                 body = codec.encode_job(step.job)  # a large job waits and comes back on jobs.large
@@ -75,6 +75,17 @@ class Outputs:
             out.append(self.event(job, batch, outcome_name, recipients, reply, at_ms))
             metrics.MAILS.labels(job.server, outcome_name, category).inc(len(recipients))
         return out
+
+    def retry_step(self, job: Job, recipients: tuple[str, ...], reply: Reply, at_ms: int) -> Step:
+        """``mailpipe/retry.py``'s decision, with the mail's age counted from when mailpipe took it
+        in (``enqueued_ms``, the enqueue stage's clock), not from the publisher's ``created_ms``:
+        a publisher's clock or unit must not dead-letter its mail at the first 4xx (greylisting
+        answers every first mail so). A job made elsewhere, without ``enqueued_ms``, counts from
+        ``created_ms`` as before. The copies it makes keep the publisher's ``created_ms``."""
+        if not job.enqueued_ms or job.enqueued_ms == job.created_ms:
+            return retry_step(job, recipients, reply, at_ms, self.policy)
+        step = retry_step(replace(job, created_ms=job.enqueued_ms), recipients, reply, at_ms, self.policy)
+        return step._replace(job=replace(step.job, created_ms=job.created_ms))
 
     def dead(self, job: Job, reply: Reply, category: str, reason: str) -> Outgoing:
         headers: dict[str, Any] = {

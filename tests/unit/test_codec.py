@@ -144,7 +144,7 @@ def test_intake_compose_round_trip() -> None:
 
 
 def test_intake_raw_round_trip() -> None:
-    req = IntakeRequest(id="r1", tenant="acme", sender="a@acme.example", created_ms=1,
+    req = IntakeRequest(id="r1", tenant="acme", sender="a@acme.example", created_ms=1_700_000_000_000,
                         message=b"From: a@acme.example\r\n\r\nbody\r\n", recipients=("x@example.com",))
     decoded = decode_intake(codec.encode_intake(req))
     assert decoded == req
@@ -154,7 +154,7 @@ def test_intake_raw_round_trip() -> None:
 def test_intake_minimal_map_from_another_language() -> None:
     """What a Go or Node publisher sends: only the required keys, no nils for the rest."""
     decoded = decode_intake(pack({"v": 1, "kind": "intake", "id": "m1", "tenant": "acme",
-                                  "sender": "a@acme.example", "created_ms": 5, "to": ["x@example.com"],
+                                  "sender": "a@acme.example", "created_ms": 1_700_000_000_000, "to": ["x@example.com"],
                                   "subject": "s", "text": "t"}))
     assert decoded.to == ("x@example.com",) and decoded.cc == () and decoded.headers == {}
     assert decoded.message is None and decoded.server is None
