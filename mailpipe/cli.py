@@ -118,10 +118,14 @@ def cmd_suppression(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     client = redis_client.connect(settings)
     try:
-        if args.action == "remove":
+        if args.action in ("add", "remove"):
             if not (args.tenant and args.recipient):
-                print("mailpipe suppression remove: give --tenant and the RECIPIENT", file=sys.stderr)
+                print(f"mailpipe suppression {args.action}: give --tenant and the RECIPIENT", file=sys.stderr)
                 return 2
+            if args.action == "add":
+                added = suppression.add(client, settings.namespace, args.tenant, args.recipient, args.reason or "")
+                print(f"{args.recipient}: {'suppressed until lifted' if added else 'was suppressed already'}")
+                return 0
             removed = suppression.remove(client, settings.namespace, args.tenant, args.recipient)
             print(f"{args.recipient}: {'no longer suppressed' if removed else 'was not suppressed'}")
             return 0
@@ -130,7 +134,37 @@ def cmd_suppression(args: argparse.Namespace) -> int:
         client.close()
     print(f"{len(rows)} suppressed recipient(s)")
     for row in rows:
-        print(f"{row.tenant:16} {row.recipient:40} {row.expires_in_s // 86400:>3} d left  {row.reason}")
+        left = "until lifted" if row.expires_in_s < 0 else f"{row.expires_in_s // 86400:>3} d left"
+        print(f"{row.tenant:16} {row.recipient:40} {row.kind:12} {left:>12}  {row.reason}")
+    return 0
+
+
+def cmd_tenants(args: argparse.Namespace) -> int:
+    """``mailpipe tenants list|resume|pause``: the tenants paused for hurting everyone's deliverability."""
+    from mailpipe import redis_client, reputation
+    from mailpipe.model import now_ms
+
+    settings = Settings.from_env()
+    client = redis_client.connect(settings)
+    try:
+        if args.action in ("resume", "pause") and not args.name:
+            print(f"mailpipe tenants {args.action}: give the tenant's NAME", file=sys.stderr)
+            return 2
+        if args.action == "resume":
+            was = reputation.resume(client, settings.namespace, args.name)
+            print(f"{args.name}: {'resumed' if was else 'was not paused'} (its bounce and complaint window starts "
+                  "afresh)")
+            return 0
+        if args.action == "pause":
+            reputation.pause(client, settings.namespace, args.name, args.reason or "paused by hand", now_ms())
+            print(f"{args.name}: bulk mail to shared servers paused until `mailpipe tenants resume {args.name}`")
+            return 0
+        paused = reputation.paused_tenants(client, settings.namespace)
+    finally:
+        client.close()
+    print(f"{len(paused)} paused tenant(s)")
+    for pause in paused.values():
+        print(f"{pause.tenant:16} {pause.reason}")
     return 0
 
 
@@ -189,11 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     dead.add_argument("--tenant", help="only this tenant's mail")
     dead.set_defaults(func=cmd_dead)
 
-    supp = sub.add_parser("suppression", help="recipients suppressed after a permanent bad_recipient failure")
-    supp.add_argument("action", choices=("list", "remove"))
-    supp.add_argument("recipient", nargs="?", help="the address to remove")
-    supp.add_argument("--tenant", help="only this tenant (required for remove)")
+    supp = sub.add_parser("suppression", help="recipients suppressed for a tenant (bounces, complaints, "
+                          "unsubscribes, by hand)")
+    supp.add_argument("action", choices=("list", "add", "remove"))
+    supp.add_argument("recipient", nargs="?", help="the address to add or remove")
+    supp.add_argument("--tenant", help="only this tenant (required for add and remove)")
+    supp.add_argument("--reason", help="add: why (shown in the list and the intake's refusal)")
     supp.set_defaults(func=cmd_suppression)
+
+    tenants = sub.add_parser("tenants", help="tenants paused for their bounce or complaint rate on shared servers")
+    tenants.add_argument("action", choices=("list", "resume", "pause"))
+    tenants.add_argument("name", nargs="?", metavar="NAME", help="the tenant to resume or pause")
+    tenants.add_argument("--reason", help="pause: why")
+    tenants.set_defaults(func=cmd_tenants)
 
     cluster = sub.add_parser("cluster", help="a local 3-node RabbitMQ cluster and Redis with Sentinel, for "
                              "development (in $MAILPIPE_CLUSTER_DIR, default .cluster/)")

@@ -1,21 +1,90 @@
-"""Recipients that failed permanently as ``bad_recipient``, suppressed per tenant for a while.
+"""Recipients a tenant must not mail any more, per tenant and address, fair to the recipient.
 
-The sender records them; the intake fails later mail to them with reason ``suppressed``;
-``mailpipe suppression list|remove`` manages them. One Redis key per tenant and recipient,
-expiring by itself after ``suppress_days``.
+- A hard bounce (the address does not exist: 5.1.x, 5.2.1) suppresses at once, for
+  ``suppress_hard_days`` (180); with ``suppress_hard_shared`` it does so for every tenant.
+- Soft bounces (4.x, a full mailbox, an unknown failure) are counted, one a day at most, and
+  suppress at ``soft_bounce_limit`` (3) within ``soft_bounce_window_days`` (30), for
+  ``suppress_soft_days``. A delivery (a 250) resets the count.
+- A complaint, an unsubscribe or a suppression by hand lasts until the tenant lifts it
+  (``mailpipe suppression remove``).
+- A sender- or reputation-caused failure (5.7.x, a blocklist) never suppresses anyone.
+
+The intake fails later mail to a suppressed address (``suppressed``); the sender and the inbound
+stage record (``record``), each recording atomically (``suppression.lua``) and at most once per
+report (its event id). One Redis key per (tenant, address), expiring by itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
+from importlib import resources
 from typing import cast
 
 import redis
 
+from mailpipe.settings import Settings
+from mailpipe.verp import today
+
+MARK_TTL_S = 40 * 86400  # a report redelivered within this is recognised (tokens live 30 days)
+
+
+class Kind(StrEnum):
+    HARD_BOUNCE = "hard_bounce"
+    SOFT_BOUNCE = "soft_bounce"
+    COMPLAINT = "complaint"
+    UNSUBSCRIBE = "unsubscribe"
+    MANUAL = "manual"
+
+
+UNTIL_LIFTED = (Kind.COMPLAINT, Kind.UNSUBSCRIBE, Kind.MANUAL)
+
 
 def key(namespace: str, tenant: str, recipient: str) -> str:
     return f"{namespace}:suppressed:{tenant}:{recipient.lower()}"
+
+
+def shared_key(namespace: str, recipient: str) -> str:
+    """A hard bounce shared by every tenant (``suppress_hard_shared``)."""
+    return f"{namespace}:suppressed-shared:{recipient.lower()}"
+
+
+def soft_key(namespace: str, tenant: str, recipient: str) -> str:
+    return f"{namespace}:soft-bounces:{tenant}:{recipient.lower()}"
+
+
+def mark_key(namespace: str, event_id: str) -> str:
+    return f"{namespace}:applied:{event_id}"
+
+
+@dataclass(frozen=True)
+class Policy:
+    hard_days: int = 180
+    soft_limit: int = 3
+    soft_window_days: int = 30
+    soft_days: int = 30
+    hard_shared: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Policy:
+        return cls(hard_days=settings.suppress_hard_days, soft_limit=settings.soft_bounce_limit,
+                   soft_window_days=settings.soft_bounce_window_days, soft_days=settings.suppress_soft_days,
+                   hard_shared=settings.suppress_hard_shared)
+
+
+class Outcome(StrEnum):
+    SUPPRESSED = "suppressed"  # newly: worth a suppressed event
+    EXTENDED = "extended"  # was already, now for longer
+    COUNTED = "counted"  # a soft bounce counted, not (yet) suppressed; or a stronger one stands
+    DUPLICATE = "duplicate"  # this report was recorded before
+
+
+@dataclass(frozen=True)
+class Recorded:
+    outcome: Outcome
+    soft_count: int
+    days: int  # how long it is suppressed for, 0: until lifted (meaningful when suppressed)
 
 
 @dataclass(frozen=True)
@@ -23,24 +92,72 @@ class Suppressed:
     tenant: str
     recipient: str
     reason: str
-    expires_in_s: int
+    expires_in_s: int  # -1: until lifted
+
+    @property
+    def kind(self) -> str:
+        head = self.reason.partition(":")[0]
+        return head if head in set(Kind) else Kind.HARD_BOUNCE  # older entries: bad_recipient
+
+
+_SCRIPT: str | None = None
+
+
+def _script() -> str:
+    global _SCRIPT
+    if _SCRIPT is None:
+        _SCRIPT = resources.files("mailpipe").joinpath("suppression.lua").read_text(encoding="utf-8")
+    return _SCRIPT
+
+
+def record(client: redis.Redis, namespace: str, tenant: str, recipient: str, kind: Kind, reason: str,
+           policy: Policy, *, event_id: str = "", day: int | None = None) -> Recorded:
+    """Record one bounce (hard or soft), complaint, unsubscribe or manual suppression."""
+    days = {Kind.HARD_BOUNCE: policy.hard_days, Kind.SOFT_BOUNCE: policy.soft_days}.get(kind, 0)
+    value = f"{kind}: {reason}"[:2000]
+    keys = [key(namespace, tenant, recipient), soft_key(namespace, tenant, recipient),
+            mark_key(namespace, event_id) if event_id else ""]
+    args = ["soft" if kind == Kind.SOFT_BOUNCE else "suppress", value, days * 86400,
+            today() if day is None else day, policy.soft_limit, policy.soft_window_days, MARK_TTL_S]
+    code, counted = cast(list[int], client.eval(_script(), len(keys), *keys, *args))
+    if kind == Kind.HARD_BOUNCE and policy.hard_shared and code >= 0:
+        client.eval(_script(), 3, shared_key(namespace, recipient), soft_key(namespace, "", recipient), "",
+                    "suppress", f"{kind}: (shared) a hard bounce for another tenant", days * 86400, 0, 0, 0, 0)
+    outcome = {1: Outcome.SUPPRESSED, 2: Outcome.EXTENDED, -1: Outcome.DUPLICATE}.get(code, Outcome.COUNTED)
+    return Recorded(outcome=outcome, soft_count=counted, days=days)
+
+
+def delivered(client: redis.Redis, namespace: str, pairs: Iterable[tuple[str, str]]) -> None:
+    """A delivery resets the address's soft bounces: one round trip for a batch's recipients."""
+    names = [soft_key(namespace, tenant, recipient) for tenant, recipient in pairs]
+    if names:
+        client.unlink(*names)
 
 
 def suppress(client: redis.Redis, namespace: str, tenant: str, recipient: str, reason: str,
              days: int) -> None:
+    """Suppress for ``days`` (the older API: a bad recipient the sender saw)."""
     client.set(key(namespace, tenant, recipient), reason.encode(), ex=days * 86400)
 
 
-def suppressed(client: redis.Redis, namespace: str,
-               lookups: Sequence[tuple[str, Sequence[str]]]) -> list[dict[str, str]]:
-    """For each (tenant, recipients), the recipients suppressed for that tenant, with why; all
-    in one round trip."""
+def suppressed(client: redis.Redis, namespace: str, lookups: Sequence[tuple[str, Sequence[str]]], *,
+               shared: bool = False) -> list[dict[str, str]]:
+    """For each (tenant, recipients), the recipients suppressed for that tenant (or, with
+    ``shared``, by a hard bounce of any tenant), with why; all in one round trip."""
     with client.pipeline(transaction=False) as pipe:
         for tenant, recipients in lookups:
             pipe.mget([key(namespace, tenant, r) for r in recipients])
+            if shared:
+                pipe.mget([shared_key(namespace, r) for r in recipients])
         found = cast(list[list[bytes | None]], pipe.execute())
-    return [{r: v.decode("utf-8", "replace") for r, v in zip(recipients, marks, strict=True) if v is not None}
-            for (_, recipients), marks in zip(lookups, found, strict=True)]
+    step = 2 if shared else 1
+    out = []
+    for i, (_, recipients) in enumerate(lookups):
+        marks = found[i * step]
+        if shared:
+            marks = [m or s for m, s in zip(marks, found[i * step + 1], strict=True)]
+        out.append({r: v.decode("utf-8", "replace") for r, v in zip(recipients, marks, strict=True) if v is not None})
+    return out
 
 
 def list_suppressed(client: redis.Redis, namespace: str, tenant: str | None = None) -> list[Suppressed]:
@@ -50,6 +167,8 @@ def list_suppressed(client: redis.Redis, namespace: str, tenant: str | None = No
     for raw in client.scan_iter(match=pattern, count=1000):
         name = raw.decode() if isinstance(raw, bytes) else str(raw)
         owner, _, recipient = name[len(prefix):].partition(":")
+        if tenant is not None and owner != tenant:  # a tenant named like "acme:x" is another's
+            continue
         reason = cast(bytes | None, client.get(name))
         ttl = cast(int, client.ttl(name))
         if reason is not None:
@@ -57,5 +176,14 @@ def list_suppressed(client: redis.Redis, namespace: str, tenant: str | None = No
     return sorted(rows, key=lambda s: (s.tenant, s.recipient))
 
 
+def add(client: redis.Redis, namespace: str, tenant: str, recipient: str, reason: str) -> bool:
+    """Suppress by hand, until lifted; True when it was not suppressed before."""
+    done = record(client, namespace, tenant, recipient, Kind.MANUAL, reason or "added by hand", Policy())
+    return done.outcome == Outcome.SUPPRESSED
+
+
 def remove(client: redis.Redis, namespace: str, tenant: str, recipient: str) -> bool:
-    return bool(client.delete(key(namespace, tenant, recipient)))
+    """Lift a suppression (and forget the address's soft bounces)."""
+    removed = client.delete(key(namespace, tenant, recipient))
+    client.delete(soft_key(namespace, tenant, recipient))
+    return bool(removed)
