@@ -1,7 +1,7 @@
 -- claims.lua: claim the recipients of a batch's jobs for one holder, atomically, in one round
 -- trip. The Python side is sender/claims.py, which documents the states.
 --
--- KEYS[i]  {<namespace>:<server>}:claim:<tenant>:<job id>:<attempt>, a hash: recipient -> state
+-- KEYS[i]  {<namespace>:<server>}:claim:<tenant>:<job id>:<created_ms>:<attempt>, a hash: recipient -> state
 --          "s"                          sent (the server said 250)
 --          "h <owner> <until_us> <grant>" held by owner until then, under that grant
 --          "x <grant>" / "r <grant>"    released by a holder of that grant, its outcome published

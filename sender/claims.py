@@ -12,9 +12,13 @@ its holder died (its lease expires, unmarked), and a 250 lost on the wire.
 The states are documented in ``claims.lua``; every claim of a batch is one round trip, and it
 answers with Redis time, which is the only clock a deadline is judged by.
 
-Keys: ``{<namespace>:<server>}:claim:<tenant>:<job id>:<attempt>`` (one hash per job and
-attempt, one field per recipient), under the server's hash tag, so one batch's keys share a
-Redis Cluster slot; the tenant in the key keeps one tenant's job ids apart from another's.
+Keys: ``{<namespace>:<server>}:claim:<tenant>:<job id>:<created_ms>:<attempt>`` (one hash per
+mail and attempt, one field per recipient), under the server's hash tag, so one batch's keys
+share a Redis Cluster slot; the tenant in the key keeps one tenant's job ids apart from
+another's. A mail is named by its tenant, id and ``created_ms`` (docs/wire-format.md, 2.8): a
+tenant that reuses an id (an order number) for a second mail has it sent, not skipped as sent;
+the same request read twice (rendered twice, with another MIME boundary or DKIM timestamp, so
+never by a digest of its bytes) is still one mail. It costs nothing per mail: both are fields.
 """
 
 from __future__ import annotations
@@ -51,6 +55,11 @@ class Snapshot:
     codes: list[dict[str, Claim]]
 
 
+def claim_key(namespace: str, job: Job) -> str:
+    """The hash of one mail's attempt: its tenant, id and created_ms name the mail."""
+    return f"{{{namespace}:{job.server}}}:claim:{job.tenant}:{job.id}:{job.created_ms}:{job.attempt}"
+
+
 def _script(name: str) -> bytes:
     return importlib.resources.files("sender").joinpath(name).read_bytes()
 
@@ -71,7 +80,7 @@ class Claims:
         self._writer: asyncio.Task[None] | None = None
 
     def key(self, job: Job) -> str:
-        return f"{{{self.namespace}:{job.server}}}:claim:{job.tenant}:{job.id}:{job.attempt}"
+        return claim_key(self.namespace, job)
 
     async def claim(self, owner: str, grant: str, jobs: Sequence[Job], recipients: Sequence[Sequence[str]],
                     lease_until_us: int, cutoff_us: int) -> Snapshot:

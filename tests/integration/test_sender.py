@@ -24,6 +24,7 @@ from mailpipe.model import Batch, Event, Job, new_id, now_ms
 from mailpipe.settings import Settings
 from mailpipe.stage import run
 from mailpipe.topology import DEAD_REASON, Topology
+from sender.claims import claim_key
 from sender.stage import SenderStage
 from tests.smtp_peer import SmtpPeer, TestCerts, make_test_ca
 from tests.stages import settings_env
@@ -290,7 +291,7 @@ def test_redelivered_batch_skips_marked_recipients(settings: Settings, bus: Bus)
     assert bus.retries() == [] and bus.dead() == []
     client = redis.Redis.from_url(settings.redis_url)
     try:
-        key = f"{{{settings.namespace}:{jobs[0].server}}}:claim:{jobs[0].tenant}:{jobs[0].id}:0"
+        key = claim_key(settings.namespace, jobs[0])
         assert client.hgetall(key) == {b"a0@example.com": b"s", b"b0@example.com": b"s"}
         ttl = client.ttl(key)
         assert isinstance(ttl, int) and 0 < ttl <= settings.sent_mark_ttl_s

@@ -19,7 +19,7 @@ from mailpipe.amqp import Broker
 from mailpipe.model import Batch, Job, now_ms
 from mailpipe.settings import Settings
 from mailpipe.stage import _handle
-from sender.claims import Claim, Claims
+from sender.claims import Claim, Claims, claim_key
 from sender.delivery import Hold, deliver
 from sender.pool import Pools
 from sender.stage import SenderStage
@@ -152,7 +152,7 @@ def test_a_mark_is_in_redis_before_the_next_mail_on_its_connection(settings: Set
             super()._record(received)
 
     def claims_key(job: Job) -> str:
-        return f"{{{settings.namespace}:{job.server}}}:claim:{job.tenant}:{job.id}:{job.attempt}"
+        return claim_key(settings.namespace, job)
 
     class SlowMarks(Claims):
         async def _write(self) -> None:
@@ -216,7 +216,7 @@ def test_a_late_batch_gives_back_what_nobody_touched_with_its_refund(settings: S
     client = redis.Redis.from_url(settings.redis_url)
     try:
         held = jobs[0]
-        key = f"{{{settings.namespace}:{held.server}}}:claim:{held.tenant}:{held.id}:{held.attempt}"
+        key = claim_key(settings.namespace, held)
         seconds, _ = client.time()  # type: ignore[misc]
         client.hset(key, held.recipients[1], f"h other {(seconds + 60) * 1_000_000} {batch.grant_id}")
         with SmtpPeer() as peer:
