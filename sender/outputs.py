@@ -112,6 +112,7 @@ class Outputs:
         back = Batch(id=derived_id(batch.id, f"{batch.grant_id}:{owner}:back"),
                      server=batch.server, jobs=tuple(raws), mails=len(raws),
                      bytes=sum(job.size for job in jobs), created_ms=batch.created_ms,
+                     priority=batch.priority,  # transactional mail stays ahead after a give-back
                      refund=refund, tenants=dict(Counter(job.tenant for job in jobs)),
                      refund_of=batch.id if refund else None, refund_tenants=dict(refund_tenants or {}))
         metrics.REFUNDS.labels(batch.server, reason).inc(len(raws))
