@@ -266,7 +266,7 @@ class _Run:
             # to the others, gone, and one of them may have sent these recipients meanwhile.
             return await self._marked(marking) and time.monotonic() < self.lease_end
         try:
-            result = await send_mail(conn, job.sender, recipients, job.message, ready=ready)
+            result = await send_mail(conn, job.sender, recipients, job.message, ready=ready, cutoff=self.cutoff)
         except SmtpError as exc:
             reply = reply_of(exc)
             log.info("job %s: %s", job.id, exc.reason)
@@ -274,8 +274,16 @@ class _Run:
                 outcome.record(recipient, reply)
             outcome.at_ms = now_ms()
             return marking  # still to wait for, if the message never came to ask
-        if result.aborted:  # the previous mark failed (and was reported): this one was never sent
-            outcome.back += recipients
+        if result.aborted:
+            # Never sent: the previous mark failed (and was reported), or the cutoff came before
+            # the body could go (a server slow to say 354, a mark slow to be written). Its
+            # recipients go back as touched under this grant: the server saw their envelope.
+            for recipient, reply in result.refused.items():
+                outcome.record(recipient, reply)
+            outcome.back += [r for r in recipients if r not in result.refused]
+            outcome.at_ms = now_ms()
+            if result.late:
+                self.stop("deadline")
             return None
         outcome.at_ms = now_ms()
         outcome.sent.extend(result.accepted)

@@ -17,19 +17,27 @@ from sender.translate import translate
 
 @dataclass(frozen=True)
 class MailResult:
-    """What the server said about one mail, per recipient. ``aborted``: ``ready`` said no, and
-    the message was never sent (the connection is closed: the server discards the mail)."""
+    """What the server said about one mail, per recipient. ``aborted``: the message was never
+    sent (the connection is closed: the server discards the mail), because ``ready`` said no,
+    or, ``late``, because the cutoff came first (``refused`` still holds the RCPT refusals)."""
 
     accepted: tuple[str, ...]
     refused: dict[str, Reply]
     aborted: bool = False
+    late: bool = False
 
 
 async def send_mail(conn: Connection, sender: str, recipients: Sequence[str], message: bytes, *,
-                    ready: Callable[[], Awaitable[bool]] | None = None) -> MailResult:
+                    ready: Callable[[], Awaitable[bool]] | None = None,
+                    cutoff: float | None = None) -> MailResult:
     """One transaction: MAIL, RCPT per recipient, DATA, pipelined when the server offers it.
     ``ready`` is awaited after the 354, before the message: the server can accept nothing
     before it says yes (the sender waits there for the previous mail's "sent" mark).
+
+    ``cutoff`` (``time.monotonic()``): no body goes after it. The wait for the envelope's
+    replies (the 354 above all: a tarpit holds it) ends there, and it is checked again just
+    before the body; past it the connection is dropped, since a transaction that had its 354
+    cannot be taken back otherwise, and the result is ``aborted`` and ``late``.
 
     Per-recipient replies are kept apart; a reply to MAIL or DATA applies to every recipient it
     covers. Raises SmtpTransient/SmtpPermanent only for what breaks the session (and marks it
@@ -60,7 +68,11 @@ async def send_mail(conn: Connection, sender: str, recipients: Sequence[str], me
         mail += b" BODY=8BITMIME"
     try:
         started = time.monotonic()
-        replies = await _envelope(session, mail + b"\r\n", [arg for _, arg in envelope])
+        try:
+            replies = await _envelope(session, mail + b"\r\n", [arg for _, arg in envelope], cutoff)
+        except _CutoffCame:
+            conn.close()
+            return MailResult(accepted=(), refused=refused, aborted=True, late=True)
         metrics.REPLY_SECONDS.labels(server, "envelope").observe(time.monotonic() - started)
         mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
         if not mail_reply.ok:
@@ -91,6 +103,9 @@ async def send_mail(conn: Connection, sender: str, recipients: Sequence[str], me
         if ready is not None and not await ready():
             conn.close()
             return MailResult(accepted=(), refused=refused, aborted=True)
+        if _past(cutoff):  # the previous mark, or the 354 itself, came too late
+            conn.close()
+            return MailResult(accepted=(), refused=refused, aborted=True, late=True)
         started = time.monotonic()
         final = await session.command(data_payload(message))
         metrics.REPLY_SECONDS.labels(server, "data").observe(time.monotonic() - started)
@@ -108,17 +123,44 @@ async def send_mail(conn: Connection, sender: str, recipients: Sequence[str], me
         conn.last_used = time.monotonic()
 
 
-async def _envelope(session: Session, mail: bytes, rcpts: list[bytes]) -> list[ServerReply]:
+def _past(cutoff: float | None) -> bool:
+    return cutoff is not None and time.monotonic() >= cutoff
+
+
+class _CutoffCame(Exception):
+    """The cutoff came before the server's replies did (a timeout the cutoff set, not the
+    server's silence past the SMTP timeout)."""
+
+
+async def _replies(session: Session, count: int, cutoff: float | None, command: bytes = b"") -> list[ServerReply]:
+    """``count`` replies (after writing ``command``), waiting at most the SMTP timeout, or
+    until the cutoff if that comes first (then ``_CutoffCame``)."""
+    wait_s = session.timeout_s
+    if cutoff is not None and cutoff - time.monotonic() < wait_s:
+        wait_s = cutoff - time.monotonic()
+        if wait_s <= 0:
+            raise _CutoffCame
+    if command:
+        session.write(command)
+    try:
+        return await session.replies(count, wait_s)
+    except TimeoutError:
+        if wait_s < session.timeout_s:
+            raise _CutoffCame from None
+        raise
+
+
+async def _envelope(session: Session, mail: bytes, rcpts: list[bytes], cutoff: float | None) -> list[ServerReply]:
     """The replies to MAIL, each RCPT and DATA (padded with the last one when the server
-    stopped early: a refused MAIL, a 421). Pipelined: one write, one wait."""
+    stopped early: a refused MAIL, a 421). Pipelined: one write, one wait. TimeoutError when
+    the server is silent past the SMTP timeout, ``_CutoffCame`` when the cutoff comes first."""
     commands = [mail, *(b"RCPT TO:" + arg + b"\r\n" for arg in rcpts), b"DATA\r\n"]
     if session.pipelining:
-        session.write(b"".join(commands))
-        replies = await session.replies(len(commands))
+        replies = await _replies(session, len(commands), cutoff, b"".join(commands))
     else:
         replies = []
         for i, command in enumerate(commands):
-            replies.append(await session.command(command))
+            replies.append((await _replies(session, 1, cutoff, command))[0])
             if replies[-1].code == 421 or (i == 0 and not replies[0].ok):
                 break
             if i == len(commands) - 2 and not any(r.ok for r in replies[1:]):

@@ -269,7 +269,10 @@ def test_deadline_mid_batch_returns_the_rest(settings: Settings, bus: Bus) -> No
         sent = len(peer.messages)
     [back] = bus.returned()
     assert 0 < sent < 30
-    assert back.refund == back.mails == 30 - sent
+    assert back.mails == 30 - sent
+    # The one mail whose envelope was out at the cutoff (one connection) went back without its
+    # body, touched: not refunded. The others nobody touched.
+    assert back.refund in (back.mails, back.mails - 1)
     assert len(by_outcome(bus.events())["sent"]) == sent
 
 
