@@ -133,3 +133,9 @@ def _job_id(token: Token, report: Report) -> str:
 
 def _unique(tokens: Sequence[Token]) -> list[Token]:
     return list({t.local_part: t for t in tokens}.values())
+
+
+def one_click(token: Token, report_id: str, at_ms: int) -> Finding:
+    """The finding of a one-click unsubscribe (the link's token holds its recipient)."""
+    return Finding(type=FeedbackType.UNSUBSCRIBED, tenant=token.tenant, recipient=token.recipient or "",
+                   source=Source.HTTP, origin=report_id, at_ms=at_ms, job_id=token.job_id or "", report_id=report_id)

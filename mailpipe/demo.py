@@ -209,14 +209,14 @@ def run_pipeline(settings: Settings, mails: int, size: int, rate_per_hour: int |
         if linger_ms is None:
             linger_ms = settings.linger_ms if "MAILPIPE_LINGER_MS" in os.environ else DEMO_LINGER_MS
         env = stage_env(settings, namespace, servers_file, linger_ms)
-        ports = {stage: free_port() for stage in stages.NAMES} if sample_every_s else {}
-        for stage in stages.NAMES:
+        ports = {stage: free_port() for stage in stages.MAIL_PATH} if sample_every_s else {}
+        for stage in stages.MAIL_PATH:
             metrics = ["--metrics-port", str(ports[stage])] if stage in ports else []
             with (workdir / f"{stage}.log").open("wb") as log:  # the child keeps its own copy
                 procs[stage] = subprocess.Popen([sys.executable, "-m", "mailpipe", "run", stage, *metrics],
                                                 env=env, stdout=log, stderr=subprocess.STDOUT)
         sampler = Sampler(procs, ports, sample_every_s) if sample_every_s else None
-        print(f"started {', '.join(stages.NAMES)} (logs in {workdir}); SMTP server on "
+        print(f"started {', '.join(stages.MAIL_PATH)} (logs in {workdir}); SMTP server on "
               f"127.0.0.1:{smtp_port or sink.port}", file=out)
         try:
             if sampler is not None:

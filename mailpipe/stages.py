@@ -16,8 +16,12 @@ STAGES: dict[str, tuple[str, str]] = {
     "packer": ("packer.stage", "PackerStage"),
     "limiter": ("limiter.stage", "LimiterStage"),
     "sender": ("sender.stage", "SenderStage"),
+    # Not on the mail's path: what comes back after the 250 (bounces, complaints, unsubscribes).
+    "inbound": ("inbound.stage", "InboundStage"),
 }
 NAMES = tuple(STAGES)
+# The stages a mail goes through, in order (the demo and the fault campaign run these).
+MAIL_PATH = ("producer", "packer", "limiter", "sender")
 
 
 def load(name: str) -> type[Stage]:

@@ -55,6 +55,7 @@ class Topology:
     park_delays_s: tuple[int, ...] = (60, 300, 1800)
     large_message_bytes: int = LARGE_MESSAGE_BYTES
     quorum_group_size: int = 0  # members a new quorum queue starts with; 0: every node
+    reports_keep_days: int = 30  # the inbound stage's raw reports, in a stream (issue 23)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topology:
@@ -62,7 +63,8 @@ class Topology:
                    retry_delays_s=retry_delays(settings.retry_base_s, settings.retry_max_s),
                    park_delays_s=tuple(settings.limiter_park_s * f for f in PARK_FACTORS),
                    large_message_bytes=settings.large_message_bytes,
-                   quorum_group_size=settings.quorum_group_size)
+                   quorum_group_size=settings.quorum_group_size,
+                   reports_keep_days=settings.reports_keep_days)
 
     def is_large(self, size: int) -> bool:
         """Whether a message of ``size`` encoded bytes goes on the ``.large`` queues."""
@@ -134,6 +136,27 @@ class Topology:
         """The retry queue of a job of ``size`` bytes; it dead-letters back to ``jobs_for(size)``."""
         return self._sized(self._q(f"retry.{self.retry_delay_s(attempt)}s"), size)
 
+    # -- the inbound stage (issue 23): reports in, the unreadable ones out, the raw ones kept ------
+    @property
+    def reports(self) -> str:
+        """Raw reports (DSN, ARF, unsubscribes) the inbound stage's receiver took, to be read."""
+        return self._q("reports")
+
+    @property
+    def reports_review(self) -> str:
+        """Reports nothing could read or attribute: kept for a person, never dropped."""
+        return self._q("reports.review")
+
+    @property
+    def reports_archive(self) -> str:
+        """A stream: every raw report for reports_keep_days, for its tenant to see."""
+        return self._q("reports.archive")
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """Streams (not in all_queues: a stream cannot be purged, and its depth is not a backlog)."""
+        return (self.reports_archive,)
+
     @property
     def work_queues(self) -> tuple[str, ...]:
         return (self.intake, self.intake_large, self.jobs, self.jobs_large, self.batches, self.send)
@@ -150,7 +173,8 @@ class Topology:
 
     @property
     def all_queues(self) -> tuple[str, ...]:
-        return (*self.work_queues, self.dead, *(queue for queue, _, _ in self._delay_queues()))
+        return (*self.work_queues, self.dead, *(queue for queue, _, _ in self._delay_queues()),
+                self.reports, self.reports_review)
 
     def _quorum(self) -> dict[str, Any]:
         """Quorum queues: replicated by Raft, a publisher confirm means a majority has the message."""
@@ -174,7 +198,20 @@ class Topology:
                 **self._quorum(), "x-message-ttl": delay_s * 1000, "x-dead-letter-exchange": "",
                 "x-dead-letter-routing-key": back_to, "x-dead-letter-strategy": "at-least-once",
                 "x-overflow": "reject-publish"})
+        self._declare_reports(channel, dead_letter_to=self.dead)
         channel.exchange_declare(self.events, exchange_type="topic", durable=True)
+
+    def _declare_reports(self, channel: BlockingChannel, dead_letter_to: str) -> None:
+        """The inbound stage's: a work queue, a review queue that never expires, the archive stream."""
+        _declare(channel, self.reports, durable=True, arguments={
+            **self._quorum(), "x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead_letter_to,
+            "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish",
+            "x-delivery-limit": self.delivery_limit})
+        _declare(channel, self.reports_review, durable=True, arguments=self._quorum())
+        stream: dict[str, Any] = {"x-queue-type": "stream", "x-max-age": f"{self.reports_keep_days}D"}
+        if self.quorum_group_size:
+            stream["x-initial-cluster-size"] = self.quorum_group_size
+        _declare(channel, self.reports_archive, durable=True, arguments=stream)
 
 
 def _declare(channel: BlockingChannel, queue: str, durable: bool, arguments: dict[str, Any]) -> None:

@@ -88,7 +88,7 @@ def delete_namespace(ns: str, amqp_url: str, redis_url: str) -> None:
     # Every quorum queue left behind holds file handles in the broker: enough of them and it
     # stops accepting connections. So delete every name a test's settings could have made.
     topology = Topology.from_settings(Settings(namespace=ns))
-    names = {*topology.all_queues}
+    names = {*topology.all_queues, *topology.streams}
     # Retry delays other tests' settings make, each with its .large sibling (Topology's list).
     names |= {*Topology(ns, retry_delays_s=(1, 2, 3, 4, 5, 8, 10, 16, 30, 32, 60, 64, 128, 256, 512)).all_queues}
     names |= {topology.park_queue(p * f) for p in (1, 2, 3, 5, 10, 30, 60) for f in PARK_FACTORS}

@@ -76,7 +76,7 @@ CHUNK = 5  # mails per publish call
 PUBLISH_PER_S = 12.0  # a little above the rate: a backlog forms, the limiter binds
 HEARTBEAT_S = 2  # the stages' AMQP heartbeat here: RabbitMQ closes a silent connection after ~2x
 HEARTBEAT_STOP_S = 3.0 * HEARTBEAT_S + 2.0  # a sender stopped past it comes back to a closed connection
-STAGES = stages.NAMES
+STAGES = stages.MAIL_PATH
 
 
 # -- the proxy, with replies dropped on the wire ---------------------------------------------------

@@ -1,0 +1,6 @@
+import sys
+
+from inbound.stage import InboundStage
+from mailpipe.stage import main
+
+sys.exit(main(InboundStage))

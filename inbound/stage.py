@@ -1,0 +1,187 @@
+"""The inbound stage: bounces, complaints and unsubscribes come back to the tenant, and stop
+the next mail (issue 23).
+
+Three doors, each in a thread of its own, all handing raw reports to ``<ns>.reports`` through
+one publisher (inbound/publisher.py), confirmed before they answer:
+- SMTP for the return-path domains (inbound/receiver.py): refused at RCPT without a valid token,
+  capped in size, 250 only once RabbitMQ has the report;
+- the one-click unsubscribe endpoint (inbound/unsubscribe.py): the suppression at once, 202;
+- (the mailto unsubscribe address is a token of the SMTP door).
+
+Then, read top to bottom, a report goes (``handle``, on the runner's thread):
+1. decode it; read it (inbound/reports.py: DSN, ARF, auto-reply, older formats);
+2. resolve it against its tokens (inbound/resolve.py): findings, nothing to do, or a review;
+3. apply each finding (mailpipe/feedback.py: suppression and reputation in Redis, once per
+   report however often it comes) and make its events;
+4. publish, in one confirmed call: the events to ``<ns>.events``, the raw report to the
+   ``<ns>.reports.archive`` stream (30 days, for the tenant: ``mailpipe reports``), and what
+   nothing could read or attribute to ``<ns>.reports.review`` (never dropped);
+5. mark the return paths that brought their final report as spent (a replay is refused at
+   RCPT), then ack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+import redis
+from prometheus_client import Counter
+
+from inbound.publisher import Publisher
+from inbound.receiver import Receiver, spent_key
+from inbound.reports import read
+from inbound.resolve import Resolved, one_click, resolve
+from inbound.unsubscribe import UnsubscribeServer
+from inbound.wire import HTTP, RawReport, decode_report
+from mailpipe import feedback, redis_client, reputation, suppression
+from mailpipe.amqp import Broker, Delivery, Outgoing
+from mailpipe.errors import InvalidMessage, RedisUnavailable
+from mailpipe.feedback import encode_feedback
+from mailpipe.model import Category
+from mailpipe.servers import ConfigWatcher
+from mailpipe.settings import Settings
+from mailpipe.stage import Stage
+from mailpipe.verp import Invalid, Signer, Token
+
+log = logging.getLogger(__name__)
+
+REPORTS = Counter("mailpipe_inbound_reports_total", "Reports read, by kind and what became of them.",
+                  ["kind", "result"])
+GAUGE_EVERY_S = 10.0
+
+
+class InboundStage(Stage):
+    name = "inbound"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.signer = Signer.from_settings(settings)
+        if self.signer is None:
+            log.warning("inbound: no MAILPIPE_VERP_KEYS: every return path is refused at RCPT")
+        self.config = ConfigWatcher(settings.servers_path)
+        self.redis = redis_client.connect(settings)
+        self.policy = suppression.Policy.from_settings(settings)
+        self.thresholds = reputation.Thresholds.from_settings(settings)
+        self.publisher = Publisher(settings, self.topology)
+        self.receiver = Receiver(settings, self.topology, self.signer, self.publisher)
+        self.http = UnsubscribeServer(settings, self.topology, self.signer, self.publisher, self.redis)
+        self._gauge_at = 0.0
+
+    @property
+    def input_queue(self) -> str:
+        return self.topology.reports
+
+    @property
+    def prefetch(self) -> int:
+        return min(self.settings.prefetch, 100)  # reports are up to inbound_max_bytes each
+
+    def start(self, broker: Broker) -> None:
+        # The doors open once the queues exist (the runner has declared them) and stay open
+        # across reconnects of this connection: they publish through their own.
+        self.publisher.start()
+        self.receiver.start()
+        self.http.start()
+
+    def handle(self, broker: Broker, deliveries: list[Delivery]) -> None:
+        out: list[Outgoing] = []
+        spent: list[Token] = []
+        for delivery in deliveries:
+            out += self.process(delivery, spent)
+        broker.publish(out)
+        if spent:
+            try:
+                with self.redis.pipeline(transaction=False) as pipe:
+                    for token in spent:
+                        pipe.set(spent_key(self.settings.namespace, token.id), b"1",
+                                 ex=(self.settings.verp_valid_days + 2) * 86400)
+                    pipe.execute()
+            except redis.RedisError as exc:
+                raise RedisUnavailable(f"Redis: cannot mark return paths as used: {exc}") from exc
+        broker.ack_all([d.tag for d in deliveries])
+
+    def process(self, delivery: Delivery, spent: list[Token]) -> list[Outgoing]:
+        """One report's outputs (events, archive copy, review); Redis records made on the way."""
+        try:
+            raw = decode_report(delivery.body, self.settings.inbound_max_bytes)
+        except InvalidMessage as exc:
+            REPORTS.labels("invalid", "dead").inc()
+            return [self.dead_letter(delivery.body, exc.reason, Category.INVALID)]
+        if raw.source == HTTP:
+            kind, resolved = "http", self._one_click(raw)
+        else:
+            report = read(raw.data)
+            kind = report.kind
+            resolved = self._resolve(raw, report)
+        out = [self._archived(raw, kind, resolved.tenant)]
+        try:
+            for finding in resolved.findings:
+                for event in feedback.apply(self.redis, self.settings.namespace, finding, self.policy,
+                                            self.thresholds):
+                    out.append(Outgoing(event.routing_key, encode_feedback(event), exchange=self.topology.events,
+                                        mandatory=False, message_id=event.id))
+                    feedback.count(event, tenant_label=self.settings.metrics_tenant_label,
+                                   suppression_kind=feedback.suppression_kind_of(event))
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"Redis: cannot record a report: {exc}") from exc
+        spent += resolved.spent
+        if resolved.review:
+            REPORTS.labels(kind, "review").inc()
+            log.info("report %s to review: %s", raw.id, resolved.review, extra={"report_id": raw.id})
+            out.append(Outgoing(self.topology.reports_review, delivery.body, message_id=raw.id, headers={
+                "x-mailpipe-reason": resolved.review[:1000], "x-mailpipe-report-id": raw.id,
+                "x-mailpipe-tenant": resolved.tenant}))
+        elif resolved.ignored:
+            REPORTS.labels(kind, "ignored").inc()
+            log.debug("report %s ignored: %s", raw.id, resolved.ignored)
+        else:
+            REPORTS.labels(kind, "applied").inc()
+        return out
+
+    def _resolve(self, raw: RawReport, report: Any) -> Resolved:
+        tenants = tuple(self.config.current().tenants)
+        if self.signer is None:
+            return Resolved(review="no keys configured (MAILPIPE_VERP_KEYS): nothing can be attributed")
+        tokens = [t for t in (self.signer.verify(rcpt.rpartition("@")[0], tenants) for rcpt in raw.rcpts)
+                  if isinstance(t, Token)]
+        return resolve(report, report_id=raw.id, at_ms=raw.received_ms, rcpt_tokens=tokens, mail_from=raw.mail_from,
+                       signer=self.signer, tenants=tenants)
+
+    def _one_click(self, raw: RawReport) -> Resolved:
+        token = self.signer.verify_link(raw.link) if self.signer is not None else Invalid("no keys")
+        if isinstance(token, Invalid):
+            return Resolved(review=f"one-click unsubscribe with a link no longer valid: {token.reason}")
+        return Resolved(findings=(one_click(token, raw.id, raw.received_ms),), tenant=token.tenant)
+
+    def _archived(self, raw: RawReport, kind: str, tenant: str) -> Outgoing:
+        return Outgoing(self.topology.reports_archive, raw.data or raw.link.encode(), message_id=raw.id, headers={
+            "x-mailpipe-report-id": raw.id, "x-mailpipe-tenant": tenant, "x-mailpipe-kind": kind,
+            "x-mailpipe-received-ms": raw.received_ms, "x-mailpipe-mail-from": raw.mail_from[:500],
+            "x-mailpipe-peer": raw.peer})
+
+    def tick(self, broker: Broker) -> None:
+        if time.monotonic() - self._gauge_at < GAUGE_EVERY_S:
+            return
+        self._gauge_at = time.monotonic()
+        with contextlib.suppress(redis.RedisError):  # the gauge waits for the next tick
+            feedback.PAUSED_TENANTS.set(len(reputation.paused_tenants(self.redis, self.settings.namespace)))
+
+    def drain(self, broker: Broker, deadline: float) -> None:
+        """No new SMTP session or POST; what they took is published before the publisher stops."""
+        self.receiver.stop()
+        self.http.stop()
+        self.publisher.stop(max(0.1, deadline - time.monotonic()))
+
+    def ready(self) -> bool:
+        try:
+            return bool(self.redis.ping()) and self.receiver.running
+        except redis.RedisError:
+            return False
+
+    def close(self) -> None:
+        self.receiver.stop()
+        self.http.stop()
+        self.publisher.stop(1.0)
+        self.redis.close()
