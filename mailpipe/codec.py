@@ -227,8 +227,15 @@ def encode_intake(req: IntakeRequest) -> bytes:
         "attachments": [[a.filename, a.content_type, a.data] for a in req.attachments],
         "headers": req.headers, "server": req.server, "idempotency_key": req.idempotency_key,
         "message": req.message, "recipients": list(req.recipients), "send_at_ms": req.send_at_ms,
-        "priority": req.priority,
+        "priority": req.priority, "bulk": req.bulk,
     })
+
+
+def _bulk(f: _Fields) -> bool:
+    value = f.obj.get("bulk")
+    if value is not None and not isinstance(value, bool):
+        raise InvalidMessage(f"intake.bulk: expected a boolean, got {type(value).__name__}")
+    return bool(value)
 
 
 def decode_intake(data: bytes, max_message_bytes: int) -> IntakeRequest:
@@ -251,6 +258,7 @@ def decode_intake(data: bytes, max_message_bytes: int) -> IntakeRequest:
         idempotency_key=f.text("idempotency_key", required=False, max_len=255),
         message=f.binary("message", required=False), recipients=f.texts("recipients"),
         send_at_ms=f.integer("send_at_ms", required=False, default=None), priority=_priority(f),
+        bulk=_bulk(f),
     )
 
 

@@ -65,6 +65,9 @@ class IntakeRequest:
     recipients: tuple[str, ...] = ()
     send_at_ms: int | None = None  # not before this time
     priority: str = "normal"
+    # Bulk mail (a newsletter, a campaign): it carries a one-click unsubscribe (RFC 8058) for
+    # its one recipient, and pauses with its tenant's reputation (mailpipe/reputation.py).
+    bulk: bool = False
 
     @property
     def is_raw(self) -> bool:

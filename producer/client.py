@@ -66,13 +66,15 @@ class Producer:
                 html: str | None = None, attachments: Iterable[tuple[str, str, bytes]] = (),
                 headers: dict[str, str] | None = None, server: str | None = None,
                 idempotency_key: str | None = None, send_at: datetime | float | None = None,
-                priority: str = "normal") -> str:
+                priority: str = "normal", bulk: bool = False) -> str:
         """Queue one mail to compose; returns its job id once RabbitMQ has confirmed it.
 
         With an ``idempotency_key``, publishing again (a retry after a timeout, say) returns the
         same job id and the mail is queued once. ``send_at`` (an aware datetime or a Unix time)
         holds it until then; ``priority="high"`` is for transactional mail (a password reset),
         which overtakes "normal" mail of the same tenant however much of it is waiting.
+        ``bulk=True`` (a newsletter, a campaign: one recipient per mail) adds a one-click
+        unsubscribe for that recipient (List-Unsubscribe, List-Unsubscribe-Post, RFC 8058).
         """
         req = IntakeRequest(
             id=job_id_for(tenant, idempotency_key), tenant=tenant, sender=sender, created_ms=now_ms(),
@@ -80,19 +82,20 @@ class Producer:
             cc=_strings(cc, "cc"), bcc=_strings(bcc, "bcc"), subject=subject, text=text, html=html,
             attachments=tuple(Attachment(f, c, d) for f, c, d in attachments),
             headers=dict(headers or {}), server=server, idempotency_key=idempotency_key,
-            send_at_ms=_epoch_ms(send_at), priority=priority,
+            send_at_ms=_epoch_ms(send_at), priority=priority, bulk=bulk,
         )
         return self.publish_requests([req])[0]
 
     def publish_raw(self, *, tenant: str, sender: str, recipients: Sequence[str], message: bytes,
                     server: str | None = None, idempotency_key: str | None = None,
-                    send_at: datetime | float | None = None, priority: str = "normal") -> str:
-        """Queue a ready RFC 5322 message (CRLF line endings) for the given envelope."""
+                    send_at: datetime | float | None = None, priority: str = "normal", bulk: bool = False) -> str:
+        """Queue a ready RFC 5322 message (CRLF line endings) for the given envelope; ``bulk`` as
+        for ``publish`` (a List-Unsubscribe of the message's own is kept)."""
         req = IntakeRequest(
             id=job_id_for(tenant, idempotency_key), tenant=tenant, sender=sender, created_ms=now_ms(),
             message=bytes(message),
             recipients=_strings(recipients, "recipients"), server=server,
-            idempotency_key=idempotency_key, send_at_ms=_epoch_ms(send_at), priority=priority,
+            idempotency_key=idempotency_key, send_at_ms=_epoch_ms(send_at), priority=priority, bulk=bulk,
         )
         return self.publish_requests([req])[0]
 

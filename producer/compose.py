@@ -159,6 +159,9 @@ def validate(req: IntakeRequest, max_message_bytes: int, max_recipients: int) ->
         raise InvalidMessage("send_at: more than 30 days ahead")
     check_address(req.sender, "sender")
     recipients = envelope_recipients(req, max_recipients)
+    if req.bulk and len(recipients) != 1:
+        raise InvalidMessage(f"bulk: a bulk mail has exactly one recipient, whose own unsubscribe link it carries; "
+                             f"got {len(recipients)}: publish one mail per recipient")
     if req.is_raw:
         assert req.message is not None
         if not req.message:
@@ -302,7 +305,7 @@ def _render_mime(req: IntakeRequest, job_id: str) -> bytes:
 
 
 SIGNED_HEADERS = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"mime-version",
-                  b"content-type", b"reply-to", b"list-unsubscribe")
+                  b"content-type", b"reply-to", b"list-unsubscribe", b"list-unsubscribe-post")
 
 
 def dkim_sign(message: bytes, sender: str, key: DkimKey | None) -> bytes:

@@ -43,10 +43,13 @@ from mailpipe.model import Category, Event, IntakeRequest, Job, Outcome, now_ms
 from mailpipe.servers import Config, ConfigWatcher
 from mailpipe.settings import Settings
 from mailpipe.stage import Stage
+from mailpipe.verp import Signer
 from producer.compose import dkim_sign, render, validate
 from producer.domains import check_domains
 from producer.idempotency import Idempotency, Verdict
-from producer.lint import RULES, lint, text_from_html
+from producer.lint import RULES, Finding, lint, text_from_html
+from producer.unsubscribe import has_list_unsubscribe
+from producer.unsubscribe import headers as unsubscribe_headers
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,7 @@ class EnqueueStage(Stage):
             raise ConfigError(f"MAILPIPE_LINT_REFUSE: unknown rule(s) {sorted(unknown)}; "
                               f"known: {', '.join(RULES)}")
         self.redis = redis_client.connect(settings)
+        self.signer = Signer.from_settings(settings)  # bulk mail's unsubscribe links
         self.idempotency = Idempotency(self.redis, settings.namespace, lease_s=settings.idempotency_lease_s,
                                        ttl_s=settings.idempotency_ttl_s)
         # Requests whose key another holder has claimed, unacked, by delivery tag; asked again
@@ -190,7 +194,8 @@ class EnqueueStage(Stage):
             return jobs
         try:
             found = suppression.suppressed(self.redis, self.settings.namespace,
-                                           [(job.tenant, job.recipients) for _, job in jobs])
+                                           [(job.tenant, job.recipients) for _, job in jobs],
+                                           shared=self.settings.suppress_hard_shared)
         except redis.RedisError as exc:
             raise RedisUnavailable(f"Redis: cannot check suppressed recipients: {exc}") from exc
         kept = []
@@ -204,8 +209,9 @@ class EnqueueStage(Stage):
                 job_id=job.id, tenant=job.tenant, server=job.server, outcome=Outcome.FAILED,
                 recipients=tuple(blocked), attempt=job.attempt, created_ms=job.created_ms, at_ms=now_ms(),
                 text=reason, category=Category.SUPPRESSED, findings=job.findings,
-                advice="the address failed permanently before; remove it with `mailpipe suppression "
-                       "remove` once it is fixed")), exchange=self.topology.events, mandatory=False))
+                advice="the address bounced, complained or unsubscribed before; once that is fixed (or it "
+                       "asked again), lift it with `mailpipe suppression remove`")), exchange=self.topology.events,
+                mandatory=False))
             remaining = tuple(r for r in job.recipients if r not in blocked)
             if remaining:
                 kept.append((delivery, replace(job, recipients=remaining)))
@@ -227,7 +233,13 @@ class EnqueueStage(Stage):
             LINT_FINDINGS.labels(finding.rule).inc()
         if req.html is not None and req.text is None and not req.is_raw:
             req = replace(req, text=text_from_html(req.html))
-        message = dkim_sign(render(req, req.id), req.sender, tenant.dkim)
+        message = render(req, req.id)
+        if req.bulk:
+            message, unsubscribe = self.with_unsubscribe(message, req, tenant.name, recipients[0],
+                                                         config.return_path_domain(server, tenant.name,
+                                                                                   self.settings.return_path_domain))
+            findings += unsubscribe
+        message = dkim_sign(message, req.sender, tenant.dkim)
         if len(message) > self.settings.max_message_bytes:
             raise InvalidMessage(f"message: {len(message)} bytes rendered, over the "
                                  f"{self.settings.max_message_bytes}-byte limit")
@@ -237,6 +249,23 @@ class EnqueueStage(Stage):
             enqueued_ms=now_ms(), idempotency_key=req.idempotency_key,
             findings=tuple(str(f) for f in findings), send_at_ms=req.send_at_ms, priority=req.priority,
         )
+
+    def with_unsubscribe(self, message: bytes, req: IntakeRequest, tenant: str, recipient: str,
+                         domain: str | None) -> tuple[bytes, list[Finding]]:
+        """Bulk mail with its List-Unsubscribe and List-Unsubscribe-Post headers on top (signed
+        by DKIM after this); a raw message's own List-Unsubscribe is kept. Without keys or a
+        place to unsubscribe, the mail goes as it is, with a finding that says why."""
+        if req.is_raw and has_list_unsubscribe(message):
+            return message, []
+        lines = b""
+        if self.signer is not None:
+            lines = unsubscribe_headers(self.signer, tenant, req.id, recipient, url=self.settings.unsubscribe_url,
+                                        mailto_domain=domain or self.settings.return_path_domain)
+        if not lines:
+            return message, [Finding("unsubscribe_missing", "bulk mail without List-Unsubscribe: set "
+                                     "MAILPIPE_VERP_KEYS and MAILPIPE_UNSUBSCRIBE_URL (or a return-path domain); "
+                                     "Gmail and Yahoo refuse bulk mail without one-click unsubscribe")]
+        return lines + message, []
 
     def warn_unchecked(self, config: Config) -> None:
         """Once per loaded config: say loudly which tenants send from any domain."""
