@@ -1,25 +1,30 @@
-"""The limiter stage: batches -> send, at each server's rate, shared by every replica.
+"""The limiter stage: lanes -> send, at each server's rate, shared by its tenants by weight, the
+same for every replica.
 
-Read top to bottom, a batch goes: consume -> check its server and tenants are in the servers
-file (else dead-letter) -> hold it, unacked, in its server's line -> when due, one Redis
-decision (``gcra.lua``: apply its refund once, then ask for its mails) ->
+Batches wait in lanes, one queue per (server, tenant, priority) (``mailpipe/lanes.py``), and
+Redis knows every tenant that has mail anywhere for a server. Read top to bottom, a batch goes:
 
-- granted: stamp ``grant_id``, ``granted_ms`` (Redis time), ``deadline_ms`` and publish it to
-  ``send``, confirmed, then ack. A grant of part of the batch (a turn of the fair share, a
-  burst, a daily cap) publishes that part to ``send`` and keeps the rest held, to ask again:
-  its parts have ids derived from the batch's and the offset, so a redelivered batch gets the
-  same parts with the same grants.
-- refused: due again after the retry-after Redis gave. A batch not due within
-  ``limiter_hold_s`` (a server far behind, a tenant's cap reached for today) is parked: its
-  bytes go to a delay queue that dead-letters back to ``batches``, then it is acked. Nothing
-  waits unacked for long (RabbitMQ closes a channel that holds a delivery for 30 minutes).
+1. route: a batch on the ``batches`` queue (a sender's give-back, a batch from an older packer,
+   or one the packer put there while Redis was away) gets its refund applied (``refund``, once
+   per grant), is split per tenant, published into its lane(s), then acked.
+2. plan: per server with mail, Redis says which lanes to take from: those of the tenants first
+   in turn order (``taking.lua``), every lane of transactional mail, or, on an unlimited server,
+   the oldest.
+3. take: a hold registered in Redis (leased), then ``basic.get`` from the lane; the batch is held
+   unacked. An empty lane is no longer present, unless a publish landed meanwhile.
+4. decide: one Redis decision per due held batch (``decide.lua``: caps, turn, rate, minute) ->
+   granted: the part (all that is left, or its first mails) is stamped with ``grant_id``,
+   ``granted_ms`` (Redis time) and ``deadline_ms``, published to ``send``, confirmed; once all of
+   the batch is granted it is acked and its hold released. Refused: due again after the
+   retry-after Redis gave.
+5. give back: a batch not due within ``limiter_hold_s`` (a far turn, a tenant capped for today)
+   or held that long goes back into its lane as its rest, acked: nothing stays unacked for long
+   (RabbitMQ closes a channel that holds a delivery for 30 minutes), and the tenant's place is
+   in Redis, not in the message.
 
-Batches are held in lines per (server, tenant), and only the head of a line asks Redis, so a
-slow server never holds up a fast one, and a big batch is not starved by smaller ones behind it.
-Whose turn it is on a server is decided in Redis (``gcra.lua``'s fair share), the same for every
-replica; a batch that arrives holding several tenants' mails is first split into one per tenant.
-Redis unreachable: nothing is released (fail closed), held batches stay held (or are parked
-when held too long), and decisions resume with a capped backoff once Redis answers again.
+Redis unreachable: nothing is released (fail closed); a batch held too long goes back through
+``batches``; decisions resume with a capped backoff once Redis answers. Idle lanes are deleted
+and lanes rediscovered after Redis lost its memory by ``limiter/housekeeping.py``.
 """
 
 from __future__ import annotations
@@ -27,34 +32,32 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import uuid
 from collections import Counter as Tally
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import redis
 from prometheus_client import Counter, Gauge, Histogram
 
-from limiter.gcra import (
-    US,
-    Ask,
-    Decision,
-    Fair,
-    Limits,
-    RedisLimiter,
-    TenantAsk,
-    local_midnights,
-)
+from limiter.decide import Decision, Fair, TenantAsk
+from limiter.gcra import US, Limits, local_midnights
+from limiter.holding import Budget, Held, by_tenant, choose_takes, lines_of, rest_of, unknown_names
+from limiter.housekeeping import Housekeeping
+from limiter.redis_limiter import Ask, RedisLimiter
 from mailpipe import metrics, redis_client
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.codec import decode_batch, decode_job, encode_batch
 from mailpipe.errors import ConfigError, InvalidMessage, RedisUnavailable
+from mailpipe.lanes import LaneBatch, LanePublisher, lane_id, queue_name, tenant_of
 from mailpipe.model import Batch, Category, derived_id
 from mailpipe.servers import Config, ConfigWatcher
 from mailpipe.settings import Settings
 from mailpipe.stage import Stage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RELEASED = Counter("mailpipe_limiter_released_mails_total", "Mails the limiter released to send.",
                    ["server"])
@@ -66,12 +69,17 @@ GRANT_WAIT = Histogram("mailpipe_limiter_grant_wait_seconds",
                        buckets=GRANT_WAIT_BUCKETS)
 FAILING_CLOSED = Gauge("mailpipe_limiter_failing_closed",
                        "1 while Redis is unreachable: nothing is released.")
-HELD = Gauge("mailpipe_limiter_held_batches", "Batches held unacked, waiting for their turn.", ["server"])
+HELD = Gauge("mailpipe_limiter_held_batches", "Batches held unacked, taken from their lanes.", ["server"])
+TAKEN = Counter("mailpipe_limiter_taken_total", "basic.get from a lane: a batch, or the lane was empty.",
+                ["server", "outcome"])
 PRIORITY = Counter("mailpipe_limiter_high_priority_total",
                    "High-priority batches: ahead of the line, or rationed (above the tenants' share).",
                    ["server", "outcome"])
-PARKED = Counter("mailpipe_limiter_parked_total", "Batches sent through the delay queue to wait.",
-                 ["server", "reason"])
+HANDED_BACK = Counter("mailpipe_limiter_handed_back_total",
+                      "Held batches whose rest went back into their lane (or batches while Redis is away).",
+                      ["server", "reason"])
+ROUTED = Counter("mailpipe_limiter_routed_batches_total",
+                 "Batches from the batches queue published into their lanes (give-backs, older packers).")
 # Per tenant only with MAILPIPE_METRICS_TENANT_LABEL=true: a series per tenant and server.
 TENANT_RELEASED = Counter("mailpipe_limiter_tenant_released_mails_total",
                           "Mails the limiter released to send, per tenant.", ["server", "tenant"])
@@ -82,56 +90,27 @@ TENANT_GRANT_WAIT = Histogram("mailpipe_limiter_tenant_grant_wait_seconds",
 # Redis calls of the limiter fail after at most this: a dead Redis must not stall the loop
 # that also serves RabbitMQ (heartbeats, deliveries).
 LIMITER_REDIS_TIMEOUT_S = 1.0
-# A round asks Redis for up to this many due batches of each line in one round trip.
-ROUND_PER_LINE = 32
+ROUND_PER_LINE = 32  # due batches of one line asked for in one round trip
+PLAN_TENANTS = 8  # tenants per server, first in turn order, whose lanes a replica takes from
+ROUTE_PREFETCH = 4  # batches from the batches queue held at once (each up to 80 MB)
+HOLD_MARGIN_S = 60.0  # a hold's lease: the longest a batch is held, and this
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 2.0  # recover within seconds of Redis coming back
 
 
-Line = tuple[str, str]  # (server, tenant)
-
-
-@dataclass(eq=False)  # a held batch is itself: line.remove() and ``in`` go by identity
-class Held:
-    """A batch of one tenant (none for a bare refund), held unacked; ``offset`` of its jobs are
-    granted already (published to send as parts)."""
-
-    delivery: Delivery
-    batch: Batch
-    tenant: str
-    sizes: list[int]  # each job's message bytes
-    since: float  # monotonic
-    due: float  # monotonic: when to ask Redis
-    ahead: bool = False  # transactional mail within its tenant's share: ahead of the line
-    offset: int = 0
-
-    @property
-    def line(self) -> Line:
-        return self.batch.server, self.tenant
-
-    @property
-    def remaining(self) -> int:
-        return self.batch.mails - self.offset
-
-    @property
-    def part_id(self) -> str:
-        """The id of the part asked for next: the batch's own for the first."""
-        return self.batch.id if self.offset == 0 else derived_id(self.batch.id, f"from:{self.offset}")
-
-
 @dataclass
 class Round:
-    """What one round of decisions publishes, and the deliveries it acks once that is confirmed."""
+    """What one round publishes, the deliveries it acks once that is confirmed, and the holds it
+    ends then."""
 
     outgoing: list[Outgoing] = field(default_factory=list)
     acks: list[int] = field(default_factory=list)
     released: list[tuple[Batch, int]] = field(default_factory=list)  # (granted part, wait ms)
-    left: set[Line] = field(default_factory=set)  # lines emptied by parking: their tenants leave
     parts: list[tuple[str, str]] = field(default_factory=list)  # (server, part id) published in send
+    back: list[Held] = field(default_factory=list)  # handed back into their lanes
+    ended: list[Held] = field(default_factory=list)  # acked: their holds end
 
-    def flush(self, broker: Broker, per_tenant: bool) -> None:
-        broker.publish(self.outgoing)
-        broker.ack_all(self.acks)
+    def metrics(self, per_tenant: bool) -> None:
         for batch, wait_ms in self.released:
             RELEASED.labels(batch.server).inc(batch.mails)
             GRANT_WAIT.labels(batch.server).observe(max(0, wait_ms) / 1000)
@@ -148,10 +127,22 @@ class LimiterStage(Stage):
         super().__init__(settings)
         self.watcher = ConfigWatcher(settings.servers_path)
         self.redis = client or redis_client.connect(settings, min(LIMITER_REDIS_TIMEOUT_S, settings.redis_timeout_s))
-        self.limiter = RedisLimiter(self.redis, settings.namespace, fair_lease_s=settings.fair_lease_s,
+        self.limiter = RedisLimiter(self.redis, settings.namespace,
+                                    hold_lease_s=settings.limiter_hold_s + HOLD_MARGIN_S,
                                     wait_replicas=settings.redis_wait_replicas)
-        self.lines: dict[Line, deque[Held]] = {}
+        self.lanes = LanePublisher(self.redis, settings.namespace, self.topology,
+                                   wait_replicas=settings.redis_wait_replicas)
+        total = max(1, settings.limiter_prefetch - self.prefetch)
+        self.budget = Budget(total=total, per_server=max(1, total * 3 // 4))
+        self.housekeeping = Housekeeping(self.limiter, self.lanes, settings)
+        self.held: list[Held] = []
+        self.incoming: list[Delivery] = []  # from batches, not routed yet
+        self.unfit: list[tuple[Held, str, str]] = []  # taken, to dead-letter: (held, reason, category)
+        self.empty_at: dict[tuple[str, str], int] = {}  # (server, lane) -> version it was found empty at
+        self.checked: set[str] = set()  # lane queues seen to exist by this process
+        self.candidates = False  # the last plan had lanes to take from (burst mode waits for them)
         self._config = self.watcher.config
+        self._holds = 0
         self._gauged: set[str] = set()
         self.redis_ok = True
         self.redis_retry_at = 0.0
@@ -163,276 +154,309 @@ class LimiterStage(Stage):
 
     @property
     def prefetch(self) -> int:
-        return self.settings.limiter_prefetch
-
-    @property
-    def per_server_hold(self) -> int:
-        # A quarter of the window stays free for other servers' deliveries.
-        return max(1, self.prefetch * 3 // 4)
+        return max(1, min(ROUTE_PREFETCH, self.settings.limiter_prefetch // 4))
 
     def start(self, broker: Broker) -> None:
-        self.lines.clear()  # whatever was held is being redelivered
+        # What was held is back in its lanes (the broker requeued it): say so, then forget it.
+        if self.held:
+            self._best_effort(self.limiter.release, _per_server((h.batch.server, (h.member, True)) for h in self.held))
+        self.held.clear()
+        self.incoming.clear()
+        self.checked.clear()
         HELD.clear()
         self._check_redis()
 
     # -- the flow ---------------------------------------------------------------------------------
 
     def handle(self, broker: Broker, deliveries: list[Delivery]) -> None:
-        now = time.monotonic()
-        config = self.watcher.current()
-        out = Round()
-        for delivery in deliveries:
-            try:
-                batch = decode_batch(delivery.body)
-                jobs = [decode_job(job) for job in batch.jobs]  # every job decodes: a part never fails
-            except InvalidMessage as exc:
-                self._dead(out, delivery, exc.reason, Category.INVALID)
-                continue
-            tenants = Tally(job.tenant for job in jobs)
-            problem = unknown_names(batch, tenants, config)
-            if problem:
-                self._dead(out, delivery, problem, Category.CONFIG, server=batch.server)
-                continue
-            if len(tenants) > 1:  # from an older packer: one batch per tenant, then their turns
-                out.outgoing += [Outgoing(self.topology.batches, encode_batch(b), message_id=b.id)
-                                 for b in by_tenant(batch)]
-                out.acks.append(delivery.tag)
-                continue
-            tenant = next(iter(tenants), "")
-            held = Held(delivery, batch, tenant, [job.size for job in jobs], since=now, due=now)
-            line = self.lines.setdefault(held.line, deque())
-            if batch.priority == "high" and self._ahead(batch, dict(tenants), config):
-                # Transactional mail goes ahead of its tenant's normal batches, and does not
-                # wait for the tenant's turn on the server (within its share for high priority).
-                held.ahead = True
-                line.insert(sum(1 for h in line if h.ahead), held)
-            else:
-                line.append(held)
-        self._decide_due(out, config, now)
-        self._flush(broker, out)
+        self.incoming += deliveries
+        self.tick(broker)
 
     def tick(self, broker: Broker) -> None:
         now = time.monotonic()
-        if not self.lines:
-            if not self.redis_ok and now >= self.redis_retry_at:
-                self._check_redis()  # keep ready() true to Redis even when idle
-            return
-        out = Round()
-        self._decide_due(out, self.watcher.current(), now)
-        self._flush(broker, out)
-
-    def _flush(self, broker: Broker, out: Round) -> None:
-        out.flush(broker, self.settings.metrics_tenant_label)
-        self._mark_published(out.parts)
-        self._leave(out.left)
-        self._gauge()
-
-    def _decide_due(self, out: Round, config: Config, now: float) -> None:
+        config = self.watcher.current()
         if config is not self._config:  # the servers file changed: a new rate may let them go now
             self._config = config
-            for line in self.lines.values():
-                line[0].due = now
+            for held in self.held:
+                held.due = now
         if not self.redis_ok and now < self.redis_retry_at:
-            self._park_overdue(out, now)
+            self._hand_back_overdue(broker, now)
             return
-        while self._round(out, config, now):
-            pass
-        if not self.redis_ok:
-            return
-        for key, line in list(self.lines.items()):
-            self._park_far_turns(out, line, config, now)
-            self._renew_long_held(out, line, now)
-            if not line:
-                del self.lines[key]
-        self._park_over_hold(out, now)
-
-    def _round(self, out: Round, config: Config, now: float) -> bool:
-        """One round trip to Redis: the due batches at the front of every line, each line in
-        order. True when a line moved and its new head may be due: another round then."""
-        asked: list[tuple[Held, Ask, list[str], float]] = []
-        for line in self.lines.values():
-            for held in list(line)[:ROUND_PER_LINE]:
-                if held.due > now:
-                    break
-                problem = unknown_names(held.batch, {held.tenant: held.remaining} if held.tenant else {},
-                                        config)  # the file may have changed
-                if problem is None:
-                    try:
-                        asked.append((held, *self._ask(held, line, config)))
-                        continue
-                    except ConfigError as exc:
-                        problem = exc.reason
-                line.remove(held)
-                self._dead(out, held.delivery, problem, Category.CONFIG, server=held.batch.server)
-        if not asked:
-            return False
         try:
-            decisions = self.limiter.acquire_many([ask for _, ask, _, _ in asked])
+            self._route(broker, config)
+            self._take(broker, config, now)
+            self._decide(broker, config, now)
+            self.housekeeping.run(broker, config, now)
         except RedisUnavailable as exc:
             self._redis_failed(exc, now)
-            self._park_overdue(out, now)
-            return False
+            self._hand_back_overdue(broker, now)
+            return
         self._redis_worked()
-        moved = False
-        for (held, _, names, step_s), decision in zip(asked, decisions, strict=True):
-            line = self.lines[held.line]
-            if decision.skipped or held not in line:
-                continue
-            if decision.granted:
-                self._release(out, held, decision, names)
-                if held.remaining:
-                    held.due = now + step_s  # the rest: its next turn is a mail's time away at least
-                    continue
-            elif held.batch.mails == 0:  # a bare refund: applied, nothing to send
-                out.acks.append(held.delivery.tag)
-            else:
-                DECISIONS.labels(held.batch.server, "refused").inc()
-                held.due = now + decision.retry_after_us / US
-                if held.due - now <= self.settings.limiter_hold_s:
-                    continue  # the head of its line, due again soon
-                self._park(out, held, held.due - now, "wait")
-            line.remove(held)
-            moved = True
-        return moved
+        self._gauge()
 
-    def _ahead(self, batch: Batch, tenants: dict[str, int], config: Config) -> bool:
+    # 1. route ------------------------------------------------------------------------------------
+
+    def _route(self, broker: Broker, config: Config) -> None:
+        if not self.incoming:
+            return
+        todo, self.incoming = self.incoming, []
+        dead: list[Outgoing] = []
+        into_lanes: list[LaneBatch] = []
+        acks: list[int] = []
+        try:
+            for delivery in todo:
+                try:
+                    batch = decode_batch(delivery.body)
+                    tenants = Tally(decode_job(job).tenant for job in batch.jobs)
+                except InvalidMessage as exc:
+                    dead.append(self.dead_letter(delivery.body, exc.reason, Category.INVALID))
+                    acks.append(delivery.tag)
+                    continue
+                problem = unknown_names(batch, tenants, config)
+                if problem:
+                    dead.append(self.dead_letter(delivery.body, problem, Category.CONFIG, server=batch.server))
+                    acks.append(delivery.tag)
+                    continue
+                if batch.refund and batch.refund_of:
+                    self.limiter.refund(batch.server, batch.refund_of, batch.refund, Limits.of(
+                        config.servers[batch.server], self.settings), sorted(batch.refund_tenants.items()))
+                parts = by_tenant(batch) if batch.jobs else []
+                into_lanes += [LaneBatch(p.server, lane_id(next(iter(p.tenants)), p.priority), p.mails,
+                                         encode_batch(p), p.id) for p in parts]
+                acks.append(delivery.tag)
+        except (RedisUnavailable, ConfigError):
+            self.incoming = todo  # all of them again (a refund is applied once per grant)
+            raise
+        broker.publish(dead)
+        self.lanes.publish(broker, into_lanes)
+        broker.ack_all(acks)
+        ROUTED.inc(len(into_lanes))
+
+    # 2 and 3. plan, take -------------------------------------------------------------------------
+
+    def _take(self, broker: Broker, config: Config, now: float) -> None:
+        servers = sorted(set(self.limiter.active_servers()) | {h.batch.server for h in self.held})
+        if not servers:
+            self.candidates = False
+            return
+        fair = [_is_fair(config, s) for s in servers]
+        plans = self.limiter.plan(list(zip(servers, fair, strict=True)), PLAN_TENANTS)
+        self.candidates = any(lanes for _, lanes in plans)
+        holds: dict[str, list[str]] = {}
+        for server, is_fair, (_, lanes) in zip(servers, fair, plans, strict=True):
+            mine = [h for h in self.held if h.batch.server == server]
+            if is_fair and lanes:  # a batch that waited for another tenant's turn asks once its own comes
+                for h in mine:
+                    if h.turn and h.tenant == tenant_of(lanes[0][0]):
+                        h.due = min(h.due, now)
+            empty_at = {lane: v for (s, lane), v in self.empty_at.items() if s == server}
+            waiting = {h.lane for h in mine if h.due > now}
+            for lane in choose_takes(lanes, Tally(h.lane for h in mine), waiting, len(mine),
+                                     len(self.held) + sum(map(len, holds.values())), self.budget, is_fair, empty_at):
+                self._holds += 1
+                holds.setdefault(server, []).append(f"{self.lanes.token}/{self._holds} {lane}")
+        if not holds:
+            return
+        versions = self.limiter.hold(holds)
+        results: dict[str, list[tuple[str, int, int]]] = {}
+        taken: list[Held] = []
+        for server, members in holds.items():
+            for member, version in zip(members, versions[server], strict=True):
+                if version < 0:
+                    continue  # being deleted
+                held = self._get(broker, config, server, member, now)
+                results.setdefault(server, []).append((member, version, held.batch.mails if held else 0))
+                if held is None:
+                    self.empty_at[(server, member.split(" ", 1)[1])] = version
+                else:
+                    taken.append(held)
+        self.held += taken
+        self.limiter.got(results)
+        self._dead_on_arrival(broker)
+
+    def _get(self, broker: Broker, config: Config, server: str, member: str, now: float) -> Held | None:
+        lane = member.split(" ", 1)[1]
+        queue = queue_name(self.settings.namespace, server, lane)
+        if queue not in self.checked:
+            if broker.message_count(queue) is None:
+                return None  # never declared, or deleted: nothing in it
+            self.checked.add(queue)
+        delivery = broker.get(queue)
+        if delivery is None:
+            TAKEN.labels(server, "empty").inc()
+            return None
+        TAKEN.labels(server, "batch").inc()
+        tenant = tenant_of(lane)
+        problem, category = "", Category.CONFIG
+        try:
+            batch = decode_batch(delivery.body)
+            sizes = [decode_job(job).size for job in batch.jobs]
+            problem = unknown_names(batch, {tenant: batch.mails}, config) or (
+                "" if batch.mails else "batch.jobs: empty")
+        except InvalidMessage as exc:
+            batch, sizes = Batch(id=delivery.message_id or "", server=server, jobs=(), mails=0, bytes=0,
+                                 created_ms=0), []
+            problem, category = exc.reason, Category.INVALID
+        held = Held(delivery, batch, tenant, lane, member, sizes, since=now, due=now)
+        if problem:
+            self.unfit.append((held, problem, category))
+        elif batch.priority == "high":
+            held.ahead = self._ahead(batch, tenant, config)
+        return held
+
+    def _dead_on_arrival(self, broker: Broker) -> None:
+        """Batches taken that cannot be limited (they do not decode, or name a server or tenant
+        the servers file lacks): dead letters with the reason, acked, their holds released."""
+        if not self.unfit:
+            return
+        out = Round()
+        for held, problem, category in self.unfit:
+            out.outgoing.append(self.dead_letter(held.delivery.body, problem, category, server=held.batch.server))
+            out.acks.append(held.delivery.tag)
+            out.ended.append(held)
+        self.unfit.clear()
+        self._flush(broker, out)
+
+    def _ahead(self, batch: Batch, tenant: str, config: Config) -> bool:
         """Within its tenant's share of the server for high priority? Above it, or while Redis
-        does not answer, the batch waits in line as normal mail."""
+        does not answer, the batch waits for its turn as normal mail."""
         try:
             limits = Limits.of(config.servers[batch.server], self.settings)
-            ahead = self.limiter.ration_high(batch.server, tenants, limits, self.settings.high_priority_share)
-        except (ConfigError, RedisUnavailable):
+            ahead = self.limiter.ration_high(batch.server, {tenant: batch.mails}, limits,
+                                             self.settings.high_priority_share)
+        except (KeyError, ConfigError, RedisUnavailable):
             ahead = False
         PRIORITY.labels(batch.server, "ahead" if ahead else "rationed").inc()
         return ahead
 
-    def _ask(self, held: Held, line: deque[Held], config: Config) -> tuple[Ask, list[str], float]:
-        """The request for what is left of a held batch, its tenants in the order of the grant,
-        and the server's time per mail (s)."""
+    # 4 and 5. decide, give back ------------------------------------------------------------------
+
+    def _decide(self, broker: Broker, config: Config, now: float) -> None:
+        out = Round()
+        asked: list[tuple[Held, Ask, float]] = []
+        for line in lines_of(self.held).values():
+            for held in list(line)[:ROUND_PER_LINE]:
+                if held.due > now:
+                    break
+                try:
+                    ask, step_s = self._ask(held, config)
+                except (KeyError, ConfigError) as exc:  # the servers file changed under it
+                    reason = exc.reason if isinstance(exc, ConfigError) else f"unknown server or tenant {exc}"
+                    out.outgoing.append(self.dead_letter(held.delivery.body, reason, Category.CONFIG,
+                                                         server=held.batch.server))
+                    out.acks.append(held.delivery.tag)
+                    out.ended.append(held)
+                    continue
+                asked.append((held, ask, step_s))
+        if asked:
+            decisions = self.limiter.decide_many([ask for _, ask, _ in asked], uuid.uuid4().hex)
+            for (held, _, step_s), decision in zip(asked, decisions, strict=True):
+                self._decided(out, held, decision, step_s, now)
+        for held in self.held:
+            if held not in out.ended and held not in out.back and (
+                    now - held.since > self.settings.limiter_hold_s or held.due - now > self.settings.limiter_hold_s):
+                out.back.append(held)
+                HANDED_BACK.labels(held.batch.server, "held" if now - held.since > self.settings.limiter_hold_s
+                                   else "far").inc()
+        self._flush(broker, out)
+
+    def _ask(self, held: Held, config: Config) -> tuple[Ask, float]:
         batch = held.batch
         limits = Limits.of(config.servers[batch.server], self.settings)
+        tenant = config.tenants[held.tenant]
         wall = time.time()  # only to offer the days around now; Redis time picks today
-        first = held.offset == 0  # a give-back's refund comes with the first part's ask
-        refund_tenants = batch.refund_tenants if first else {}
-        counts = {held.tenant: held.remaining} if held.tenant else {}
-        names = sorted(counts.keys() | refund_tenants.keys())
-        asks = [TenantAsk(n, counts.get(n, 0), config.tenants[n].daily_limit,
-                          local_midnights(config.tenants[n].timezone, wall), refund_tenants.get(n, 0))
-                for n in names]
-        homes = [config.tenants[n].server for n in names]
-        fair = None
-        if held.tenant:
-            backlog = sum(h.remaining for h in line)
-            fair = Fair(held.tenant, config.tenants[held.tenant].weight, backlog, held.ahead)
-        ask = Ask(batch.server, held.part_id, held.remaining, limits, batch.refund if first else 0, asks, homes,
-                  (batch.refund_of or "") if first else "", fair, held.tenant)
-        return ask, names, limits.interval_us / US
+        ask = Ask(batch.server, held.part_id, held.remaining, limits,
+                  [TenantAsk(held.tenant, held.remaining, tenant.daily_limit, local_midnights(tenant.timezone, wall))],
+                  Fair(held.tenant, tenant.weight, held.ahead), held.member, held.lane, held.tenant)
+        return ask, limits.interval_us / US
 
-    def _release(self, out: Round, held: Held, decision: Decision, names: list[str]) -> None:
+    def _decided(self, out: Round, held: Held, decision: Decision, step_s: float, now: float) -> None:
+        server = held.batch.server
+        if decision.skipped:
+            return
+        if decision.granted:
+            held.turn = False
+            self._release(out, held, decision)
+            if held.remaining:
+                held.due = now + step_s  # the rest: its next turn is a mail's time away at least
+            else:
+                out.acks.append(held.delivery.tag)
+                out.ended.append(held)
+            return
+        DECISIONS.labels(server, "refused").inc()
+        held.due = now + decision.retry_after_us / US
+        held.turn = decision.turn
+
+    def _release(self, out: Round, held: Held, decision: Decision) -> None:
         """Publish the granted part (all that is left, or its first ``granted`` mails), unless
         it is in the send queue already (a redelivered batch whose part was confirmed there)."""
         batch = held.batch
         start, end = held.offset, held.offset + min(decision.granted, held.remaining)
         part_id = held.part_id
+        held.offset = end
         if decision.published:
-            held.offset = end
-            if not held.remaining:
-                out.acks.append(held.delivery.tag)
             return
         part = dataclasses.replace(
             batch, id=part_id, jobs=batch.jobs[start:end], mails=end - start, bytes=sum(held.sizes[start:end]),
-            tenants={held.tenant: end - start} if held.tenant else {},
-            grant_id=derived_id(part_id, f"grant:{decision.now_us}"), granted_ms=decision.now_ms,
-            deadline_ms=decision.now_ms + int(self.settings.window_s * 1000), refund=0, refund_of=None,
-            refund_tenants={})
+            tenants={held.tenant: end - start}, grant_id=derived_id(part_id, f"grant:{decision.now_us}"),
+            granted_ms=decision.now_ms, deadline_ms=decision.now_ms + int(self._window_s(batch.server) * 1000),
+            refund=0, refund_of=None, refund_tenants={})
         out.outgoing.append(Outgoing(self.topology.send, encode_batch(part), message_id=part.id))
         out.released.append((part, decision.now_ms - batch.created_ms))
         out.parts.append((batch.server, part_id))
-        held.offset = end
-        whole = start == 0 and end == batch.mails
-        DECISIONS.labels(batch.server, "granted" if whole else "split").inc()
-        if not held.remaining:
-            out.acks.append(held.delivery.tag)
+        DECISIONS.labels(batch.server, "granted" if start == 0 and end == batch.mails else "split").inc()
         log.debug("batch %s: %d of %d mails granted (%s)", batch.id, end - start, batch.mails, part.id)
 
-    # -- waiting, failing, giving back --------------------------------------------------------
+    def _window_s(self, server: str) -> float:
+        config = self._config.servers.get(server)
+        if config is not None and config.per_minute:
+            return min(self.settings.window_s, self.settings.minute_window_s)
+        return self.settings.window_s
 
-    def _park(self, out: Round, held: Held, wait_s: float, reason: str) -> None:
-        delays = self.topology.park_delays_s
-        delay = max([d for d in delays if d <= wait_s], default=delays[0])
-        self._hand_back(out, held, self.topology.park_queue(delay))
-        PARKED.labels(held.batch.server, reason).inc()
+    def _flush(self, broker: Broker, out: Round) -> None:
+        """Publish the round (parts to send, dead letters), confirmed; hand the rests back into
+        their lanes; ack; then end the holds in Redis."""
+        back = [h for h in out.back if h in self.held]
+        broker.publish(out.outgoing)
+        self.lanes.publish(broker, [self._rest(h) for h in back if h.remaining])
+        broker.ack_all([*out.acks, *(h.delivery.tag for h in back)])
+        out.metrics(self.settings.metrics_tenant_label)
+        gone = {id(h) for h in (*out.ended, *back)}
+        self.held = [h for h in self.held if id(h) not in gone]
+        self._best_effort(self.limiter.published, _per_server(out.parts))
+        self._best_effort(self.limiter.release, _per_server(
+            (h.batch.server, (h.member, False)) for h in (*out.ended, *back)))
 
-    def _hand_back(self, out: Round, held: Held, queue: str) -> None:
-        """What is left of a held batch goes to ``queue``, then the batch is acked."""
-        if held.offset == 0:
-            out.outgoing.append(Outgoing(queue, held.delivery.body, message_id=held.batch.id))
-        else:
-            rest = rest_of(held.batch, held.tenant, held.offset, sum(held.sizes[held.offset:]))
-            out.outgoing.append(Outgoing(queue, encode_batch(rest), message_id=rest.id))
-        out.acks.append(held.delivery.tag)
-        if held.tenant and all(h is held for h in self.lines.get(held.line, ())):
-            out.left.add(held.line)
+    def _rest(self, held: Held) -> LaneBatch:
+        rest = held.batch if held.offset == 0 else rest_of(held.batch, held.tenant, held.offset,
+                                                            sum(held.sizes[held.offset:]))
+        body = held.delivery.body if held.offset == 0 else encode_batch(rest)
+        return LaneBatch(rest.server, held.lane, rest.mails, body, rest.id)
 
-    def _park_far_turns(self, out: Round, line: deque[Held], config: Config, now: float) -> None:
-        """Behind the head, each batch's turn comes at the earliest when the mails ahead of it
-        have been paced out; one whose turn is beyond ``limiter_hold_s`` waits in a delay queue
-        instead of holding a slot."""
-        server = config.servers.get(line[0].batch.server) if line else None
-        if server is None or server.unlimited:
+    # -- while Redis is away -------------------------------------------------------------------
+
+    def _hand_back_overdue(self, broker: Broker, now: float) -> None:
+        """A batch held too long goes to ``batches`` (no Redis needed): routed into its lane again
+        once Redis answers. Its hold ends with its lease, which marks its lane present again."""
+        overdue = [h for h in self.held if now - h.since > self.settings.limiter_hold_s]
+        if not overdue:
             return
-        step_s = 3600 / server.rate_per_hour
-        turn = max(line[0].due, now) + line[0].remaining * step_s
-        for held in list(line)[1:]:
-            if turn - now > self.settings.limiter_hold_s:
-                line.remove(held)
-                self._park(out, held, turn - now, "turn")
-            turn += held.batch.mails * step_s
+        rests = [(h, self._rest(h)) for h in overdue if h.remaining]
+        broker.publish([Outgoing(self.topology.batches, rest.body, message_id=rest.message_id) for _, rest in rests])
+        broker.ack_all(h.delivery.tag for h in overdue)
+        for h in overdue:
+            HANDED_BACK.labels(h.batch.server, "redis").inc()
+        gone = {id(h) for h in overdue}
+        self.held = [h for h in self.held if id(h) not in gone]
 
-    def _renew_long_held(self, out: Round, line: deque[Held], now: float) -> None:
-        """A batch granted part by part (its tenant's turns on a shared server) may take longer
-        than RabbitMQ lets a delivery stay unacked: after ``limiter_hold_s`` what is left goes
-        back to ``batches`` as a new message. Its tenant keeps its place: the place is its
-        finish tag in Redis, not the message."""
-        for held in [h for h in line if now - h.since > self.settings.limiter_hold_s]:
-            self._hand_back(out, held, self.topology.batches)
-            line.remove(held)
-            PARKED.labels(held.batch.server, "renewed").inc()
-
-    def _park_over_hold(self, out: Round, now: float) -> None:
-        """At most ``per_server_hold`` batches of a server: the heads of its lines stay (they are
-        its tenants' turns); the latest behind them wait in a delay queue."""
-        servers: dict[str, list[Held]] = {}
-        for line in self.lines.values():
-            for held in list(line)[1:]:
-                servers.setdefault(held.batch.server, []).append(held)
-        for server, behind in servers.items():
-            heads = sum(1 for (name, _) in self.lines if name == server)
-            extra = heads + len(behind) - self.per_server_hold
-            for held in sorted(behind, key=lambda h: h.since)[max(0, len(behind) - extra):]:
-                self.lines[held.line].remove(held)
-                self._park(out, held, self.settings.limiter_park_s, "turn")
-
-    def _park_overdue(self, out: Round, now: float) -> None:
-        """While Redis is away, a batch held too long goes to the delay queue, not stays unacked."""
-        for key, line in list(self.lines.items()):
-            for held in [h for h in line if now - h.since > self.settings.limiter_hold_s]:
-                self._park(out, held, self.settings.limiter_park_s, "redis")
-                line.remove(held)
-            if not line:
-                del self.lines[key]
-
-    def _mark_published(self, parts: list[tuple[str, str]]) -> None:
-        _per_server(parts, self.limiter.published)
-
-    def _leave(self, lines: set[Line]) -> None:
-        """Tenants whose every batch here was parked no longer wait for their server; if Redis
-        does not answer, their lease ends the wait instead."""
-        _per_server([(s, t) for s, t in lines if not self.lines.get((s, t))], self.limiter.leave)
-
-    def _dead(self, out: Round, delivery: Delivery, reason: str, category: str, **headers: str) -> None:
-        out.outgoing.append(self.dead_letter(delivery.body, reason, category, **headers))
-        out.acks.append(delivery.tag)
+    def _best_effort(self, call: Callable[[dict[str, list[T]]], object], per_server: dict[str, list[T]]) -> None:
+        """A call that may fail without harm: the holds' leases and the next redelivery cover it."""
+        if not per_server:
+            return
+        try:
+            call(per_server)
+        except RedisUnavailable as exc:
+            log.debug("%s", exc.reason)
 
     def _redis_failed(self, exc: RedisUnavailable, now: float) -> None:
         if self.redis_ok:
@@ -459,22 +483,23 @@ class LimiterStage(Stage):
         self._redis_worked()
 
     def _gauge(self) -> None:
-        held = Tally(server for (server, _), line in self.lines.items() for _ in line)
+        held = Tally(h.batch.server for h in self.held)
         self._gauged |= set(held)
         for server in self._gauged:
             HELD.labels(server).set(held[server])
 
     def drain(self, broker: Broker, deadline: float) -> None:
-        """Stopping: hand every held batch (what is left of it) back to ``batches``, for another replica."""
-        out = Round()
-        for line in self.lines.values():
-            for held in line:
-                self._hand_back(out, held, self.topology.batches)
-        self.lines.clear()
-        self._flush(broker, out)
+        """Stopping: route what came in, and hand every held batch (what is left of it) back
+        into its lane (through ``batches`` if Redis does not answer), for another replica."""
+        out = Round(back=list(self.held))
+        try:
+            self._route(broker, self._config)
+            self._flush(broker, out)
+        except RedisUnavailable:
+            self._hand_back_overdue(broker, float("inf"))
 
     def busy(self) -> bool:
-        return bool(self.lines)
+        return bool(self.held or self.incoming or self.candidates)
 
     def ready(self) -> bool:
         return self.redis_ok
@@ -483,51 +508,14 @@ class LimiterStage(Stage):
         self.redis.close()
 
 
-def _per_server(pairs: list[tuple[str, str]], call: Callable[[str, list[str]], None]) -> None:
-    """``call(server, names)`` once per server; best effort: a Redis that does not answer
-    leaves it to the leases and the next redelivery."""
-    servers: dict[str, list[str]] = {}
-    for server, name in pairs:
-        servers.setdefault(server, []).append(name)
-    for server, names in servers.items():
-        try:
-            call(server, names)
-        except RedisUnavailable as exc:
-            log.debug("%s", exc.reason)
+def _is_fair(config: Config, server: str) -> bool:
+    """A server whose rate its tenants share by turns (an unlimited one has no rate to share)."""
+    known = config.servers.get(server)
+    return known is not None and not known.unlimited
 
 
-# -- pure helpers -----------------------------------------------------------------------------
-
-def unknown_names(batch: Batch, tenants: Mapping[str, int], config: Config) -> str | None:
-    """Why this batch cannot be limited: a server or tenant the servers file does not name."""
-    if batch.server not in config.servers:
-        return f"unknown server {batch.server!r}: not in the servers file"
-    missing = sorted(t for t in tenants.keys() | batch.refund_tenants.keys() if t not in config.tenants)
-    if missing:
-        return f"unknown tenant(s) {', '.join(repr(t) for t in missing)}: not in the servers file"
-    return None
-
-
-def by_tenant(batch: Batch) -> list[Batch]:
-    """One batch per tenant, jobs in their order, with stable ids (the same on a redelivery);
-    the first carries the batch's refund."""
-    jobs: dict[str, list[bytes]] = {}
-    sizes: Tally[str] = Tally()
-    for raw in batch.jobs:
-        job = decode_job(raw)
-        jobs.setdefault(job.tenant, []).append(raw)
-        sizes[job.tenant] += job.size
-    parts = [Batch(id=derived_id(batch.id, f"tenant:{tenant}"), server=batch.server, jobs=tuple(raws),
-                   mails=len(raws), bytes=sizes[tenant], created_ms=batch.created_ms, tenants={tenant: len(raws)},
-                   priority=batch.priority) for tenant, raws in jobs.items()]
-    parts[0] = dataclasses.replace(parts[0], refund=batch.refund, refund_of=batch.refund_of,
-                                   refund_tenants=batch.refund_tenants)
-    return parts
-
-
-def rest_of(batch: Batch, tenant: str, offset: int, rest_bytes: int) -> Batch:
-    """The jobs of one tenant's ``batch`` from ``offset`` on, as a batch of its own (a stable new id)."""
-    jobs = batch.jobs[offset:]
-    return Batch(id=derived_id(batch.id, f"rest:{offset}"), server=batch.server, jobs=jobs, mails=len(jobs),
-                 bytes=rest_bytes, created_ms=batch.created_ms, tenants={tenant: len(jobs)},
-                 priority=batch.priority)
+def _per_server(pairs: Iterable[tuple[str, T]]) -> dict[str, list[T]]:
+    out: dict[str, list[T]] = {}
+    for server, item in pairs:
+        out.setdefault(server, []).append(item)
+    return out

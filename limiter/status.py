@@ -13,16 +13,8 @@ from typing import Any
 
 import redis
 
-from limiter.gcra import (
-    US,
-    Limits,
-    day_of,
-    local_midnights,
-    rescale,
-    server_prefix,
-    tenant_day_key,
-    tokens_available,
-)
+from limiter.gcra import US, Limits, rescale, tokens_available
+from limiter.redis_limiter import day_key, server_prefix
 from mailpipe.servers import Config
 from mailpipe.settings import Settings
 
@@ -54,9 +46,9 @@ def snapshot(redis_client: redis.Redis, namespace: str, config: Config,
             "tokens_available": tokens, "today": "", "daily_limit": "",
         })
     for name, tenant in sorted(config.tenants.items()):
-        day = _hash(redis_client, tenant_day_key(namespace, tenant.server, name))
-        today, _ = day_of(local_midnights(tenant.timezone, seconds), seconds)
-        count = _int(day.get("n")) if _int(day.get("day")) == today else 0
+        day = _hash(redis_client, day_key(namespace, name))
+        start, end = _int(day.get("day")), _int(day.get("end"))
+        count = _int(day.get("n")) if start is not None and end is not None and start <= seconds < end else 0
         rows.append({
             "kind": "tenant", "name": name, "rate_per_hour": "", "per_minute": "",
             "released_last_minute": "", "released_last_hour": "", "tokens_available": "",
@@ -83,22 +75,28 @@ def released_since(buckets: Mapping[str, str], since_s: int) -> int:
 
 @dataclass(frozen=True)
 class FairState:
-    """One server's fair-share keys as Redis holds them (``{p}:fair``, ``{p}:fair:tags``,
-    ``{p}:fair:alive``, ``{p}:released``, ``{p}:released:<tenant>``)."""
+    """One server's lanes and fair queue as Redis holds them (mailpipe/lanes_common.lua)."""
 
-    fair: Mapping[str, str]  # v = virtual time, f:<tenant> = finish tag, b:<tenant> = mails held
+    fair: Mapping[str, str]  # v = virtual time, f:<tenant> = finish tag
     tags: Mapping[str, float]  # tenant -> start tag; the lowest goes next
-    alive: Mapping[str, float]  # tenant -> lease end, Redis time in us
+    off: Mapping[str, float]  # tenant -> held off until (us): capped for today, paused
+    lanes: Mapping[str, str]  # m:<lane> mails in the lane, hmt:<lane> mails of it held by limiters
     released: Mapping[str, str]  # the server's ring
     tenant_released: Mapping[str, Mapping[str, str]]  # tenant -> its ring on this server
 
+    def backlog(self, tenant: str, prefix: str = "") -> int:
+        """Mails of ``tenant`` for this server in its lanes and held by limiters (about: a crash
+        may count a batch twice until its lane is found empty)."""
+        lanes = [f"{p}:{tenant}" for p in (prefix,) if p] or [f"n:{tenant}", f"h:{tenant}"]
+        return sum(_int(self.lanes.get(f"{kind}:{lane}")) or 0 for lane in lanes for kind in ("m", "hmt"))
+
 
 def fair_rows(redis_client: redis.Redis, namespace: str, config: Config) -> list[dict[str, Any]]:
-    """Rows of kind "share", per server: the tenants with mail waiting for it, in turn order,
-    then those that released on it in the last hour (see ``share_rows``).
+    """Rows of kind "share", per server: the tenants with mail for it, in turn order, then those
+    held off and those that released on it in the last hour (see ``share_rows``).
 
     Two round trips whatever the number of servers and tenants: Redis TIME with every
-    server's fair-share keys, then every candidate tenant's ring.
+    server's lanes and fair-share keys, then every candidate tenant's ring.
     """
     pipe = redis_client.pipeline(transaction=False)
     pipe.time()
@@ -106,7 +104,8 @@ def fair_rows(redis_client: redis.Redis, namespace: str, config: Config) -> list
         p = server_prefix(namespace, name)
         pipe.hgetall(f"{p}:fair")
         pipe.zrange(f"{p}:fair:tags", 0, -1, withscores=True)
-        pipe.zrange(f"{p}:fair:alive", 0, -1, withscores=True)
+        pipe.zrange(f"{p}:fair:off", 0, -1, withscores=True)
+        pipe.hgetall(f"{p}:lanes")
         pipe.hgetall(f"{p}:released")
     replies: list[Any] = pipe.execute()
     seconds, micros = (int(x) for x in replies[0])
@@ -119,12 +118,13 @@ def fair_rows(redis_client: redis.Redis, namespace: str, config: Config) -> list
     read: list[tuple[str, FairState, list[str]]] = []
     pipe = redis_client.pipeline(transaction=False)
     for i, name in enumerate(sorted(config.servers)):
-        fair, tags, alive, released = replies[1 + 4 * i: 5 + 4 * i]
-        state = FairState(_decoded(fair), _scores(tags), _scores(alive), _decoded(released), {})
+        fair, tags, off, lanes, released = replies[1 + 5 * i: 6 + 5 * i]
+        state = FairState(_decoded(fair), _scores(tags), _scores(off), _decoded(lanes), _decoded(released), {})
         # Redis may know tenants the servers file no longer routes here (a route changed
         # within the hour): they used the server all the same.
-        in_fair = {field[2:] for field in state.fair if field.startswith(("f:", "b:"))}
-        candidates = sorted(may_use[name] | state.tags.keys() | state.alive.keys() | in_fair)
+        in_lanes = {field.split(":", 2)[2] for field in state.lanes if field.startswith(("m:", "hmt:"))}
+        in_fair = {field[2:] for field in state.fair if field.startswith("f:")}
+        candidates = sorted(may_use[name] | state.tags.keys() | state.off.keys() | in_fair | in_lanes)
         p = server_prefix(namespace, name)
         for tenant in candidates:
             pipe.hgetall(f"{p}:released:{tenant}")
@@ -140,35 +140,35 @@ def fair_rows(redis_client: redis.Redis, namespace: str, config: Config) -> list
 
 
 def share_rows(server: str, state: FairState, weights: Mapping[str, float], now_us: int) -> list[dict[str, Any]]:
-    """The tenants of one server that wait for it or used it within the hour.
-
-    Waiting means in ``tags`` with a lease that has not ended (no lease: not waiting either,
-    the script would purge it at its next decision). A tenant left in ``tags`` with its lease
-    ended is listed too, as not waiting: its replica stopped asking, which an operator wants
-    to see. Waiting tenants come first in turn order (``turn`` 1 goes next), then the others,
-    the busiest first. A share is the tenant's part of the server's releases, None when the
-    server released nothing in that time; weight is None for a tenant the servers file lacks.
-    """
+    """The tenants of one server that have mail for it (waiting, or held off), or used it within
+    the hour. Waiting tenants come first in turn order (``turn`` 1 goes next), then the others,
+    the busiest first. ``backlog`` is every mail of the tenant for this server: in its lanes and
+    held by limiters, however large. A share is the tenant's part of the server's releases, None
+    when the server released nothing in that time; weight is None for a tenant the servers file
+    lacks."""
     seconds = now_us // US
     server_minute = released_since(state.released, seconds - 60)
     server_hour = released_since(state.released, seconds - 3600)
     rows: list[dict[str, Any]] = []
-    for tenant in sorted(state.tags.keys() | state.tenant_released.keys()):
+    for tenant in sorted(state.tags.keys() | state.off.keys() | state.tenant_released.keys()
+                         | {f.split(":", 2)[2] for f in state.lanes if f.startswith(("m:", "hmt:"))}):
         ring = state.tenant_released.get(tenant, {})
         minute, hour = released_since(ring, seconds - 60), released_since(ring, seconds - 3600)
-        waiting = tenant in state.tags and state.alive.get(tenant, 0) > now_us
-        if not (tenant in state.tags or hour):
+        backlog = state.backlog(tenant)
+        off = state.off.get(tenant, 0)
+        if not (tenant in state.tags or hour or backlog or off > now_us):
             continue
         rows.append({
-            "kind": "share", "server": server, "tenant": tenant, "waiting": waiting, "turn": None,
-            "backlog": _int(state.fair.get(f"b:{tenant}")) or 0, "weight": weights.get(tenant),
+            "kind": "share", "server": server, "tenant": tenant, "waiting": tenant in state.tags, "turn": None,
+            "backlog": backlog, "backlog_high": state.backlog(tenant, "h"),
+            "held_off_until": int(off // US) if off > now_us else None, "weight": weights.get(tenant),
             "released_last_minute": minute, "released_last_hour": hour,
             "share_last_minute": minute / server_minute if server_minute else None,
             "share_last_hour": hour / server_hour if server_hour else None,
         })
     # As ZRANGE orders the set: by start tag, then by name.
     rows.sort(key=lambda r: (0, state.tags[r["tenant"]], r["tenant"]) if r["waiting"]
-              else (1, -r["released_last_hour"], r["tenant"]))
+              else (1, -r["backlog"], -r["released_last_hour"], r["tenant"]))
     for turn, row in enumerate((r for r in rows if r["waiting"]), start=1):
         row["turn"] = turn
     return rows

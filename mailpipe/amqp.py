@@ -3,7 +3,8 @@ channel in confirm mode.
 
 Publishes are pipelined: ``publish()`` sends every message, keeps each payload until the
 broker confirms it, re-sends the ones the broker nacks, and returns only when all are
-confirmed. A mandatory message the broker returns (no queue bound) raises ``Unroutable``.
+confirmed. A mandatory message the broker returns (no queue bound) raises ``Unroutable`` (or
+is handed back to a caller that asks for it).
 A lost connection raises ``BrokerUnavailable``; the caller reconnects (``Broker.connect``
 again) and, because nothing was acked, its inputs come back and are processed again.
 
@@ -111,6 +112,7 @@ class Broker:
         self.heartbeat_s = heartbeat_s
         self._conn: pika.BlockingConnection | None = None
         self._consume_ch: BlockingChannel | None = None
+        self._scratch_ch: BlockingChannel | None = None  # passive declares, which a 404 closes
         self._publish_ch: pika.channel.Channel | None = None
         self._inbox: deque[Delivery] = deque()
         self._consumer_tags: list[str] = []
@@ -202,6 +204,7 @@ class Broker:
     def _forget(self) -> pika.BlockingConnection | None:
         conn, self._conn = self._conn, None
         self._consume_ch = None
+        self._scratch_ch = None
         self._publish_ch = None
         self._inbox.clear()
         self._consumer_tags.clear()
@@ -222,10 +225,14 @@ class Broker:
 
     # -- publishing ---------------------------------------------------------------------------
 
-    def publish(self, messages: Sequence[Outgoing], timeout_s: float = 30.0) -> None:
-        """Publish every message and return once the broker has confirmed them all."""
+    def publish(self, messages: Sequence[Outgoing], timeout_s: float = 30.0, *,
+                allow_returns: bool = False) -> list[Outgoing]:
+        """Publish every message and return once the broker has confirmed them all. A mandatory
+        message that no queue takes raises ``Unroutable``; with ``allow_returns``, such messages
+        are returned instead (a lane deleted since it was declared: the caller declares it and
+        publishes them again)."""
         if not messages:
-            return
+            return []
         if self._publish_ch is None:
             raise BrokerUnavailable("RabbitMQ: not connected")
         self._returned.clear()
@@ -248,14 +255,18 @@ class Broker:
                     raise BrokerUnavailable(f"RabbitMQ: {len(self._unconfirmed)} publish(es) "
                                             f"not confirmed within {timeout_s:.0f} s")
                 self._connection().process_data_events(time_limit=0.5)
-        if self._returned:
-            returned, reply = self._returned[0]
+        returns = [(m, reply) for m, reply in self._returned]
+        if returns and (not allow_returns or any(m is None for m, _ in returns)):
+            returned, reply = returns[0]
             target = returned.routing_key if returned else "?"
             raise Unroutable(f"RabbitMQ returned a message for {target!r} ({reply}): the queue does "
                              f"not exist; run `mailpipe topology` to declare it")
+        back = [m for m, _ in returns if m is not None]
         if self.stage:
-            for target, count in Counter(m.exchange or m.routing_key for m in messages).items():
+            gone = {id(m) for m in back}
+            for target, count in Counter(m.exchange or m.routing_key for m in messages if id(m) not in gone).items():
                 metrics.MESSAGES_OUT.labels(self.stage, target).inc(count)
+        return back
 
     def _send(self, message: Outgoing) -> None:
         assert self._publish_ch is not None
@@ -324,6 +335,43 @@ class Broker:
         tags = [t for t in self._unacked if t <= tag] if multiple else [tag]
         for t in tags:
             self.unacked_bytes -= self._unacked.pop(t, 0)
+
+    def get(self, queue: str) -> Delivery | None:
+        """One message from ``queue`` (``basic.get``, unacked), or None when it is empty. The
+        queue must exist: a missing one closes the channel (``message_count`` checks first)."""
+        channel = self.channel()
+        with _translated(f"get from {queue}"):
+            method, properties, body = channel.basic_get(queue, auto_ack=False)
+        if method is None:
+            return None
+        delivery = Delivery(tag=method.delivery_tag, body=body, routing_key=method.routing_key,
+                            headers=dict(properties.headers or {}), redelivered=bool(method.redelivered),
+                            message_id=properties.message_id)
+        self._unacked[method.delivery_tag] = len(body)
+        self.unacked_bytes += len(body)
+        self.peak_unacked_bytes = max(self.peak_unacked_bytes, self.unacked_bytes)
+        return delivery
+
+    def message_count(self, queue: str) -> int | None:
+        """Messages ready in ``queue``, or None when it does not exist. A passive declare on a
+        channel of its own: the broker closes a channel that asks for a missing queue."""
+        conn = self._connection()
+        with _translated(f"declare {queue} (passive)"):
+            if self._scratch_ch is None or not self._scratch_ch.is_open:
+                self._scratch_ch = conn.channel()
+            try:
+                return int(self._scratch_ch.queue_declare(queue, passive=True).method.message_count)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                self._scratch_ch = None
+                if exc.reply_code == 404:
+                    return None
+                raise
+
+    def delete_queue(self, queue: str) -> int:
+        """Delete ``queue`` (whatever it holds: the caller made sure it is empty); the number of
+        messages the broker says it deleted."""
+        with _translated(f"delete {queue}"):
+            return int(self.channel().queue_delete(queue).method.message_count)
 
     def poll(self, timeout_s: float, max_messages: int = 10_000) -> list[Delivery]:
         """Wait up to ``timeout_s`` for deliveries, and return what has arrived."""

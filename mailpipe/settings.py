@@ -68,6 +68,10 @@ class Settings:
     # Release and delivery.
     # A granted batch starts its mails within window_s of its grant (Redis time).
     window_s: float = 60.0
+    # A server with a per-minute ceiling: its grants start their mails within this (at most
+    # window_s), so that at most per_minute mails reach it in any 60 s at a cost of only
+    # minute_window_s / 60 of its rate (limiter/gcra.py says why).
+    minute_window_s: float = 5.0
     # What a server may receive at once above its rate. 0: one whole batch plus one window at
     # the server's rate, which the limiter keeps back from every grant (limiter/gcra.py).
     burst_mails: int = 0
@@ -76,6 +80,9 @@ class Settings:
     limiter_prefetch: int = 32
     limiter_hold_s: float = 120.0
     limiter_park_s: int = 60
+    # A lane (a server's queue for one tenant, mailpipe/lanes.py) empty and untouched this long
+    # is deleted; the next batch for it declares it again.
+    lane_idle_s: float = 300.0
     # A tenant's transactional mail (priority "high") goes ahead of the line up to this share
     # of its server's rate and burst; above it, it waits in line as normal mail.
     high_priority_share: float = 0.1
@@ -217,9 +224,11 @@ class Settings:
         if self.redis_sentinels.strip() and not self.redis_master:
             raise ConfigError("MAILPIPE_REDIS_MASTER must name the primary when MAILPIPE_REDIS_SENTINELS is set")
 
-    def window_reserve(self, rate_per_hour: int) -> int:
-        """Mails a server's rate sends in one delivery window: no grant may use them."""
-        return math.ceil(rate_per_hour * self.window_s / 3600 - 1e-9)
+    def window_reserve(self, rate_per_hour: int, window_s: float | None = None) -> int:
+        """Mails a server's rate sends in one delivery window (``window_s`` by default): no grant
+        may use them."""
+        window = self.window_s if window_s is None else window_s
+        return math.ceil(rate_per_hour * window / 3600 - 1e-9)
 
     def burst(self, rate_per_hour: int) -> int:
         """The burst a server may receive above its rate (see ``burst_mails``)."""

@@ -182,17 +182,20 @@ class Topology:
             return {"x-queue-type": "quorum", "x-quorum-initial-group-size": self.quorum_group_size}
         return {"x-queue-type": "quorum"}
 
+    def _work_arguments(self) -> dict[str, Any]:
+        """A work queue's: quorum, dead-lettered (at least once) after the delivery limit."""
+        return {**self._quorum(), "x-dead-letter-exchange": "", "x-dead-letter-routing-key": self.dead,
+                "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish",
+                "x-delivery-limit": self.delivery_limit}
+
+    def declare_lane(self, channel: BlockingChannel, queue: str) -> None:
+        """A lane (mailpipe/lanes.py), declared by whoever publishes into it first: a work queue."""
+        _declare(channel, queue, durable=True, arguments=self._work_arguments())
+
     def declare(self, channel: BlockingChannel) -> None:
-        dead_letter = {
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": self.dead,
-            "x-dead-letter-strategy": "at-least-once",
-            "x-overflow": "reject-publish",
-        }
         _declare(channel, self.dead, durable=True, arguments=self._quorum())
         for queue in self.work_queues:
-            _declare(channel, queue, durable=True, arguments={
-                **self._quorum(), **dead_letter, "x-delivery-limit": self.delivery_limit})
+            _declare(channel, queue, durable=True, arguments=self._work_arguments())
         for queue, delay_s, back_to in self._delay_queues():
             _declare(channel, queue, durable=True, arguments={
                 **self._quorum(), "x-message-ttl": delay_s * 1000, "x-dead-letter-exchange": "",

@@ -1,9 +1,10 @@
-"""The packer stage: jobs -> batches.
+"""The packer stage: jobs -> batches, into their lanes.
 
 Consume jobs; a job scheduled for later (``send_at``) is parked in a delay queue until it is
 due; the others are grouped per SMTP server, tenant and priority; when a batch closes (500 mails,
-80 MB, or its linger), publish it, confirmed, and only then ack the jobs it holds. The jobs'
-bytes are forwarded as they came, never re-encoded.
+80 MB, or its linger), publish it into its lane (``mailpipe/lanes.py``: the server's queue for
+that tenant and priority), confirmed, and only then ack the jobs it holds. The jobs' bytes are
+forwarded as they came, never re-encoded.
 
 Jobs come from two queues, one open batch per server, tenant and priority for both: ``jobs`` (each at
 most ``large_message_bytes``, 1,000 unacked) and ``jobs.large`` (up to 25 MiB each, 4 unacked),
@@ -18,9 +19,11 @@ import time
 
 from prometheus_client import Counter, Histogram
 
+from mailpipe import redis_client
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.codec import decode_job, encode_batch
-from mailpipe.errors import InvalidMessage
+from mailpipe.errors import InvalidMessage, RedisUnavailable
+from mailpipe.lanes import LaneBatch, LanePublisher, lane_id
 from mailpipe.model import Batch, Category, new_id, now_ms
 from mailpipe.settings import Settings
 from mailpipe.stage import Stage
@@ -41,6 +44,10 @@ class PackerStage(Stage):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.packer = self._new_packer()
+        self.redis = redis_client.connect(settings)
+        self.lanes = LanePublisher(self.redis, settings.namespace, self.topology,
+                                   wait_replicas=settings.redis_wait_replicas)
+        self._redis_warned = False
 
     def _new_packer(self) -> Packer:
         s = self.settings
@@ -96,6 +103,9 @@ class PackerStage(Stage):
     def busy(self) -> bool:
         return self.packer.held > 0
 
+    def close(self) -> None:
+        self.redis.close()
+
     def ship(self, broker: Broker, closed: list[OpenBatch]) -> None:
         """Publish the closed batches, confirmed, then ack their jobs: in rounds of at most one
         full batch's bytes (small batches still share a confirm), so the encoded copies in
@@ -112,9 +122,23 @@ class PackerStage(Stage):
             self._ship(broker, group)
 
     def _ship(self, broker: Broker, closed: list[OpenBatch]) -> None:
+        """Into each batch's lane (its server's queue for its tenant and priority), so that the
+        limiter sees every tenant's backlog; while Redis does not answer, to ``batches``, which
+        the limiter routes into the lanes once it does. Then the jobs are acked."""
         batches = [Batch(id=new_id(), server=b.server, jobs=tuple(b.jobs), mails=b.mails, bytes=b.bytes,
                          created_ms=now_ms(), tenants=dict(b.tenants), priority=b.priority) for b in closed]
-        broker.publish([Outgoing(self.topology.batches, encode_batch(b), message_id=b.id) for b in batches])
+        encoded = [encode_batch(b) for b in batches]
+        try:
+            self.lanes.publish(broker, [LaneBatch(b.server, lane_id(next(iter(b.tenants)), b.priority), b.mails,
+                                                  body, b.id) for b, body in zip(batches, encoded, strict=True)])
+        except RedisUnavailable as exc:
+            if not self._redis_warned:
+                log.warning("%s: batches go to %s until Redis answers", exc.reason, self.topology.batches)
+            self._redis_warned = True
+            broker.publish([Outgoing(self.topology.batches, body, message_id=b.id)
+                            for b, body in zip(batches, encoded, strict=True)])
+        else:
+            self._redis_warned = False
         broker.ack_all(tag for open_batch in closed for tag in open_batch.tags)
         for batch in batches:
             BATCH_MAILS.labels(batch.server).observe(batch.mails)

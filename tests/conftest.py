@@ -23,6 +23,7 @@ import pika.exceptions
 import pytest
 import redis
 
+from mailpipe.lanes import queue_name
 from mailpipe.services import reachable
 from mailpipe.settings import Settings
 from mailpipe.topology import PARK_FACTORS, Topology
@@ -92,6 +93,7 @@ def delete_namespace(ns: str, amqp_url: str, redis_url: str) -> None:
     # Retry delays other tests' settings make, each with its .large sibling (Topology's list).
     names |= {*Topology(ns, retry_delays_s=(1, 2, 3, 4, 5, 8, 10, 16, 30, 32, 60, 64, 128, 256, 512)).all_queues}
     names |= {topology.park_queue(p * f) for p in (1, 2, 3, 5, 10, 30, 60) for f in PARK_FACTORS}
+    names |= lane_queues(ns, redis_url)
     with contextlib.suppress(pika.exceptions.AMQPError, OSError):
         conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
         channel = conn.channel()
@@ -104,6 +106,18 @@ def delete_namespace(ns: str, amqp_url: str, redis_url: str) -> None:
         for key in client.scan_iter(match=f"*{ns}*", count=1000):
             client.delete(key)
         client.close()
+
+
+def lane_queues(ns: str, redis_url: str) -> set[str]:
+    """Every lane a namespace's publishers registered (mailpipe/lanes.py), by server."""
+    out: set[str] = set()
+    with contextlib.suppress(redis.RedisError):
+        client = redis.Redis.from_url(redis_url)
+        for key in client.scan_iter(match=f"{{{ns}:*}}:known", count=1000):
+            server = key.decode()[len(ns) + 2:-len("}:known")]
+            out |= {queue_name(ns, server, lane.decode()) for lane in client.zrange(key, 0, -1)}
+        client.close()
+    return out
 
 
 @pytest.fixture(autouse=True)

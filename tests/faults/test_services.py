@@ -12,7 +12,7 @@ import pika
 import pytest
 import redis
 
-from limiter.gcra import server_prefix
+from limiter.redis_limiter import server_prefix
 from mailpipe.errors import BrokerUnavailable
 from mailpipe.settings import Settings
 from mailpipe.topology import Topology

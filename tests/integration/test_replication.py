@@ -10,7 +10,9 @@ import uuid
 
 import pytest
 
-from limiter.gcra import Limits, RedisLimiter, TenantAsk, connect, local_midnights
+from limiter.decide import TenantAsk
+from limiter.gcra import Limits, local_midnights
+from limiter.redis_limiter import Ask, RedisLimiter, connect
 from mailpipe import redis_client
 from mailpipe.errors import RedisUnavailable
 from mailpipe.model import Job
@@ -27,13 +29,13 @@ def test_a_grant_no_replica_holds_is_not_used_and_comes_back_the_same(redis_url:
     try:
         waiting = RedisLimiter(client, namespace, wait_replicas=1)
         with pytest.raises(RedisUnavailable, match="0 of the 1 replica"):
-            waiting.acquire("s", "b1", 2, Limits.for_server(3600, 10), tenants=tenants)
+            waiting.decide(Ask("s", "b1", 2, Limits.for_server(3600, 10), tenants))
         # The grant was made on the primary and is remembered: asked again, it comes back the
         # same, not a second time (here without waiting, as after a replica caught up).
-        again = RedisLimiter(client, namespace).acquire("s", "b1", 2, Limits.for_server(3600, 10), tenants=tenants)
+        again = RedisLimiter(client, namespace).decide(Ask("s", "b1", 2, Limits.for_server(3600, 10), tenants))
         assert again.granted == 2 and again.cached
     finally:
-        for key in client.scan_iter(match=f"{{{namespace}:*", count=1000):
+        for key in client.scan_iter(match=f"*{namespace}*", count=1000):
             client.delete(key)
         client.close()
 

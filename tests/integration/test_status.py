@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from limiter.gcra import server_prefix
+from limiter.redis_limiter import server_prefix
 from mailpipe.amqp import Broker, Outgoing
 from mailpipe.settings import Settings
 from mailpipe.topology import Topology
@@ -42,7 +42,7 @@ def test_status_shows_queues_limits_and_dead_letters_by_reason(settings: Setting
     assert "6000" in rows and "500" in rows, rows
 
 
-# -- fair share: the keys gcra.lua keeps per server, written here as documented in its header ---
+# -- fair share: the keys lanes_common.lua documents per server, written here as it says ---
 
 FAIR_SERVERS = ('[servers.own]\naddress = "[127.0.0.1]:2525"\nrate_per_hour = 6000\n'
                 '[tenants.acme]\nserver = "own"\nweight = 3\n'
@@ -59,7 +59,7 @@ def redis_now(client: redis.Redis) -> tuple[int, int]:
 
 
 def g17(value: float) -> str:
-    """A float as gcra.lua writes it (%.17g)."""
+    """A float as the Lua functions write it (%.17g)."""
     return f"{value:.17g}"
 
 
@@ -92,11 +92,11 @@ def test_status_shows_each_tenants_turn_backlog_weight_and_share_of_the_server(s
         count_releases(client, f"{p}:released:acme", half_hour_ago, 20)
         count_releases(client, f"{p}:released:beta", seconds, 10)
         count_releases(client, f"{p}:released:gamma", half_hour_ago, 40)
-        client.hset(f"{p}:fair", mapping={"v": g17(1234.5), "f:acme": g17(1300.25),
-                                          "f:beta": g17(1240.0), "b:acme": 300, "b:beta": 100})
+        client.hset(f"{p}:fair", mapping={"v": g17(1234.5), "f:acme": g17(1300.25), "f:beta": g17(1240.0)})
+        # acme: 250 mails in its lane, 50 held by a limiter; beta: 100 in its high lane.
+        client.hset(f"{p}:lanes", mapping={"m:n:acme": 250, "hmt:n:acme": 50, "m:h:beta": 100})
         # beta's start tag is the lower: beta goes next, although acme weighs more.
         client.zadd(f"{p}:fair:tags", {"acme": 1250.75, "beta": 1234.5})
-        client.zadd(f"{p}:fair:alive", {"acme": now_us + 60_000_000, "beta": now_us + 60_000_000})
     finally:
         client.close()
 
@@ -105,6 +105,7 @@ def test_status_shows_each_tenants_turn_backlog_weight_and_share_of_the_server(s
     assert set(rows) == {"acme", "beta", "gamma"}, "idle neither waits nor released: not listed"
     acme, beta, gamma = rows["acme"], rows["beta"], rows["gamma"]
     assert (beta["waiting"], beta["turn"], beta["backlog"], beta["weight"]) == (True, 1, 100, 1.0)
+    assert beta["backlog_high"] == 100 and acme["backlog_high"] == 0
     assert (acme["waiting"], acme["turn"], acme["backlog"], acme["weight"]) == (True, 2, 300, 3.0)
     assert (gamma["waiting"], gamma["turn"], gamma["backlog"], gamma["weight"]) == (False, None, 0, 0.5)
     assert (acme["share_last_minute"], acme["share_last_hour"]) == (0.75, 0.5)
@@ -113,24 +114,26 @@ def test_status_shows_each_tenants_turn_backlog_weight_and_share_of_the_server(s
     assert (acme["released_last_minute"], acme["released_last_hour"]) == (30, 50)
 
 
-def test_status_shows_a_tenant_whose_lease_ended_as_not_waiting(settings: Settings) -> None:
+def test_status_shows_a_tenant_held_off_with_its_whole_backlog(settings: Settings) -> None:
+    """A tenant capped for today waits in its lane, holding no turn: listed with its backlog and
+    until when; the others wait in turn."""
     Path(settings.servers_file).write_text(FAIR_SERVERS, encoding="utf-8")
     p = server_prefix(settings.namespace, "own")
     client = redis.Redis.from_url(settings.redis_url)
     try:
-        _, now_us = redis_now(client)
-        client.hset(f"{p}:fair", mapping={"v": g17(10.0), "f:acme": g17(11.0),
-                                          "f:beta": g17(12.0), "b:acme": 50, "b:beta": 20})
-        # acme still has the lowest start tag, but its replica stopped asking a second ago.
-        client.zadd(f"{p}:fair:tags", {"acme": 10.0, "beta": 11.0})
-        client.zadd(f"{p}:fair:alive", {"acme": now_us - 1_000_000, "beta": now_us + 60_000_000})
+        seconds, now_us = redis_now(client)
+        client.hset(f"{p}:fair", mapping={"v": g17(10.0), "f:acme": g17(11.0), "f:beta": g17(12.0)})
+        client.hset(f"{p}:lanes", mapping={"m:n:acme": 50000, "m:n:beta": 20})
+        client.zadd(f"{p}:fair:tags", {"beta": 11.0})
+        client.zadd(f"{p}:fair:off", {"acme": now_us + 3_600_000_000})
     finally:
         client.close()
 
     rows = share_rows_of(settings)
 
     assert set(rows) == {"acme", "beta"}
-    assert (rows["acme"]["waiting"], rows["acme"]["turn"], rows["acme"]["backlog"]) == (False, None, 50)
-    assert (rows["beta"]["waiting"], rows["beta"]["turn"]) == (True, 1)
+    assert (rows["acme"]["waiting"], rows["acme"]["turn"], rows["acme"]["backlog"]) == (False, None, 50000)
+    assert rows["acme"]["held_off_until"] in (seconds + 3599, seconds + 3600)
+    assert (rows["beta"]["waiting"], rows["beta"]["turn"], rows["beta"]["backlog"]) == (True, 1, 20)
     # Nothing was released on the server: no share to speak of, rather than 0 of 0.
     assert rows["beta"]["share_last_minute"] is None and rows["beta"]["share_last_hour"] is None

@@ -11,7 +11,7 @@ from mailpipe.status import share_lines
 
 NOW_S = 1_700_000_005
 NOW_US = NOW_S * 1_000_000 + 250_000
-LIVE = NOW_US + 2_000_000  # a lease that ends in 2 s
+LATER = NOW_US + 3_600_000_000  # an hour from now
 
 
 def ring(*buckets: tuple[int, int]) -> dict[str, str]:
@@ -23,11 +23,13 @@ def ring(*buckets: tuple[int, int]) -> dict[str, str]:
     return out
 
 
-def state(tags: Mapping[str, float] | None = None, alive: Mapping[str, float] | None = None,
+def state(tags: Mapping[str, float] | None = None, off: Mapping[str, float] | None = None,
           backlog: Mapping[str, int] | None = None, released: Mapping[str, str] | None = None,
           tenant_released: Mapping[str, Mapping[str, str]] | None = None) -> FairState:
-    fair = {"v": "12.5", **{f"b:{t}": str(n) for t, n in (backlog or {}).items()}}
-    return FairState(fair, tags or {}, alive or {}, released or {}, tenant_released or {})
+    """``backlog``: mails in a tenant's lane (a tenth more held by a limiter)."""
+    lanes = {f"m:n:{t}": str(n) for t, n in (backlog or {}).items()}
+    lanes |= {f"hmt:n:{t}": str(n // 10) for t, n in (backlog or {}).items()}
+    return FairState({"v": "12.5"}, tags or {}, off or {}, lanes, released or {}, tenant_released or {})
 
 
 def by_tenant(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -45,26 +47,26 @@ def test_released_since_counts_whole_buckets_and_skips_stale_slots() -> None:
 
 def test_waiting_tenants_come_in_turn_order_with_their_backlog_and_weight() -> None:
     rows = share_rows("own", state(tags={"acme": 20.0, "beta": 12.5, "zed": 12.5},
-                                   alive={"acme": LIVE, "beta": LIVE, "zed": LIVE},
-                                   backlog={"acme": 300, "beta": 7}),
+                                   backlog={"acme": 300, "beta": 70}),
                       {"acme": 3.0, "beta": 1.0}, NOW_US)
     assert [(r["tenant"], r["turn"]) for r in rows] == [("beta", 1), ("zed", 2), ("acme", 3)]
     assert all(r["kind"] == "share" and r["server"] == "own" and r["waiting"] for r in rows)
-    assert [r["backlog"] for r in rows] == [7, 0, 300]
+    assert [r["backlog"] for r in rows] == [77, 0, 330]  # in the lane and held
     assert [r["weight"] for r in rows] == [1.0, None, 3.0], "zed is not in the servers file"
 
 
-def test_a_lease_that_ended_or_is_missing_means_not_waiting() -> None:
-    rows = by_tenant(share_rows("own", state(tags={"acme": 1.0, "beta": 2.0, "gone": 3.0},
-                                             alive={"acme": NOW_US, "beta": LIVE}), {}, NOW_US))
-    assert {t: (r["waiting"], r["turn"]) for t, r in rows.items()} == {
-        "acme": (False, None), "beta": (True, 1), "gone": (False, None)}
+def test_a_tenant_held_off_is_listed_with_its_backlog_but_holds_no_turn() -> None:
+    rows = by_tenant(share_rows("own", state(tags={"beta": 2.0}, off={"acme": LATER, "past": NOW_US},
+                                             backlog={"acme": 5000}), {}, NOW_US))
+    assert {t: (r["waiting"], r["turn"], r["held_off_until"]) for t, r in rows.items()} == {
+        "acme": (False, None, LATER // 1_000_000), "beta": (True, 1, None)}
+    assert rows["acme"]["backlog"] == 5500
 
 
 def test_shares_are_of_the_servers_releases_and_none_when_it_released_nothing() -> None:
     rows = by_tenant(share_rows(
         "own",
-        state(tags={"acme": 1.0}, alive={"acme": LIVE},
+        state(tags={"acme": 1.0},
               released=ring((5, 40), (1800, 60)),
               tenant_released={"acme": ring((5, 30), (1800, 20)), "beta": ring((5, 10)),
                                "gamma": ring((1800, 40)), "idle": ring((3700, 9))}),
@@ -74,7 +76,7 @@ def test_shares_are_of_the_servers_releases_and_none_when_it_released_nothing() 
     assert shares == {"acme": (0.75, 0.5), "beta": (0.25, 0.1), "gamma": (0.0, 0.4)}
     assert [r["tenant"] for r in rows.values()] == ["acme", "gamma", "beta"], "then the busiest first"
 
-    nothing = share_rows("own", state(tags={"acme": 1.0}, alive={"acme": LIVE}), {}, NOW_US)
+    nothing = share_rows("own", state(tags={"acme": 1.0}), {}, NOW_US)
     assert (nothing[0]["share_last_minute"], nothing[0]["share_last_hour"]) == (None, None)
 
 
