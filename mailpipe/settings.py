@@ -76,19 +76,15 @@ class Settings:
     # the server's rate, which the limiter keeps back from every grant (limiter/gcra.py).
     burst_mails: int = 0
     # Limiter: batches held unacked per replica (each up to max_batch_bytes in memory); a batch
-    # not due within limiter_hold_s goes through a delay queue of limiter_park_s instead.
+    # not due within limiter_hold_s, or held that long, goes back into its lane.
     limiter_prefetch: int = 32
     limiter_hold_s: float = 120.0
-    limiter_park_s: int = 60
     # A lane (a server's queue for one tenant, mailpipe/lanes.py) empty and untouched this long
     # is deleted; the next batch for it declares it again.
     lane_idle_s: float = 300.0
     # A tenant's transactional mail (priority "high") goes ahead of the line up to this share
     # of its server's rate and burst; above it, it waits in line as normal mail.
     high_priority_share: float = 0.1
-    # Fair share: a tenant of a server waiting for its turn keeps its place this long past the
-    # time its replica said it would ask again (a replica that died frees the turn after it).
-    fair_lease_s: float = 2.0
     send_concurrency: int = 4
     smtp_timeout_s: float = 30.0
     sent_mark_ttl_s: int = 7 * 24 * 3600  # how long a mail's claims and "sent" marks are kept
@@ -159,14 +155,14 @@ class Settings:
         """Build settings from ``MAILPIPE_<FIELD>`` variables; a bad value names the variable."""
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
-        for field in fields(cls):
-            name = f"MAILPIPE_{field.name.upper()}"
+        for setting in fields(cls):
+            name = f"MAILPIPE_{setting.name.upper()}"
             if name not in env:
                 continue
             raw = env[name]
-            kind: type = type(field.default)
+            kind: type = type(setting.default)
             try:
-                values[field.name] = _parse_bool(raw) if kind is bool else kind(raw)
+                values[setting.name] = _parse_bool(raw) if kind is bool else kind(raw)
             except ValueError:
                 raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
         values.update(overrides)
@@ -178,27 +174,26 @@ class Settings:
         """Refuse at start a value that cannot work, naming the variable and the range that does."""
         # Each of these breaks at 0: a prefetch of 0 is RabbitMQ's "unlimited" (memory grows
         # with the queue); a TTL or lease of 0 deletes its key at once (or is a Redis error);
-        # a park queue with a TTL of 0 returns its batch at once; a reconnect backoff of 0
-        # spins; a hold of 0 hands every batch back each round; a fair lease of 0 loses a
-        # waiting tenant's place to its replica's own latency.
+        # a reconnect backoff of 0 spins; a hold of 0 hands every batch back each round; a lane
+        # idle for 0 s would be deleted between two batches; a minute's window of 0 grants
+        # nothing a sender can start.
         positive = ("prefetch", "large_message_bytes", "large_prefetch", "delivery_limit",
                     "max_message_bytes", "max_recipients", "max_batch_mails", "max_batch_bytes",
                     "window_s", "send_concurrency", "smtp_timeout_s", "retry_base_s", "retry_max_s",
                     "redis_timeout_s",
                     "shutdown_timeout_s",
-                    "send_prefetch", "limiter_prefetch", "limiter_park_s", "limiter_hold_s",
-                    "idempotency_ttl_s", "idempotency_lease_s", "suppress_days", "reconnect_max_s",
-                    "fair_lease_s")
+                    "send_prefetch", "limiter_prefetch", "limiter_hold_s", "lane_idle_s", "minute_window_s",
+                    "idempotency_ttl_s", "idempotency_lease_s", "suppress_days", "reconnect_max_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"MAILPIPE_{name.upper()} must be > 0, got {getattr(self, name)}")
-        for field in fields(self):
-            value = getattr(self, field.name)
+        for setting in fields(self):
+            value = getattr(self, setting.name)
             # nan passes every comparison above, and inf never ends retry_delays' doubling loop.
             if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"MAILPIPE_{field.name.upper()} must be a finite number, got {value}")
+                raise ConfigError(f"MAILPIPE_{setting.name.upper()} must be a finite number, got {value}")
             if isinstance(value, int | float) and value < 0:
-                raise ConfigError(f"MAILPIPE_{field.name.upper()} must not be negative, got {value}")
+                raise ConfigError(f"MAILPIPE_{setting.name.upper()} must not be negative, got {value}")
         if not 0 < self.high_priority_share <= 1:
             raise ConfigError(f"MAILPIPE_HIGH_PRIORITY_SHARE must be in (0, 1], got {self.high_priority_share}")
         if self.max_message_bytes > self.max_batch_bytes:
@@ -215,6 +210,10 @@ class Settings:
         if self.send_margin_s >= self.window_s:
             raise ConfigError(f"MAILPIPE_SEND_MARGIN_S must be below MAILPIPE_WINDOW_S ({self.window_s:g}), "
                               f"got {self.send_margin_s:g}")
+        if min(self.minute_window_s, self.window_s) <= self.send_margin_s:
+            raise ConfigError(f"MAILPIPE_MINUTE_WINDOW_S must be above MAILPIPE_SEND_MARGIN_S "
+                              f"({self.send_margin_s:g}): a server with a per-minute ceiling gets that window "
+                              f"(at most MAILPIPE_WINDOW_S), got {self.minute_window_s:g}")
         # A claim is leased until its batch's deadline plus the SMTP timeout: a claim hash that
         # expired sooner would let a second holder send what the first still has.
         lease_s = self.window_s + self.smtp_timeout_s

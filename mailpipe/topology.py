@@ -36,8 +36,6 @@ from mailpipe.settings import Settings
 # Delay steps for mail scheduled with send_at: it waits in the longest step that fits, again
 # and again, so it is released at most a second late however far ahead it was scheduled.
 SCHEDULE_STEPS_S = (1, 10, 60, 600, 3600)
-# The limiter's parking delays, in multiples of limiter_park_s.
-PARK_FACTORS = (1, 5, 30)
 
 # Messages over this many encoded bytes go on the ``.large`` queues (MAILPIPE_LARGE_MESSAGE_BYTES).
 LARGE_MESSAGE_BYTES = Settings.large_message_bytes
@@ -52,7 +50,6 @@ class Topology:
     namespace: str
     delivery_limit: int = 20
     retry_delays_s: tuple[int, ...] = (60,)
-    park_delays_s: tuple[int, ...] = (60, 300, 1800)
     large_message_bytes: int = LARGE_MESSAGE_BYTES
     quorum_group_size: int = 0  # members a new quorum queue starts with; 0: every node
     reports_keep_days: int = 30  # the inbound stage's raw reports, in a stream (issue 23)
@@ -61,7 +58,6 @@ class Topology:
     def from_settings(cls, settings: Settings) -> Topology:
         return cls(namespace=settings.namespace, delivery_limit=settings.delivery_limit,
                    retry_delays_s=retry_delays(settings.retry_base_s, settings.retry_max_s),
-                   park_delays_s=tuple(settings.limiter_park_s * f for f in PARK_FACTORS),
                    large_message_bytes=settings.large_message_bytes,
                    quorum_group_size=settings.quorum_group_size,
                    reports_keep_days=settings.reports_keep_days)
@@ -124,10 +120,6 @@ class Topology:
         fitting = [d for d in SCHEDULE_STEPS_S if d * 1000 <= wait_ms] or [SCHEDULE_STEPS_S[0]]
         return self._sized(self._q(f"scheduled.{fitting[-1]}s"), size)
 
-    def park_queue(self, delay_s: int) -> str:
-        """Where the limiter parks a batch not due for a while; it comes back to ``batches``."""
-        return self._q(f"limiter.park.{delay_s}s")
-
     def retry_delay_s(self, attempt: int) -> int:
         """The delay before a job's ``attempt``-th retry (1-based): mailpipe/retry.py's policy."""
         return delay_for(self.retry_delays_s, attempt)
@@ -168,7 +160,6 @@ class Topology:
             back_to = self.jobs + size_class
             queues += [(self._q(f"retry.{d}s{size_class}"), d, back_to) for d in self.retry_delays_s]
             queues += [(self._q(f"scheduled.{d}s{size_class}"), d, back_to) for d in SCHEDULE_STEPS_S]
-        queues += [(self.park_queue(d), d, self.batches) for d in self.park_delays_s]
         return queues
 
     @property

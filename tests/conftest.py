@@ -26,7 +26,7 @@ import redis
 from mailpipe.lanes import queue_name
 from mailpipe.services import reachable
 from mailpipe.settings import Settings
-from mailpipe.topology import PARK_FACTORS, Topology
+from mailpipe.topology import Topology
 
 DEFAULTS = Settings()
 
@@ -92,7 +92,6 @@ def delete_namespace(ns: str, amqp_url: str, redis_url: str) -> None:
     names = {*topology.all_queues, *topology.streams}
     # Retry delays other tests' settings make, each with its .large sibling (Topology's list).
     names |= {*Topology(ns, retry_delays_s=(1, 2, 3, 4, 5, 8, 10, 16, 30, 32, 60, 64, 128, 256, 512)).all_queues}
-    names |= {topology.park_queue(p * f) for p in (1, 2, 3, 5, 10, 30, 60) for f in PARK_FACTORS}
     names |= lane_queues(ns, redis_url)
     with contextlib.suppress(pika.exceptions.AMQPError, OSError):
         conn = pika.BlockingConnection(pika.URLParameters(amqp_url))

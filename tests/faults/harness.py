@@ -38,7 +38,6 @@ from tests.smtp_peer import SmtpPeer, _Handler, _PeerSMTP
 from tests.stages import settings_env
 
 ALL_STAGES = ("producer", "packer", "limiter", "sender")
-PARK_FACTORS = (1, 5, 30)  # the limiter's delay queues, limiter.park.<n x limiter_park_s>s
 
 
 def free_port() -> int:
@@ -155,7 +154,6 @@ class Pipeline:
             self.signal(name, signal.SIGTERM)
         for name in self.procs:
             self.wait(name, 30)
-        delete_park_queues(self.settings)
 
     def start(self, name: str) -> None:
         stage = name.rsplit("-", 1)[0]
@@ -206,16 +204,6 @@ class Pipeline:
     def logs(self, tail: int = 3000) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}"
                          for p in sorted(self.log_dir.glob("*.log")))
-
-
-def delete_park_queues(settings: Settings) -> None:
-    """The limiter's delay queues, which the shared namespace fixture does not know of."""
-    with contextlib.suppress(pika.exceptions.AMQPError, OSError):
-        conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
-        channel = conn.channel()
-        for factor in PARK_FACTORS:
-            channel.queue_delete(f"{settings.namespace}.limiter.park.{settings.limiter_park_s * factor}s")
-        conn.close()
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, pipeline: Pipeline | None = None,

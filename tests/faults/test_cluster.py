@@ -135,8 +135,7 @@ def cluster_settings(cluster: LocalCluster, tmp_path: Path) -> Settings:
         servers_file=str(tmp_path / "servers.toml"), linger_ms=100, retry_base_s=1, retry_max_s=2,
         shutdown_timeout_s=10, burst_mails=BURST, window_s=WINDOW_S, send_margin_s=MARGIN_S,
         max_batch_mails=CHUNK, smtp_timeout_s=3.0,
-        # A limiter holds the whole backlog (a test's few hundred mails in batches of 5): none is
-        # parked behind it for limiter_park_s (a minute), which would only make the drain wait.
+        # A limiter may hold the whole backlog (a test's few hundred mails in batches of 5).
         limiter_prefetch=100,
         # JSON lines carry a timestamp to the millisecond: a reconnection is timed from them.
         log_format="json")

@@ -466,7 +466,7 @@ def test_a_hostile_tenant_is_refused_or_rationed_and_b_is_served_on_time(setting
     started = time.monotonic()
     timings: dict[str, float] = {}
     settings = settings.replace(window_s=1.0, send_margin_s=0.2, burst_mails=BURST, max_batch_mails=MAX_BATCH,
-                                linger_ms=100, limiter_prefetch=64, limiter_park_s=2, max_message_bytes=MAX_MESSAGE,
+                                linger_ms=100, limiter_prefetch=64, max_message_bytes=MAX_MESSAGE,
                                 high_priority_share=HIGH_SHARE, reconnect_max_s=1.0)
     topology = Topology(settings.namespace)
     routing = routing_and_domain_tricks()

@@ -257,16 +257,6 @@ def observed_run(settings: Settings, tmp_path: Path, prometheus_binary: str,
                    "log_dir": log_dir, "logs": logs, "ports": ports}
         finally:
             prometheus.stop()
-            delete_park_queues(settings)
-
-
-def delete_park_queues(settings: Settings) -> None:
-    """The limiter declares delay queues of its own (limiter_park_s x 1, 5, 30), which the
-    conftest's namespace clean-up does not know: delete them too."""
-    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
-    for factor in (1, 5, 30):
-        conn.channel().queue_delete(f"{settings.namespace}.limiter.park.{settings.limiter_park_s * factor}s")
-    conn.close()
 
 
 @pytest.mark.integration

@@ -82,7 +82,7 @@ def test_status_shows_each_tenants_turn_backlog_weight_and_share_of_the_server(s
     p = server_prefix(settings.namespace, "own")
     client = redis.Redis.from_url(settings.redis_url)
     try:
-        seconds, now_us = redis_now(client)
+        seconds, _ = redis_now(client)
         half_hour_ago = seconds - 1800
         # The server released 40 mails this minute (acme 30, beta 10) and 60 half an hour ago
         # (acme 20, gamma 40): shares 0.75 / 0.25 / 0 over the minute, 0.5 / 0.1 / 0.4 over the hour.

@@ -18,12 +18,13 @@ REFUSED = [
      "MAILPIPE_SMTP_TIMEOUT_S (90, a claim's longest lease), got 0"),
     ("MAILPIPE_IDEMPOTENCY_TTL_S", "0", "MAILPIPE_IDEMPOTENCY_TTL_S must be > 0, got 0"),
     # Park queues with a TTL of 0 hand their batches straight back.
-    ("MAILPIPE_LIMITER_PARK_S", "0", "MAILPIPE_LIMITER_PARK_S must be > 0, got 0"),
+    ("MAILPIPE_LANE_IDLE_S", "0", "MAILPIPE_LANE_IDLE_S must be > 0, got 0.0"),
+    ("MAILPIPE_MINUTE_WINDOW_S", "0.5", "MAILPIPE_MINUTE_WINDOW_S must be above MAILPIPE_SEND_MARGIN_S (1): a server "
+     "with a per-minute ceiling gets that window (at most MAILPIPE_WINDOW_S), got 0.5"),
     ("MAILPIPE_LIMITER_HOLD_S", "0", "MAILPIPE_LIMITER_HOLD_S must be > 0, got 0.0"),
     ("MAILPIPE_IDEMPOTENCY_LEASE_S", "0", "MAILPIPE_IDEMPOTENCY_LEASE_S must be > 0, got 0.0"),
     ("MAILPIPE_SUPPRESS_DAYS", "0", "MAILPIPE_SUPPRESS_DAYS must be > 0, got 0"),
     ("MAILPIPE_RECONNECT_MAX_S", "0", "MAILPIPE_RECONNECT_MAX_S must be > 0, got 0.0"),
-    ("MAILPIPE_FAIR_LEASE_S", "0", "MAILPIPE_FAIR_LEASE_S must be > 0, got 0.0"),
     ("MAILPIPE_LOG_LEVEL", "verbose", "MAILPIPE_LOG_LEVEL='verbose': expected one of DEBUG, INFO, WARNING, "
      "ERROR, CRITICAL"),
 ]
@@ -60,8 +61,8 @@ def test_sentinels_need_the_primary_s_name() -> None:
 
 
 @pytest.mark.parametrize(("name", "value"), [
-    ("MAILPIPE_SEND_PREFETCH", "1"), ("MAILPIPE_LIMITER_PREFETCH", "1"), ("MAILPIPE_LIMITER_PARK_S", "1"),
-    ("MAILPIPE_SEND_MARGIN_S", "0"), ("MAILPIPE_SEND_MARGIN_S", "59.9"), ("MAILPIPE_LOG_LEVEL", "debug"),
+    ("MAILPIPE_SEND_PREFETCH", "1"), ("MAILPIPE_LIMITER_PREFETCH", "1"), ("MAILPIPE_LANE_IDLE_S", "1"),
+    ("MAILPIPE_SEND_MARGIN_S", "0"), ("MAILPIPE_SEND_MARGIN_S", "4.9"), ("MAILPIPE_LOG_LEVEL", "debug"),
     ("MAILPIPE_LINGER_MS", "0"), ("MAILPIPE_SMTP_IDLE_TIMEOUT_S", "0"), ("MAILPIPE_RETRY_MAX_AGE_S", "0"),
 ])
 def test_the_edges_that_work_are_accepted(name: str, value: str) -> None:
