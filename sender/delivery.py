@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mailpipe.errors import RedisUnavailable, SmtpError
 from mailpipe.model import Job, now_ms
@@ -31,6 +32,9 @@ from sender.replies import FAILED, SENT, Reply
 from sender.smtp import Connection
 from sender.transaction import send_mail
 from sender.translate import reply_of
+
+if TYPE_CHECKING:
+    from sender.envelope import Planner, Transaction
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +98,12 @@ class BatchDelivery:
 
 async def deliver(jobs: Sequence[Job], server: ServerConfig, pool: ServerPool, deadline: float, *,
                   hold: Hold | None, margin_s: float = 1.0,
-                  stop: Callable[[], bool] = lambda: False) -> BatchDelivery:
+                  stop: Callable[[], bool] = lambda: False, plan: Planner | None = None) -> BatchDelivery:
     """Send ``jobs`` over ``pool`` until done or the deadline less ``margin_s``. With a ``hold``,
     each recipient is claimed first and the deadline is ``hold.deadline_us`` in Redis time;
     without one (tests, benchmarks), ``deadline`` in ``time.monotonic()`` and no claims."""
     outcomes = [JobOutcome(job) for job in jobs]
-    run = _Run(jobs, outcomes, server, pool, hold, stop)
+    run = _Run(jobs, outcomes, server, pool, hold, stop, plan)
     if hold is None:
         run.cutoff = deadline - margin_s
         run.mine = {i: list(job.recipients) for i, job in enumerate(jobs)}
@@ -129,7 +133,9 @@ class _Run:
     """One delivery of a batch: what its workers share."""
 
     def __init__(self, jobs: Sequence[Job], outcomes: list[JobOutcome], server: ServerConfig,
-                 pool: ServerPool, hold: Hold | None, stop: Callable[[], bool]) -> None:
+                 pool: ServerPool, hold: Hold | None, stop: Callable[[], bool],
+                 plan: Planner | None = None) -> None:
+        self.plan = plan  # the envelopes (sender/envelope.py): a VERP sender per recipient, DSN
         self.jobs = jobs
         self.outcomes = outcomes
         self.server = server
@@ -228,7 +234,11 @@ class _Run:
                     conn = got
                 else:
                     index = todo.pop()
-                    marking = await self._send(conn, index, self.mine.pop(index), marking)
+                    recipients = self.mine.pop(index)
+                    plan = self.plan(self.jobs[index], recipients, conn.session.supports("dsn")) if self.plan else None
+                    for transaction in plan or (None,):
+                        marking = await self._send(conn, index, list(transaction.recipients) if transaction
+                                                   else recipients, marking, transaction)
                     if conn.broken or conn.mails >= self.server.max_mails_per_connection:
                         await self._marked(marking)
                         marking = None
@@ -252,7 +262,8 @@ class _Run:
         return True
 
     async def _send(self, conn: Connection, index: int, recipients: list[str],
-                    marking: asyncio.Future[None] | None) -> asyncio.Future[None] | None:
+                    marking: asyncio.Future[None] | None,
+                    transaction: Transaction | None = None) -> asyncio.Future[None] | None:
         """One transaction; returns its "sent" mark on the way to Redis. The message goes only
         once the previous mail's mark on this connection (``marking``) is in: a holder that
         dies leaves at most one accepted, unmarked mail per connection, and the mark's round
@@ -266,7 +277,10 @@ class _Run:
             # to the others, gone, and one of them may have sent these recipients meanwhile.
             return await self._marked(marking) and time.monotonic() < self.lease_end
         try:
-            result = await send_mail(conn, job.sender, recipients, job.message, ready=ready, cutoff=self.cutoff)
+            result = await send_mail(conn, transaction.sender if transaction else job.sender, recipients,
+                                     job.message, ready=ready, cutoff=self.cutoff,
+                                     mail_params=transaction.mail_params if transaction else b"",
+                                     rcpt_params=transaction.rcpt_params if transaction else None)
         except SmtpError as exc:
             reply = reply_of(exc)
             log.info("job %s: %s", job.id, exc.reason)

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 import redis
 
-from mailpipe import codec, redis_client, suppression
+from mailpipe import codec, redis_client
 from mailpipe import metrics as kernel_metrics
-from mailpipe.amqp import Broker, Delivery
+from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.errors import ConfigError, InvalidMessage, RedisUnavailable
 from mailpipe.model import Batch, Category, Job, now_ms
 from mailpipe.retry import RetryPolicy
@@ -48,9 +48,9 @@ from mailpipe.settings import Settings
 from mailpipe.stage import Stage
 from sender import metrics
 from sender.delivery import US, BatchDelivery, Hold, JobOutcome, deliver
+from sender.envelope import Envelopes, aftermath
 from sender.loop import LoopHost
 from sender.outputs import Outputs
-from sender.replies import ReplyCategory
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class SenderStage(Stage):
         self.watcher = ConfigWatcher(settings.servers_path)
         self.outputs = Outputs(self.topology, RetryPolicy.from_settings(settings), self.dead_letter)
         self.smtp = LoopHost(settings)
+        self.envelopes = Envelopes(settings)  # VERP and DSN where the server is configured for it
         self._in_flight: list[_InFlight] = []
         self._stopping = False
         self._sync_redis: redis.Redis | None = None  # for suppression, from the main thread
@@ -161,6 +162,7 @@ class SenderStage(Stage):
     async def _deliver(self, flight: _InFlight, hold: Hold) -> BatchDelivery:
         assert self.smtp.pools is not None
         return await deliver(flight.jobs, flight.server, self.smtp.pools.get(flight.server), 0.0, hold=hold,
+                             plan=self.envelopes.planner(flight.server, self.watcher.current()),
                              margin_s=self.settings.send_margin_s,
                              stop=lambda: self._stopping or flight.stopping)
 
@@ -215,7 +217,7 @@ class SenderStage(Stage):
             broker.requeue(flight.delivery.tag)
             return
         outputs, back = self.outputs.of_delivery(batch, flight.raws, flight.jobs, result, flight.owner)
-        self._suppress(result.outcomes)
+        outputs += self._suppress(flight.server, result.outcomes)
         ended_ms = now_ms()
         if batch.granted_ms is not None:
             used_s = max(0, ended_ms - batch.granted_ms) / 1000
@@ -243,22 +245,19 @@ class SenderStage(Stage):
             # Harmless: the claims end with their lease, and a later holder hands them back.
             log.warning("cannot release %d claim(s): %s", len(released), exc)
 
-    def _suppress(self, outcomes: list[JobOutcome]) -> None:
-        """Recipients the server says do not exist are suppressed for their tenant: the intake
-        fails later mail to them at once (mailpipe/suppression.py). Best effort: without Redis
-        the next mail to them is simply refused by the server again."""
-        bad = [(o.job.tenant, r, reply) for o in outcomes for r, reply in o.failed.items()
-               if reply.category == ReplyCategory.BAD_RECIPIENT]
-        if not bad:
-            return
+    def _suppress(self, server: ServerConfig, outcomes: list[JobOutcome]) -> list[Outgoing]:
+        """What the replies say about recipients and tenants (sender/envelope.py): bounces
+        suppress or count, 250s reset soft bounces and count as the tenant's sends; returns the
+        events. Best effort: without Redis they go unrecorded, and a bad address is refused by
+        its server again next time."""
         if self._sync_redis is None:
             self._sync_redis = redis_client.connect(self.settings)
         try:
-            for tenant, recipient, reply in bad:
-                suppression.suppress(self._sync_redis, self.settings.namespace, tenant, recipient, str(reply),
-                                     self.settings.suppress_days)
+            return aftermath(self._sync_redis, self.settings, self.topology, server, outcomes)
         except (redis.RedisError, OSError) as exc:
-            log.warning("cannot record %d bad recipient(s) for suppression: %s", len(bad), exc)
+            log.warning("cannot record what the replies of %d mail(s) say: %s", len(outcomes), exc)
+            return []
+
 
 def _owner() -> str:
     """A holder's name in its claims: host, process and this delivery, so no two are alike."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from sender import metrics
@@ -29,7 +29,8 @@ class MailResult:
 
 async def send_mail(conn: Connection, sender: str, recipients: Sequence[str], message: bytes, *,
                     ready: Callable[[], Awaitable[bool]] | None = None,
-                    cutoff: float | None = None) -> MailResult:
+                    cutoff: float | None = None, mail_params: bytes = b"",
+                    rcpt_params: Mapping[str, bytes] | None = None) -> MailResult:
     """One transaction: MAIL, RCPT per recipient, DATA, pipelined when the server offers it.
     ``ready`` is awaited after the 354, before the message: the server can accept nothing
     before it says yes (the sender waits there for the previous mail's "sent" mark).
@@ -66,10 +67,12 @@ async def send_mail(conn: Connection, sender: str, recipients: Sequence[str], me
         mail += b" SIZE=%d" % len(message)
     if session.supports("8bitmime") and not message.isascii():
         mail += b" BODY=8BITMIME"
+    mail += mail_params  # DSN's RET and ENVID (sender/envelope.py)
     try:
         started = time.monotonic()
         try:
-            replies = await _envelope(session, mail + b"\r\n", [arg for _, arg in envelope], cutoff)
+            rcpts = [arg + (rcpt_params or {}).get(r, b"") for r, arg in envelope]  # DSN's NOTIFY, ORCPT
+            replies = await _envelope(session, mail + b"\r\n", rcpts, cutoff)
         except _CutoffCame:
             conn.close()
             return MailResult(accepted=(), refused=refused, aborted=True, late=True)
