@@ -31,6 +31,7 @@ from mailpipe import redis_client, stages
 from mailpipe.amqp import Broker
 from mailpipe.codec import decode_event
 from mailpipe.errors import MailpipeError
+from mailpipe.feedback import is_feedback
 from mailpipe.model import IntakeRequest, Outcome, new_id, now_ms
 from mailpipe.services import ensure
 from mailpipe.settings import Settings
@@ -285,6 +286,8 @@ def follow(broker: Broker, events: str, namespace: str, settings: Settings, mail
                     wait_s = min(wait_s, due - time.monotonic())
             deliveries = broker.poll(max(0.0, wait_s))
             for delivery in deliveries:
+                if is_feedback(delivery.body):  # bounced, suppressed ...: not a delivery's outcome
+                    continue
                 event = decode_event(delivery.body)
                 if event.outcome == Outcome.SENT:
                     progress.sent[event.job_id] = event.batch_id

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, cast
 
+import msgpack
 import redis
 from prometheus_client import Counter, Gauge
 
@@ -260,3 +261,13 @@ def _reputation_reason(standing: reputation.Standing, thresholds: reputation.Thr
 def suppression_kind_of(feedback: Feedback) -> str:
     """The metrics' kind label of a suppressed event."""
     return feedback.reason.partition(" ")[0]
+
+
+def is_feedback(body: bytes) -> bool:
+    """Whether a message of the events exchange is a feedback event (kind "feedback") rather
+    than a delivery event (kind "event"): a subscriber bound to every key gets both."""
+    try:
+        obj = msgpack.unpackb(body, raw=False, max_bin_len=1024 * 1024, max_str_len=1024 * 1024)
+    except Exception:  # not msgpack at all: not ours to say
+        return False
+    return isinstance(obj, dict) and obj.get("kind") == "feedback"

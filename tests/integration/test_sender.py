@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from mailpipe import codec, suppression
+from mailpipe.feedback import is_feedback
 from mailpipe.model import Batch, Event, Job, new_id, now_ms
 from mailpipe.settings import Settings
 from mailpipe.stage import run
@@ -98,7 +99,7 @@ class Bus:
             out.append((body, dict(props.headers or {})))
 
     def events(self) -> list[Event]:
-        return [codec.decode_event(body) for body, _ in self.take(self.events_queue)]
+        return [codec.decode_event(body) for body, _ in self.take(self.events_queue) if not is_feedback(body)]
 
     def dead(self) -> list[tuple[Job, dict[str, Any]]]:
         return [(codec.decode_job(body), headers) for body, headers in self.take(self.topology.dead)]
