@@ -637,3 +637,16 @@ def test_grafana_rate_interval_as_grafana_computes_it() -> None:
     assert report.rate_window_s(step_s=1, scrape_interval_s=15) == 60
     assert report.rate_window_s(step_s=120, scrape_interval_s=15) == 135
     assert report.grafana_vars('rate(x{server=~"$server"}[$__rate_interval])', 60) == 'rate(x{server=~".*"}[60s])'
+
+
+def test_issue_23_is_seen_alerts_at_the_pause_thresholds_and_panels() -> None:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
+    exprs = {r["alert"]: r["expr"] for g in rules["groups"] for r in g["rules"]}
+    assert "mailpipe_reputation_paused_tenants" in exprs["MailpipeTenantPaused"]
+    defaults = Settings()
+    assert str(defaults.reputation_warn_bounce_ratio) in exprs["MailpipeTenantBounceRateHigh"]
+    assert str(defaults.reputation_warn_complaint_ratio) in exprs["MailpipeTenantComplaintRateHigh"]
+    text = (DEPLOY / "grafana" / "mailpipe.json").read_text()
+    for metric in ("mailpipe_bounces_total", "mailpipe_complaints_total", "mailpipe_unsubscribes_total",
+                   "mailpipe_suppressions_total", "mailpipe_tenant_bounce_ratio", "mailpipe_inbound_reports_total"):
+        assert metric in text, metric
