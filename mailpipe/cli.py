@@ -52,7 +52,7 @@ def cmd_servers_check(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import redis
 
-    from mailpipe import redis_client
+    from mailpipe import redis_client, reputation
     from mailpipe.servers import load_config
     from mailpipe.status import show_status
 
@@ -63,11 +63,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         config = load_config(settings.servers_path)
         limits = limiter_status.snapshot(client, settings.namespace, config, settings=settings)
         limits += limiter_status.fair_rows(client, settings.namespace, config)
+        paused = {p.tenant: p.reason for p in reputation.paused_tenants(client, settings.namespace).values()}
     except redis.RedisError as exc:
         limits = [{"limiter": f"Redis unreachable: {type(exc).__name__}"}]
+        paused = {}
     finally:
         client.close()
-    return show_status(settings, limits, as_json=args.json)
+    return show_status(settings, limits, as_json=args.json, paused=paused)
 
 
 def cmd_status_watch(args: argparse.Namespace) -> int:
@@ -168,6 +170,32 @@ def cmd_tenants(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reports(args: argparse.Namespace) -> int:
+    """``mailpipe reports list|show``: the raw reports the inbound stage kept (30 days)."""
+    import time
+
+    from mailpipe import archive
+
+    settings = Settings.from_env()
+    if args.action == "show":
+        if not args.id:
+            print("mailpipe reports show: give the report's ID (from `mailpipe reports list` or an event)",
+                  file=sys.stderr)
+            return 2
+        rows = archive.read(settings, report_id=args.id, limit=1)
+        if not rows:
+            print(f"no report {args.id} in the last {settings.reports_keep_days} days", file=sys.stderr)
+            return 1
+        sys.stdout.write(rows[0].data.decode("utf-8", "replace"))
+        return 0
+    rows = archive.read(settings, tenant=args.tenant, since_s=args.days * 86400, limit=args.limit)
+    print(f"{len(rows)} report(s)")
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row.received_ms / 1000))
+        print(f"{when}  {row.id}  {row.tenant or '-':16} {row.kind:10} from {row.mail_from or '<>'} ({row.peer})")
+    return 0
+
+
 def cmd_cluster(args: argparse.Namespace) -> int:
     from mailpipe.devcluster import command
 
@@ -236,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     tenants.add_argument("name", nargs="?", metavar="NAME", help="the tenant to resume or pause")
     tenants.add_argument("--reason", help="pause: why")
     tenants.set_defaults(func=cmd_tenants)
+
+    reports = sub.add_parser("reports", help="the raw bounce, complaint and unsubscribe reports the inbound stage kept")
+    reports.add_argument("action", choices=("list", "show"))
+    reports.add_argument("id", nargs="?", metavar="ID", help="show: the report's id")
+    reports.add_argument("--tenant", help="list: only this tenant's")
+    reports.add_argument("--days", type=float, default=30.0, help="list: how far back (default 30)")
+    reports.add_argument("--limit", type=int, default=200)
+    reports.set_defaults(func=cmd_reports)
 
     cluster = sub.add_parser("cluster", help="a local 3-node RabbitMQ cluster and Redis with Sentinel, for "
                              "development (in $MAILPIPE_CLUSTER_DIR, default .cluster/)")

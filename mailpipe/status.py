@@ -30,12 +30,16 @@ def dead_by_reason(settings: Settings, limit: int = 10_000) -> dict[str, int]:
         return dict(Counter(d.category or "unknown" for d in dead.letters(limit)))
 
 
-def show_status(settings: Settings, limits: list[dict[str, Any]], as_json: bool = False) -> int:
+def show_status(settings: Settings, limits: list[dict[str, Any]], as_json: bool = False,
+                paused: dict[str, str] | None = None) -> int:
     depths = queue_depths(settings)
     dead = dead_by_reason(settings)
+    paused = paused or {}
     if as_json:
-        print(json.dumps({"queues": depths, "limits": limits, "dead_by_reason": dead}))
+        print(json.dumps({"queues": depths, "limits": limits, "dead_by_reason": dead, "paused_tenants": paused}))
         return 0
+    for line in paused_lines(paused):
+        print(line)
     print(f"{'queue':40} {'ready':>8}")
     for queue, depth in depths.items():
         print(f"{queue:40} {depth:>8}")
@@ -51,6 +55,16 @@ def show_status(settings: Settings, limits: list[dict[str, Any]], as_json: bool 
     for line in share_lines([row for row in limits if row.get("kind") == "share"]):
         print(line)
     return 0
+
+
+def paused_lines(paused: dict[str, str]) -> list[str]:
+    """Tenants whose bulk mail to shared servers waits, and why (mailpipe/reputation.py): first,
+    since it is what an operator must act on."""
+    if not paused:
+        return []
+    lines = ["tenants paused: their bulk mail to shared servers waits (`mailpipe tenants resume NAME`)"]
+    lines += [f"  {tenant}: {why}" for tenant, why in sorted(paused.items())]
+    return [*lines, ""]
 
 
 SHARE_COLUMNS = ("tenant", "waiting", "turn", "backlog", "weight", "share 1 min", "share 1 h")

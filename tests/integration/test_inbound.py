@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from inbound.receiver import spent_key
-from mailpipe import suppression
+from mailpipe import archive, suppression
 from mailpipe.codec import decode_event
 from mailpipe.feedback import Feedback, decode_feedback
 from mailpipe.model import Event
@@ -172,6 +172,11 @@ def test_a_dsn_by_smtp_suppresses_for_that_tenant_only_tells_it_and_stops_the_ne
         inbound.deliver(rp, report("dsn-postfix-00.eml", ann, rp.partition("@")[0], "user0@example.net"))
     assert "brought its report already" in str(refused.value)
     assert inbound.redis.exists(spent_key(ns, SIGNER.verify(rp.partition("@")[0], ["acme"]).id))  # type: ignore[union-attr]
+
+    # The raw report, kept for the tenant (mailpipe reports list|show).
+    (kept,) = archive.read(inbound.settings, tenant="acme", since_s=600)
+    assert (kept.id, kept.kind) == (bounced.report_id, "dsn") and b"User unknown" in kept.data
+    assert archive.read(inbound.settings, tenant="globex", since_s=600) == []
 
 
 def test_forged_expired_and_unknown_return_paths_are_refused_at_rcpt(inbound: Inbound) -> None:
