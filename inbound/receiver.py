@@ -28,7 +28,7 @@ from inbound.wire import SMTP as SOURCE_SMTP
 from inbound.wire import RawReport, encode_report, report_id
 from mailpipe import redis_client
 from mailpipe.amqp import Outgoing
-from mailpipe.servers import ConfigWatcher
+from mailpipe.servers import Config, ConfigWatcher
 from mailpipe.settings import Settings
 from mailpipe.topology import Topology
 from mailpipe.verp import Invalid, Signer
@@ -54,13 +54,17 @@ class Handler:
         self.config = ConfigWatcher(settings.servers_path)
         self.feedback = {a.strip().lower() for a in settings.inbound_feedback_addresses.split(",") if a.strip()}
         self._redis: redis.asyncio.Redis | None = None
+        self._domains_of: Config | None = None
+        self._domains: frozenset[str] = frozenset()
 
     def refusal(self, address: str) -> tuple[str, str | None]:
         """("", token id or None) to take ``address``, or (the reply, None) to refuse it."""
         local, at, domain = address.strip().strip("<>").rpartition("@")
         domain = domain.lower().rstrip(".")
         config = self.config.current()
-        if not at or domain not in config.return_path_domains(self.settings.return_path_domain):
+        if config is not self._domains_of:  # a reloaded servers file: its domains once
+            self._domains_of, self._domains = config, config.return_path_domains(self.settings.return_path_domain)
+        if not at or domain not in self._domains:
             return f"550 5.7.1 <{address}>: relay access denied (we take mail for our return paths only)", None
         if local.lower() == "postmaster" or f"{local}@{domain}".lower() in self.feedback:
             return "", None
@@ -113,6 +117,15 @@ class Handler:
         return self._redis
 
 
+class _SharedPortController(Controller):
+    """aiosmtpd's Controller, its port shared (SO_REUSEPORT) by the replicas on one host: the
+    kernel spreads the connections between them, as between pods behind a Service."""
+
+    def _create_server(self) -> Any:
+        return self.loop.create_server(self._factory_invoker, host=self.hostname, port=self.port,
+                                       ssl=self.ssl_context, reuse_port=True)
+
+
 class Receiver:
     """The SMTP server on its own thread and loop (aiosmtpd's Controller)."""
 
@@ -121,8 +134,8 @@ class Receiver:
         kwargs: dict[str, Any] = {"data_size_limit": settings.inbound_max_bytes, "ident": "mailpipe inbound"}
         if settings.return_path_domain:
             kwargs["server_hostname"] = settings.return_path_domain
-        self.controller = Controller(self.handler, hostname=settings.inbound_smtp_host,
-                                     port=settings.inbound_smtp_port, **kwargs)
+        self.controller = _SharedPortController(self.handler, hostname=settings.inbound_smtp_host,
+                                                 port=settings.inbound_smtp_port, **kwargs)
         self.running = False
 
     def start(self) -> None:

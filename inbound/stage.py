@@ -18,6 +18,8 @@ Then, read top to bottom, a report goes (``handle``, on the runner's thread):
    nothing could read or attribute to ``<ns>.reports.review`` (never dropped);
 5. mark the return paths that brought their final report as spent (a replay is refused at
    RCPT), then ack.
+A round of deliveries is read first, then recorded in Redis in two pipelined round trips for
+all of it, then published in one confirmed call.
 """
 
 from __future__ import annotations
@@ -25,14 +27,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any
 
 import redis
 from prometheus_client import Counter
 
 from inbound.publisher import Publisher
 from inbound.receiver import Receiver, spent_key
-from inbound.reports import read
+from inbound.reports import Report, read
 from inbound.resolve import Resolved, one_click, resolve
 from inbound.unsubscribe import UnsubscribeServer
 from inbound.wire import HTTP, RawReport, decode_report
@@ -87,10 +88,18 @@ class InboundStage(Stage):
 
     def handle(self, broker: Broker, deliveries: list[Delivery]) -> None:
         out: list[Outgoing] = []
-        spent: list[Token] = []
+        read_ones: list[tuple[Delivery, RawReport, str, Resolved]] = []
         for delivery in deliveries:
-            out += self.process(delivery, spent)
+            try:
+                raw = decode_report(delivery.body, self.settings.inbound_max_bytes)
+            except InvalidMessage as exc:
+                REPORTS.labels("invalid", "dead").inc()
+                out.append(self.dead_letter(delivery.body, exc.reason, Category.INVALID))
+                continue
+            read_ones.append((delivery, raw, *self.understand(raw)))
+        out += self.apply(read_ones)
         broker.publish(out)
+        spent = [token for *_, resolved in read_ones for token in resolved.spent]
         if spent:
             try:
                 with self.redis.pipeline(transaction=False) as pipe:
@@ -102,45 +111,45 @@ class InboundStage(Stage):
                 raise RedisUnavailable(f"Redis: cannot mark return paths as used: {exc}") from exc
         broker.ack_all([d.tag for d in deliveries])
 
-    def process(self, delivery: Delivery, spent: list[Token]) -> list[Outgoing]:
-        """One report's outputs (events, archive copy, review); Redis records made on the way."""
-        try:
-            raw = decode_report(delivery.body, self.settings.inbound_max_bytes)
-        except InvalidMessage as exc:
-            REPORTS.labels("invalid", "dead").inc()
-            return [self.dead_letter(delivery.body, exc.reason, Category.INVALID)]
+    def understand(self, raw: RawReport) -> tuple[str, Resolved]:
+        """What a report is and what it means (pure but for the servers file)."""
         if raw.source == HTTP:
-            kind, resolved = "http", self._one_click(raw)
-        else:
-            report = read(raw.data)
-            kind = report.kind
-            resolved = self._resolve(raw, report)
-        out = [self._archived(raw, kind, resolved.tenant)]
+            return "http", self._one_click(raw)
+        report = read(raw.data)
+        return report.kind, self._resolve(raw, report)
+
+    def apply(self, read_ones: list[tuple[Delivery, RawReport, str, Resolved]]) -> list[Outgoing]:
+        """Record every finding of a round (two Redis round trips for all) and return the outputs:
+        events, archive copies, reviews."""
+        findings = [finding for *_, resolved in read_ones for finding in resolved.findings]
         try:
-            for finding in resolved.findings:
-                for event in feedback.apply(self.redis, self.settings.namespace, finding, self.policy,
-                                            self.thresholds):
+            applied = iter(feedback.apply_many(self.redis, self.settings.namespace, findings, self.policy,
+                                               self.thresholds))
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"Redis: cannot record reports: {exc}") from exc
+        out: list[Outgoing] = []
+        for delivery, raw, kind, resolved in read_ones:
+            out.append(self._archived(raw, kind, resolved.tenant))
+            for _ in resolved.findings:
+                for event in next(applied):
                     out.append(Outgoing(event.routing_key, encode_feedback(event), exchange=self.topology.events,
                                         mandatory=False, message_id=event.id))
                     feedback.count(event, tenant_label=self.settings.metrics_tenant_label,
                                    suppression_kind=feedback.suppression_kind_of(event))
-        except redis.RedisError as exc:
-            raise RedisUnavailable(f"Redis: cannot record a report: {exc}") from exc
-        spent += resolved.spent
-        if resolved.review:
-            REPORTS.labels(kind, "review").inc()
-            log.info("report %s to review: %s", raw.id, resolved.review, extra={"report_id": raw.id})
-            out.append(Outgoing(self.topology.reports_review, delivery.body, message_id=raw.id, headers={
-                "x-mailpipe-reason": resolved.review[:1000], "x-mailpipe-report-id": raw.id,
-                "x-mailpipe-tenant": resolved.tenant}))
-        elif resolved.ignored:
-            REPORTS.labels(kind, "ignored").inc()
-            log.debug("report %s ignored: %s", raw.id, resolved.ignored)
-        else:
-            REPORTS.labels(kind, "applied").inc()
+            if resolved.review:
+                REPORTS.labels(kind, "review").inc()
+                log.info("report %s to review: %s", raw.id, resolved.review, extra={"report_id": raw.id})
+                out.append(Outgoing(self.topology.reports_review, delivery.body, message_id=raw.id, headers={
+                    "x-mailpipe-reason": resolved.review[:1000], "x-mailpipe-report-id": raw.id,
+                    "x-mailpipe-tenant": resolved.tenant}))
+            elif resolved.ignored:
+                REPORTS.labels(kind, "ignored").inc()
+                log.debug("report %s ignored: %s", raw.id, resolved.ignored)
+            else:
+                REPORTS.labels(kind, "applied").inc()
         return out
 
-    def _resolve(self, raw: RawReport, report: Any) -> Resolved:
+    def _resolve(self, raw: RawReport, report: Report) -> Resolved:
         tenants = tuple(self.config.current().tenants)
         if self.signer is None:
             return Resolved(review="no keys configured (MAILPIPE_VERP_KEYS): nothing can be attributed")

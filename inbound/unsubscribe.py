@@ -43,6 +43,10 @@ PAGE = """<!doctype html>
 """
 
 
+class _SharedPortServer(ThreadingHTTPServer):
+    allow_reuse_port = True  # the replicas on one host share the port (SO_REUSEPORT)
+
+
 class UnsubscribeServer:
     def __init__(self, settings: Settings, topology: Topology, signer: Signer | None, publisher: Publisher,
                  client: redis.Redis) -> None:
@@ -54,7 +58,7 @@ class UnsubscribeServer:
         self.config = ConfigWatcher(settings.servers_path)
         self.policy = suppression.Policy.from_settings(settings)
         self.thresholds = reputation.Thresholds.from_settings(settings)
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _SharedPortServer | None = None
 
     def start(self) -> None:
         if self._server is not None:
@@ -89,7 +93,7 @@ class UnsubscribeServer:
             def log_message(self, format: str, *args: object) -> None:  # the token is not for the logs
                 pass
 
-        self._server = ThreadingHTTPServer((self.settings.inbound_smtp_host, self.settings.inbound_http_port), Handler)
+        self._server = _SharedPortServer((self.settings.inbound_smtp_host, self.settings.inbound_http_port), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, name="inbound-http", daemon=True).start()
         log.info("inbound: one-click unsubscribe on %s:%d", self.settings.inbound_smtp_host,

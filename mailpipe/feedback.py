@@ -14,9 +14,10 @@ contract; decoding follows the codec's rules (mailpipe/codec.py).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, cast
+from typing import Any
 
 import msgpack
 import redis
@@ -193,8 +194,52 @@ def apply(client: redis.Redis, namespace: str, finding: Finding, policy: suppres
     """Record a finding (suppression, reputation), once however often it is applied, and return
     its events: the finding's own, ``suppressed`` when the address is (newly, or still, after a
     redelivery), ``reputation`` when the tenant's standing changed. Redis errors propagate."""
+    return apply_many(client, namespace, [finding], policy, thresholds)[0]
+
+
+def apply_many(client: redis.Redis, namespace: str, findings: Sequence[Finding], policy: suppression.Policy,
+               thresholds: reputation.Thresholds) -> list[list[Feedback]]:
+    """``apply`` for several findings, in two round trips (suppressions, then reputations)."""
+    primaries = [_primary(f) for f in findings]
+    kinds = [_suppression_kind(f) for f in findings]
+    todo = [(i, k) for i, k in enumerate(kinds) if k is not None]
+    recorded = suppression.record_many(client, namespace, [
+        suppression.Record(findings[i].tenant, findings[i].recipient, k, _why(findings[i], primaries[i]),
+                           primaries[i].id) for i, k in todo], policy)
+    events = [[p] for p in primaries]
+    weighs: list[int] = []
+    for (i, kind), done in zip(todo, recorded, strict=True):
+        finding, primary = findings[i], primaries[i]
+        ttl = done.ttl_s
+        shown = done.outcome in (suppression.Outcome.SUPPRESSED, suppression.Outcome.EXTENDED) or (
+            done.outcome == suppression.Outcome.DUPLICATE and ttl != -2)  # a redelivery: the same event again
+        if shown and ttl != -2:
+            events[i].append(Feedback(
+                id=event_id(primary.id, FeedbackType.SUPPRESSED), type=FeedbackType.SUPPRESSED,
+                tenant=finding.tenant, at_ms=finding.at_ms, source=finding.source, recipient=finding.recipient,
+                job_id=finding.job_id, server=finding.server, report_id=finding.report_id,
+                until_ms=0 if ttl < 0 else finding.at_ms + ttl * 1000,
+                reason=f"{kind}" + (f" ({done.soft_count} soft bounces)" if kind == suppression.Kind.SOFT_BOUNCE
+                                    else ""),
+                code=primary.code, status=primary.status, text=primary.text))
+        if finding.shared and (kind == suppression.Kind.HARD_BOUNCE or finding.type == FeedbackType.COMPLAINED):
+            weighs.append(i)
+    standings = reputation.record_reports(client, namespace, [
+        (findings[i].tenant, "complaint" if findings[i].type == FeedbackType.COMPLAINED else "bounce", primaries[i].id)
+        for i in weighs], thresholds, findings[weighs[0]].at_ms if weighs else 0)
+    for i, standing in zip(weighs, standings, strict=True):
+        if standing.changed:
+            events[i].append(Feedback(
+                id=event_id(primaries[i].id, FeedbackType.REPUTATION), type=FeedbackType.REPUTATION,
+                tenant=findings[i].tenant, at_ms=findings[i].at_ms, source=findings[i].source, state=standing.after,
+                bounce_ratio=standing.bounce_ratio, complaint_ratio=standing.complaint_ratio,
+                reason=_reputation_reason(standing, thresholds)))
+    return events
+
+
+def _primary(finding: Finding) -> Feedback:
     reply = finding.reply
-    primary = Feedback(
+    return Feedback(
         id=event_id(finding.origin, finding.type, finding.recipient.lower()), type=finding.type,
         tenant=finding.tenant, at_ms=finding.at_ms, source=finding.source, recipient=finding.recipient,
         job_id=finding.job_id, server=finding.server,
@@ -204,38 +249,11 @@ def apply(client: redis.Redis, namespace: str, finding: Finding, policy: suppres
         rule=reply.rule if reply is not None else "", advice=reply.advice if reply is not None else "",
         reporting_mta=finding.reporting_mta, remote_mta=finding.remote_mta, feedback_type=finding.feedback_type,
         report_id=finding.report_id)
-    events = [primary]
-    kind = _suppression_kind(finding)
-    if kind is None:
-        return events
+
+
+def _why(finding: Finding, primary: Feedback) -> str:
     why = f"{finding.source} {primary.code or ''} {primary.status} {primary.text or finding.feedback_type}"
-    recorded = suppression.record(client, namespace, finding.tenant, finding.recipient, kind,
-                                  " ".join(why.split())[:500], policy, event_id=primary.id)
-    if recorded.outcome in (suppression.Outcome.SUPPRESSED, suppression.Outcome.EXTENDED,
-                            suppression.Outcome.DUPLICATE):
-        ttl = cast(int, client.ttl(suppression.key(namespace, finding.tenant, finding.recipient)))
-        if ttl != -2 and (recorded.outcome != suppression.Outcome.DUPLICATE or kind != suppression.Kind.SOFT_BOUNCE
-                          or ttl > 0):
-            events.append(Feedback(
-                id=event_id(primary.id, FeedbackType.SUPPRESSED), type=FeedbackType.SUPPRESSED,
-                tenant=finding.tenant, at_ms=finding.at_ms, source=finding.source, recipient=finding.recipient,
-                job_id=finding.job_id, server=finding.server, report_id=finding.report_id,
-                until_ms=0 if ttl < 0 else finding.at_ms + ttl * 1000,
-                reason=f"{kind}" + (f" ({recorded.soft_count} soft bounces)" if kind == suppression.Kind.SOFT_BOUNCE
-                                    else ""),
-                code=primary.code, status=primary.status, text=primary.text))
-    weighs = finding.shared and (kind == suppression.Kind.HARD_BOUNCE or finding.type == FeedbackType.COMPLAINED)
-    if weighs:
-        standing = reputation.record_report(client, namespace, finding.tenant,
-                                            "complaint" if finding.type == FeedbackType.COMPLAINED else "bounce",
-                                            thresholds, finding.at_ms, event_id=primary.id)
-        if standing.changed:
-            events.append(Feedback(
-                id=event_id(primary.id, FeedbackType.REPUTATION), type=FeedbackType.REPUTATION,
-                tenant=finding.tenant, at_ms=finding.at_ms, source=finding.source, state=standing.after,
-                bounce_ratio=standing.bounce_ratio, complaint_ratio=standing.complaint_ratio,
-                reason=_reputation_reason(standing, thresholds)))
-    return events
+    return " ".join(why.split())[:500]
 
 
 def _suppression_kind(finding: Finding) -> suppression.Kind | None:

@@ -214,17 +214,25 @@ def classify(code: int, text: str, phase: str | None = None, *, enhanced: str | 
     return _classify(code, text, phase, enhanced if enhanced is not None else enhanced_code(text))
 
 
-@functools.lru_cache(maxsize=4096)  # the same replies recur all day: matched once
+# Addresses and queue ids make every reply's text unique; the rules never look at them.
+_VARYING = re.compile(r"<?[^\s<>@]+@[^\s<>]+>?|\b[0-9A-Fa-f]{8,}\b")
+
+
 def _classify(code: int, text: str, phase: str | None, enhanced: str | None) -> Reply:
     outcome = outcome_for(code)
     if outcome == SENT:
         return Reply(code=code, text=text, enhanced=enhanced, outcome=SENT, category="")
-    rule = rules().first(code, text, enhanced, phase)
+    rule = _rule_for(code, _VARYING.sub("<x@x>", text), enhanced, phase)
     if rule is None:  # only a code outside 4xx and 5xx (a 354 out of place, say)
         return Reply(code=code, text=text, enhanced=enhanced, outcome=outcome, category=ReplyCategory.OTHER,
                      bounce=BounceClass.NONE, signal=Signal.NONE)
     return Reply(code=code, text=text, enhanced=enhanced, outcome=outcome, category=rule.category,
                  bounce=rule.bounce, signal=rule.signal, rule=rule.name, rule_advice=rule.advice)
+
+
+@functools.lru_cache(maxsize=4096)  # the same replies recur all day: matched once
+def _rule_for(code: int, text: str, enhanced: str | None, phase: str | None) -> Rule | None:
+    return rules().first(code, text, enhanced, phase)
 
 
 def category_for(code: int, text: str, enhanced: str | None = None) -> str:

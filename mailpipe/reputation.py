@@ -19,12 +19,13 @@ bounce_ratio, complaint_ratio). A Lua script may read it directly: ``HEXISTS <ns
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, cast
 
 import redis
+from redis.commands.core import Script
 
 from mailpipe.settings import Settings
 
@@ -83,13 +84,14 @@ class Pause:
     complaint_ratio: float
 
 
-_SCRIPT: str | None = None
+_SCRIPT: Script | None = None
 
 
-def _script() -> str:
+def _script(client: redis.Redis) -> Script:
     global _SCRIPT
     if _SCRIPT is None:
-        _SCRIPT = resources.files("mailpipe").joinpath("reputation.lua").read_text(encoding="utf-8")
+        _SCRIPT = client.register_script(resources.files("mailpipe").joinpath("reputation.lua")
+                                         .read_text(encoding="utf-8"))
     return _SCRIPT
 
 
@@ -106,16 +108,28 @@ def record_sends(client: redis.Redis, namespace: str, sends: Mapping[str, int]) 
 def record_report(client: redis.Redis, namespace: str, tenant: str, kind: str, thresholds: Thresholds,
                   now_ms: int, *, event_id: str = "") -> Standing:
     """Weigh a hard bounce (``kind`` "bounce") or a complaint of a mail sent on a shared server."""
-    if kind not in ("bounce", "complaint"):
-        raise ValueError(f"kind must be bounce or complaint, not {kind!r}")
-    keys = [tenant_key(namespace, tenant), paused_key(namespace),
-            f"{namespace}:applied:rep:{event_id}" if event_id else ""]
+    return record_reports(client, namespace, [(tenant, kind, event_id)], thresholds, now_ms)[0]
+
+
+def record_reports(client: redis.Redis, namespace: str, reports: Sequence[tuple[str, str, str]],
+                   thresholds: Thresholds, now_ms: int) -> list[Standing]:
+    """Weigh several (tenant, "bounce" or "complaint", event id) in one round trip, in order."""
+    if not reports:
+        return []
+    script = _script(client)
     t = thresholds
-    before, after, bounce, complaint, in_window = cast(list[Any], client.eval(
-        _script(), len(keys), *keys, tenant, kind, t.window_sends, t.min_sends, t.warn_bounce, t.pause_bounce,
-        t.warn_complaint, t.pause_complaint, now_ms, MARK_TTL_S))
-    return Standing(tenant=tenant, before=_text(before), after=_text(after), bounce_ratio=float(_text(bounce)),
-                    complaint_ratio=float(_text(complaint)), sends_in_window=int(in_window))
+    with client.pipeline(transaction=False) as pipe:
+        for tenant, kind, event_id in reports:
+            if kind not in ("bounce", "complaint"):
+                raise ValueError(f"kind must be bounce or complaint, not {kind!r}")
+            keys = [tenant_key(namespace, tenant), paused_key(namespace),
+                    f"{namespace}:applied:rep:{event_id}" if event_id else ""]
+            script(keys=keys, args=[tenant, kind, t.window_sends, t.min_sends, t.warn_bounce, t.pause_bounce,
+                                    t.warn_complaint, t.pause_complaint, now_ms, MARK_TTL_S], client=pipe)
+        replies = cast(list[list[Any]], pipe.execute())
+    return [Standing(tenant=tenant, before=_text(before), after=_text(after), bounce_ratio=float(_text(bounce)),
+                     complaint_ratio=float(_text(complaint)), sends_in_window=int(in_window))
+            for (tenant, _, _), (before, after, bounce, complaint, in_window) in zip(reports, replies, strict=True)]
 
 
 def paused_tenants(client: redis.Redis, namespace: str) -> dict[str, Pause]:

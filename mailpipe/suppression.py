@@ -23,6 +23,7 @@ from importlib import resources
 from typing import cast
 
 import redis
+from redis.commands.core import Script
 
 from mailpipe.settings import Settings
 from mailpipe.verp import today
@@ -85,6 +86,7 @@ class Recorded:
     outcome: Outcome
     soft_count: int
     days: int  # how long it is suppressed for, 0: until lifted (meaningful when suppressed)
+    ttl_s: int = -2  # the address's suppression after this: seconds left, -1 until lifted, -2 none
 
 
 @dataclass(frozen=True)
@@ -100,31 +102,67 @@ class Suppressed:
         return head if head in set(Kind) else Kind.HARD_BOUNCE  # older entries: bad_recipient
 
 
-_SCRIPT: str | None = None
+_SCRIPT: Script | None = None
 
 
-def _script() -> str:
+def _script(client: redis.Redis) -> Script:
+    """The script, sent once and then called by its SHA (EVALSHA, reloaded if Redis forgot it)."""
     global _SCRIPT
     if _SCRIPT is None:
-        _SCRIPT = resources.files("mailpipe").joinpath("suppression.lua").read_text(encoding="utf-8")
+        _SCRIPT = client.register_script(resources.files("mailpipe").joinpath("suppression.lua")
+                                         .read_text(encoding="utf-8"))
     return _SCRIPT
+
+
+@dataclass(frozen=True)
+class Record:
+    """One thing to record: a bounce (hard or soft), a complaint, an unsubscribe, a manual one."""
+
+    tenant: str
+    recipient: str
+    kind: Kind
+    reason: str
+    event_id: str = ""  # recorded at most once per id (a redelivered report)
+    day: int | None = None
 
 
 def record(client: redis.Redis, namespace: str, tenant: str, recipient: str, kind: Kind, reason: str,
            policy: Policy, *, event_id: str = "", day: int | None = None) -> Recorded:
     """Record one bounce (hard or soft), complaint, unsubscribe or manual suppression."""
-    days = {Kind.HARD_BOUNCE: policy.hard_days, Kind.SOFT_BOUNCE: policy.soft_days}.get(kind, 0)
-    value = f"{kind}: {reason}"[:2000]
-    keys = [key(namespace, tenant, recipient), soft_key(namespace, tenant, recipient),
-            mark_key(namespace, event_id) if event_id else ""]
-    args = ["soft" if kind == Kind.SOFT_BOUNCE else "suppress", value, days * 86400,
-            today() if day is None else day, policy.soft_limit, policy.soft_window_days, MARK_TTL_S]
-    code, counted = cast(list[int], client.eval(_script(), len(keys), *keys, *args))
-    if kind == Kind.HARD_BOUNCE and policy.hard_shared and code >= 0:
-        client.eval(_script(), 3, shared_key(namespace, recipient), soft_key(namespace, "", recipient), "",
-                    "suppress", f"{kind}: (shared) a hard bounce for another tenant", days * 86400, 0, 0, 0, 0)
-    outcome = {1: Outcome.SUPPRESSED, 2: Outcome.EXTENDED, -1: Outcome.DUPLICATE}.get(code, Outcome.COUNTED)
-    return Recorded(outcome=outcome, soft_count=counted, days=days)
+    return record_many(client, namespace, [Record(tenant, recipient, kind, reason, event_id, day)], policy)[0]
+
+
+def record_many(client: redis.Redis, namespace: str, records: Sequence[Record], policy: Policy) -> list[Recorded]:
+    """Record several in one round trip (each atomically, by the script)."""
+    if not records:
+        return []
+    script = _script(client)
+    days_of = [{Kind.HARD_BOUNCE: policy.hard_days, Kind.SOFT_BOUNCE: policy.soft_days}.get(r.kind, 0)
+               for r in records]
+    with client.pipeline(transaction=False) as pipe:
+        for r, days in zip(records, days_of, strict=True):
+            keys = [key(namespace, r.tenant, r.recipient), soft_key(namespace, r.tenant, r.recipient),
+                    mark_key(namespace, r.event_id) if r.event_id else ""]
+            action = "soft" if r.kind == Kind.SOFT_BOUNCE else "suppress"
+            day = today() if r.day is None else r.day
+            script(keys=keys, args=[action, f"{r.kind}: {r.reason}"[:2000], days * 86400, day, policy.soft_limit,
+                                    policy.soft_window_days, MARK_TTL_S], client=pipe)
+            if r.kind == Kind.HARD_BOUNCE and policy.hard_shared:  # never weakens: harmless when repeated
+                script(keys=[shared_key(namespace, r.recipient), soft_key(namespace, "", r.recipient), ""],
+                       args=["suppress", f"{r.kind}: (shared) a hard bounce for another tenant", days * 86400, 0, 0,
+                             0, 0], client=pipe)
+        replies = cast(list[list[int]], pipe.execute())
+    if policy.hard_shared:  # drop the shared records' replies
+        own, i = [], 0
+        for r in records:
+            own.append(replies[i])
+            i += 2 if r.kind == Kind.HARD_BOUNCE else 1
+        replies = own
+    out = []
+    for (code, counted, ttl_s), days in zip(replies, days_of, strict=True):
+        outcome = {1: Outcome.SUPPRESSED, 2: Outcome.EXTENDED, -1: Outcome.DUPLICATE}.get(code, Outcome.COUNTED)
+        out.append(Recorded(outcome=outcome, soft_count=counted, days=days, ttl_s=ttl_s))
+    return out
 
 
 def delivered(client: redis.Redis, namespace: str, pairs: Iterable[tuple[str, str]]) -> None:
