@@ -139,6 +139,10 @@ class LimiterStage(Stage):
         self.incoming: list[Delivery] = []  # from batches, not routed yet
         self.unfit: list[tuple[Held, str, str]] = []  # taken, to dead-letter: (held, reason, category)
         self.empty_at: dict[tuple[str, str], int] = {}  # (server, lane) -> version it was found empty at
+        # (server, lane) -> (when its batch handed back is due, refused for a turn): not taken
+        # again before (a batch taken only to be handed back each round would churn), unless a
+        # turn it waited for comes sooner.
+        self.not_before: dict[tuple[str, str], tuple[float, bool]] = {}
         self.checked: set[str] = set()  # lane queues seen to exist by this process
         self.candidates = False  # the last plan had lanes to take from (burst mode waits for them)
         self._config = self.watcher.config
@@ -242,15 +246,24 @@ class LimiterStage(Stage):
         fair = [_is_fair(config, s) for s in servers]
         plans = self.limiter.plan(list(zip(servers, fair, strict=True)), PLAN_TENANTS)
         self.candidates = any(lanes for _, lanes in plans)
+        # What these remember holds only while true: a lane found empty until its version moves,
+        # a lane handed back until its batch is due.
+        listed = {(server, lane): version for server, (_, lanes) in zip(servers, plans, strict=True)
+                  for lane, version in lanes}
+        self.empty_at = {key: v for key, v in self.empty_at.items() if listed.get(key) == v}
+        self.not_before = {key: value for key, value in self.not_before.items() if value[0] > now}
         holds: dict[str, list[str]] = {}
         for server, is_fair, (_, lanes) in zip(servers, fair, plans, strict=True):
             mine = [h for h in self.held if h.batch.server == server]
-            if is_fair and lanes:  # a batch that waited for another tenant's turn asks once its own comes
+            first = tenant_of(lanes[0][0]) if is_fair and lanes else None
+            if first is not None:  # a batch that waited for another tenant's turn asks once its own comes
                 for h in mine:
-                    if h.turn and h.tenant == tenant_of(lanes[0][0]):
+                    if h.turn and h.tenant == first:
                         h.due = min(h.due, now)
             empty_at = {lane: v for (s, lane), v in self.empty_at.items() if s == server}
             waiting = {h.lane for h in mine if h.due > now}
+            waiting |= {lane for (s, lane), (due, turn) in self.not_before.items()
+                        if s == server and due > now and not (turn and tenant_of(lane) == first)}
             for lane in choose_takes(lanes, Tally(h.lane for h in mine), waiting, len(mine),
                                      len(self.held) + sum(map(len, holds.values())), self.budget, is_fair, empty_at):
                 self._holds += 1
@@ -356,6 +369,7 @@ class LimiterStage(Stage):
             if held not in out.ended and held not in out.back and (
                     now - held.since > self.settings.limiter_hold_s or held.due - now > self.settings.limiter_hold_s):
                 out.back.append(held)
+                self.not_before[(held.batch.server, held.lane)] = (held.due, held.turn)
                 HANDED_BACK.labels(held.batch.server, "held" if now - held.since > self.settings.limiter_hold_s
                                    else "far").inc()
         self._flush(broker, out)

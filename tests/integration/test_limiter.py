@@ -576,3 +576,23 @@ def test_high_priority_allowance_is_per_tenant(settings: Settings, redis_url: st
     assert limiter.ration_high("s1", {"beta": 1}, limits, share)  # nothing was taken above
     assert not limiter.ration_high("s2", {"acme": 3}, limits, share)  # more than the burst: never
     assert limiter.ration_high("s2", {"acme": 1}, Limits(0, 10), share)  # unlimited server
+
+
+def test_high_priority_stays_high_through_a_give_back_and_a_hand_back(
+        settings: Settings, harness: Harness, limiter: Callable[..., InProcess]) -> None:
+    """Transactional mail keeps its priority wherever it waits: a sender's give-back of a high
+    batch is routed into the tenant's high lane, and the rest of a high batch held too long goes
+    back into it, both ahead of the tenant's normal mail."""
+    write_servers(settings, SERVER.format(rate=60), TENANTS.format(cap=10_000))  # 1 a minute
+    stage = limiter(burst_mails=1 + RESERVE, limiter_hold_s=1.0)
+    held = dataclasses.replace(make_batch("s1", {"acme": 3}), priority="high")
+    harness.publish(held)
+    stage.run(5, until=lambda: len(harness.collect()) >= 1 and not stage.stage.held)
+    assert [b.mails for _, b in harness.collect()] == [1]  # the burst; the rest, 2 mails, held then given back
+    given_back = dataclasses.replace(make_batch("s1", {"acme": 2}, refund=2, refund_of=held.id), priority="high")
+    harness.publish(given_back, make_batch("s1", {"acme": 1}))
+    stage.run(3, until=lambda: harness.depth(harness.lane("s1", "acme", "high")) == 2)
+    high = harness.lane_batches("s1", "acme", "high")
+    assert sorted(b.mails for b in high) == [2, 2] and all(b.priority == "high" for b in high)
+    assert given_back.id in {b.id for b in high}
+    assert all(b.priority == "normal" for b in harness.lane_batches("s1", "acme"))
