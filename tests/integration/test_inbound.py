@@ -121,6 +121,8 @@ def inbound(settings: Settings, tmp_path: Path, redis_url: str) -> Iterator[Inbo
         here.wait(lambda: _accepts(settings.inbound_smtp_port) and _accepts(settings.inbound_http_port),
                   "the inbound stage's ports")
         yield here
+        codes = stages.stop()
+    assert set(codes.values()) == {0}, f"every stage drains and exits 0 on SIGTERM: {codes}\n{stages.logs()}"
     events.close()
     client.close()
 

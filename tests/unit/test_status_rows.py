@@ -97,3 +97,11 @@ def test_share_lines_print_a_table_per_server_with_blanks_for_none() -> None:
     assert own[2].split() == ["gamma-long-name", "no", "0", "0.40"]
     assert len({len(line) for line in own}) == 1, "the columns line up"
     assert share_lines([]) == []
+
+
+def test_paused_tenants_come_first_with_why() -> None:
+    from mailpipe.status import paused_lines
+
+    assert paused_lines({}) == []
+    lines = paused_lines({"acme": "bulk mail to shared servers paused: 10.4% hard bounces"})
+    assert "mailpipe tenants resume" in lines[0] and "acme: bulk mail" in lines[1]
