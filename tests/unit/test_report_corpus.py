@@ -11,11 +11,13 @@ import tomllib
 from pathlib import Path
 
 from inbound.reports import ARF, AUTO_REPLY, UNKNOWN, read, split_diagnostic
-from inbound.resolve import COMPLAINT_TYPES
+from inbound.resolve import COMPLAINT_TYPES, resolve
 from mailpipe.replies import classify
+from mailpipe.verp import Keys, Signer, Token
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "reports"
 EXPECTED = tomllib.loads((CORPUS / "expected.toml").read_text())
+SIGNER = Signer(Keys.parse("1:the corpus test's own key", "test"))
 
 
 def observed(raw: bytes, recipient: str) -> str:
@@ -65,6 +67,9 @@ def test_a_feedback_report_names_its_recipient_and_the_return_path() -> None:
 def test_10000_random_and_mutated_reports_crash_nothing() -> None:
     rng = random.Random(23)
     seeds = [(CORPUS / name).read_bytes() for name in sorted(EXPECTED)]
+    tokens = [SIGNER.verify(SIGNER.local_part("b", "acme", "c592f15e833f558fb3eb7b4a530e21b5", "user0@example.net"),
+                            ("acme",))]
+    assert all(isinstance(t, Token) for t in tokens)
     started = time.monotonic()
     kinds: dict[str, int] = {}
     for i in range(10_000):
@@ -89,6 +94,7 @@ def test_10000_random_and_mutated_reports_crash_nothing() -> None:
         for failure in report.failures:
             code, text = split_diagnostic(failure.diagnostic, failure.status)
             classify(code, text, enhanced=failure.status or None)
+        resolve(report, report_id="r", at_ms=0, rcpt_tokens=tokens, mail_from="", signer=SIGNER, tenants=("acme",))
     elapsed = time.monotonic() - started
     print(f"\n10,000 mutated reports in {elapsed:.1f} s: {kinds}")
     assert sum(kinds.values()) == 10_000
