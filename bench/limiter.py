@@ -1,4 +1,4 @@
-"""Benchmark of the limiter's decision (gcra.lua) against a real Redis; prints JSON.
+"""Benchmark of the limiter's decision (decide.lua) against a real Redis; prints JSON.
 
     .venv/bin/python bench/limiter.py [--seconds 5] [--accuracy-s 60] [--redis-url URL]
 
@@ -10,11 +10,11 @@
   one server at 3,600/h with bursts of 10: the most mails released in any sliding 1 s, 10 s
   and 60 s (bound: rate x interval + burst), and released / (rate x duration) (want >= 0.95).
 - ``fair_share``: decisions per second from one process with 1, 100 and 1,000 tenants waiting on
-  one server at 36,000/h (burst 20), each decision an ``Ask`` with ``fair=Fair(tenant, weight,
-  backlog)``, in rounds of ``ROUND_PER_LINE`` asks per round trip, the tenants taken in turn.
-  Most are refusals (not the tenant's turn, or no token): every decision counts. Checked: 1,000
-  tenants reach 10,000 decisions/s, and the fall from 1 to 1,000 tenants is no worse than
-  logarithmic: ``rate_1 / rate_1000 <= 1 + log2(1000) / 4`` (printed as booleans).
+  one server at 36,000/h (burst 20) (each with mail in its lane), each decision an ``Ask`` with
+  ``fair=Fair(tenant, weight)``, in rounds of ``ROUND_PER_LINE`` asks per round trip, the tenants
+  taken in turn. Most are refusals (not the tenant's turn, or no token): every decision counts.
+  Checked: 1,000 tenants reach 15,000 decisions/s, and the fall from 1 to 1,000 tenants is no
+  worse than logarithmic: ``rate_1 / rate_1000 <= 1 + log2(1000) / 4`` (printed as booleans).
 
 Uses its own namespace (``bench-<uuid>``) and deletes its keys after.
 """
@@ -37,21 +37,15 @@ from typing import Any, cast
 # package it measures, would shadow it: drop that folder before importing the package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from limiter.gcra import (  # noqa: E402 (after the sys.path fix)
-    US,
-    Ask,
-    Fair,
-    Limits,
-    RedisLimiter,
-    TenantAsk,
-    connect,
-    local_midnights,
-    worst_window,
-)
+from limiter.decide import Fair, TenantAsk  # noqa: E402 (after the sys.path fix)
+from limiter.gcra import US, Limits, local_midnights, worst_window  # noqa: E402
+from limiter.redis_limiter import Ask, RedisLimiter, connect  # noqa: E402
 from limiter.stage import ROUND_PER_LINE  # noqa: E402
+from mailpipe.lanes import LIBRARY as LANES  # noqa: E402
+from mailpipe.lanes import lane_id, server_keys  # noqa: E402
 
 FAIR_TENANTS = (1, 100, 1000)
-FAIR_TARGET_AT_1000 = 10_000
+FAIR_TARGET_AT_1000 = 15_000
 
 
 def _hammer(url: str, namespace: str, seconds: float, per_round: int, start_at: float, out: Any) -> None:
@@ -64,8 +58,8 @@ def _hammer(url: str, namespace: str, seconds: float, per_round: int, start_at: 
         time.sleep(0.001)
     count, granted, end = 0, 0, time.monotonic() + seconds
     while time.monotonic() < end:
-        asks = [Ask("hammer", uuid.uuid4().hex, 2, limits, tenants=tenants) for _ in range(per_round)]
-        granted += sum(1 for d in limiter.acquire_many(asks) if d.granted)
+        asks = [Ask("hammer", uuid.uuid4().hex, 2, limits, tenants, line=f"l{i}") for i in range(per_round)]
+        granted += sum(1 for d in limiter.decide_many(asks, uuid.uuid4().hex) if d.granted)
         count += per_round
     out.put((count, granted))
     client.close()
@@ -99,7 +93,7 @@ def _replica(url: str, namespace: str, seconds: float, seed: int, start_at: floa
     end = time.monotonic() + seconds
     mails = rng.randint(1, 3)
     while time.monotonic() < end:
-        d = limiter.acquire("accuracy", uuid.uuid4().hex, mails, limits)
+        d = limiter.decide(Ask("accuracy", uuid.uuid4().hex, mails, limits))
         if d.granted:
             releases.append((d.now_ms, d.granted))
             mails = rng.randint(1, 3)
@@ -137,9 +131,9 @@ def accuracy(url: str, namespace: str, seconds: float, processes: int = 4) -> di
 
 def fair_decisions_per_s(url: str, namespace: str, tenants: int, seconds: float) -> dict[str, Any]:
     """Decisions per second with ``tenants`` waiting on one rate-limited server (its own, so each
-    count starts from an empty fair queue). Every tenant asks once before the clock starts, so
-    all of them are waiting (in ``fair:tags``) for the whole run; a backlog far above what the
-    run grants keeps each one waiting after a grant too.
+    count starts from an empty fair queue). Every tenant publishes a backlog into its lane before
+    the clock starts (far above what the run grants), so all of them are waiting (in
+    ``fair:tags``) for the whole run.
 
     Each ask of a round is its own line: the stage's asks of one line stop at its first
     refusal (``Decision.skipped``, a check that costs next to nothing), and with a single tenant
@@ -157,19 +151,19 @@ def fair_decisions_per_s(url: str, namespace: str, tenants: int, seconds: float)
         asks = []
         for k in range(ROUND_PER_LINE):
             i = (first + k) % tenants
-            asks.append(Ask(server, uuid.uuid4().hex, 10, limits, tenants=[TenantAsk(names[i], 10, 10**9, midnights)],
-                            fair=Fair(names[i], weights[i], backlog=10**6), line=f"line-{k}"))
+            asks.append(Ask(server, uuid.uuid4().hex, 10, limits, [TenantAsk(names[i], 10, 10**9, midnights)],
+                            Fair(names[i], weights[i]), line=f"line-{k}"))
         return asks
 
+    for first in range(0, tenants, 100):  # every tenant waiting before the clock starts
+        lanes = [x for name in names[first:first + 100] for x in (lane_id(name, "normal"), 10**6)]
+        LANES.call(client, "lane_exit", server_keys(namespace, server), [server, "bench", *lanes])
     cursor = 0
-    for _ in range(math.ceil(tenants / ROUND_PER_LINE)):  # every tenant waiting before the clock starts
-        limiter.acquire_many(round_of(cursor))
-        cursor += ROUND_PER_LINE
     count = granted = skipped = 0
     start = time.monotonic()
     end = start + seconds
     while time.monotonic() < end:
-        for d in limiter.acquire_many(round_of(cursor)):
+        for d in limiter.decide_many(round_of(cursor), uuid.uuid4().hex):
             count += 1
             granted += d.granted > 0
             skipped += d.skipped
@@ -206,7 +200,7 @@ def delete_keys(url: str, namespace: str) -> None:
     runs leave one short-lived key each (their round's line), a few hundred thousand."""
     client = connect(url, timeout_s=30.0)
     batch: list[bytes] = []
-    for key in client.scan_iter(match=f"{{{namespace}:*", count=5000):
+    for key in client.scan_iter(match=f"*{namespace}*", count=5000):
         batch.append(key)
         if len(batch) >= 5000:
             client.unlink(*batch)
