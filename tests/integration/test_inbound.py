@@ -116,7 +116,7 @@ def inbound(settings: Settings, tmp_path: Path, redis_url: str) -> Iterator[Inbo
         encoding="utf-8")
     events = Listener(settings)
     client = redis.Redis.from_url(redis_url)
-    with StageProcesses(settings, tmp_path, "inbound", "producer") as stages:
+    with StageProcesses(settings, tmp_path, "inbound", "producer", metrics_ports={"inbound": free_port()}) as stages:
         here = Inbound(settings, stages, events, client)
         here.wait(lambda: _accepts(settings.inbound_smtp_port) and _accepts(settings.inbound_http_port),
                   "the inbound stage's ports")
@@ -174,6 +174,16 @@ def test_a_dsn_by_smtp_suppresses_for_that_tenant_only_tells_it_and_stops_the_ne
         inbound.deliver(rp, report("dsn-postfix-00.eml", ann, rp.partition("@")[0], "user0@example.net"))
     assert "brought its report already" in str(refused.value)
     assert inbound.redis.exists(spent_key(ns, SIGNER.verify(rp.partition("@")[0], ["acme"]).id))  # type: ignore[union-attr]
+
+    # Seen: the stage's /metrics and health.
+    port = inbound.stages.metrics_ports["inbound"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    assert 'mailpipe_bounces_total{class="hard",source="dsn"} 1.0' in text
+    assert 'mailpipe_inbound_reports_total{kind="dsn",result="applied"} 1.0' in text
+    assert 'mailpipe_inbound_rcpt_total{outcome="refused"} 1.0' in text
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as page:
+        assert page.status == 200
 
     # The raw report, kept for the tenant (mailpipe reports list|show).
     (kept,) = archive.read(inbound.settings, tenant="acme", since_s=600)
