@@ -32,6 +32,7 @@ from mailpipe.amqp import Broker
 from mailpipe.codec import decode_event
 from mailpipe.errors import MailpipeError
 from mailpipe.feedback import is_feedback
+from mailpipe.lanes import known_queues
 from mailpipe.model import IntakeRequest, Outcome, new_id, now_ms
 from mailpipe.services import ensure
 from mailpipe.settings import Settings
@@ -362,10 +363,15 @@ def _wait(proc: subprocess.Popen[bytes], timeout_s: float = 40.0) -> int:
 def _delete(settings: Settings, topology: Topology) -> None:
     """The demo's namespace is its own: remove its queues and its Redis keys. On a connection
     of its own: the demo's may be the very thing that failed."""
+    lanes: set[str] = set()
+    with suppress(redis.RedisError):
+        client = redis_client.connect(settings)
+        lanes = known_queues(client, topology.namespace)
+        client.close()
     broker = Broker(settings.amqp_endpoints, client_name="mailpipe-demo-cleanup")
     with suppress(pika.exceptions.AMQPError, MailpipeError):
         channel = broker.connect().channel()
-        for queue in topology.all_queues:
+        for queue in (*topology.all_queues, *lanes):
             channel.queue_delete(queue)
         channel.exchange_delete(topology.events)
     broker.close()

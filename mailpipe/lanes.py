@@ -39,6 +39,7 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
@@ -94,6 +95,19 @@ def server_keys(namespace: str, server: str) -> list[str]:
 
 def active_key(namespace: str) -> str:
     return f"{namespace}:active"
+
+
+def known_queues(client: redis.Redis, namespace: str) -> set[str]:
+    """The queues of every lane Redis knows may exist, on every server (for tearing a namespace
+    down: the demo's, a test's)."""
+    out: set[str] = set()
+    prefix, suffix = f"{{{namespace}:", "}:known"
+    for key in client.scan_iter(match=f"{prefix}*{suffix}", count=1000):
+        name = key.decode() if isinstance(key, bytes) else str(key)
+        server = name[len(prefix):-len(suffix)]
+        lanes: Any = client.zrange(name, 0, -1)
+        out |= {queue_name(namespace, server, lane.decode() if isinstance(lane, bytes) else lane) for lane in lanes}
+    return out
 
 
 def process_token() -> str:

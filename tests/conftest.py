@@ -23,7 +23,7 @@ import pika.exceptions
 import pytest
 import redis
 
-from mailpipe.lanes import queue_name
+from mailpipe.lanes import known_queues
 from mailpipe.services import reachable
 from mailpipe.settings import Settings
 from mailpipe.topology import Topology
@@ -108,15 +108,14 @@ def delete_namespace(ns: str, amqp_url: str, redis_url: str) -> None:
 
 
 def lane_queues(ns: str, redis_url: str) -> set[str]:
-    """Every lane a namespace's publishers registered (mailpipe/lanes.py), by server."""
-    out: set[str] = set()
+    """Every lane a namespace's publishers registered (mailpipe/lanes.py)."""
     with contextlib.suppress(redis.RedisError):
         client = redis.Redis.from_url(redis_url)
-        for key in client.scan_iter(match=f"{{{ns}:*}}:known", count=1000):
-            server = key.decode()[len(ns) + 2:-len("}:known")]
-            out |= {queue_name(ns, server, lane.decode()) for lane in client.zrange(key, 0, -1)}
-        client.close()
-    return out
+        try:
+            return known_queues(client, ns)
+        finally:
+            client.close()
+    return set()
 
 
 @pytest.fixture(autouse=True)
