@@ -43,7 +43,7 @@ lint: $(INSTALLED)
 	$(BIN)/mypy
 
 ## make bench: every benchmark (about 20 minutes, the 10-minute soak included); JSON and PNGs in bench/out
-BENCHMARKS := pipeline limiter fair_share sender soak cluster
+BENCHMARKS := pipeline limiter fair_share sender soak cluster inbound
 bench: $(INSTALLED)
 	scripts/install-tools postfix
 	$(BIN)/python -m mailpipe.services
