@@ -10,7 +10,8 @@ Anywhere else the envelope is the tenant's sender, as before, one transaction fo
 **Aftermath.** After a batch: the 250s on shared servers count as the tenant's sends
 (mailpipe/reputation.py), each resets its address's soft bounces, and each final 5xx is a
 synchronous bounce, recorded like a late one (mailpipe/feedback.py: suppression, reputation,
-``bounced`` and ``suppressed`` events).
+``bounced`` and ``suppressed`` events), and so is a 4xx past the retry age (expired: the mail is
+not tried again; a soft bounce when the reply was the recipient's).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from mailpipe.amqp import Outgoing
 from mailpipe.feedback import FeedbackType, Finding, Source, encode_feedback
 from mailpipe.model import Job, now_ms
 from mailpipe.replies import BounceClass
+from mailpipe.retry import Expire, RetryPolicy, retry_step
 from mailpipe.servers import Config, ServerConfig
 from mailpipe.settings import Settings
 from mailpipe.topology import Topology
@@ -80,21 +82,27 @@ def aftermath(client: redis.Redis, settings: Settings, topology: Topology, serve
         reputation.record_sends(client, settings.namespace, Counter(tenant for tenant, _ in delivered))
     policy = suppression.Policy.from_settings(settings)
     thresholds = reputation.Thresholds.from_settings(settings)
-    out: list[Outgoing] = []
+    retry = RetryPolicy.from_settings(settings)
+    findings: list[Finding] = []
     for outcome in outcomes:
         job = outcome.job
-        for recipient, reply in outcome.failed.items():
-            if reply.bounce == BounceClass.NONE:
-                continue
-            finding = Finding(type=FeedbackType.BOUNCED, tenant=job.tenant, recipient=recipient, source=Source.SYNC,
-                              origin=f"sync\0{job.id}\0{job.attempt}\0{reply.code}", at_ms=outcome.at_ms or now_ms(),
-                              job_id=job.id, server=job.server, shared=server.platform, reply=reply,
-                              remote_mta=server.name)
-            for event in feedback.apply(client, settings.namespace, finding, policy, thresholds):
-                out.append(Outgoing(event.routing_key, encode_feedback(event), exchange=topology.events,
-                                    mandatory=False, message_id=event.id))
-                feedback.count(event, tenant_label=settings.metrics_tenant_label,
-                               suppression_kind=feedback.suppression_kind_of(event))
+        at_ms = outcome.at_ms or now_ms()
+        # A final 5xx, and a 4xx past the retry age (the same decision as sender/outputs.py's:
+        # retry_step is pure): the mail will not be tried again.
+        final = [(r, reply, f"{reply.code}") for r, reply in outcome.failed.items()]
+        final += [(r, reply, "expired") for r, reply in outcome.deferred.items()
+                  if isinstance(retry_step(job, (r,), reply, at_ms, retry), Expire)]
+        findings += [Finding(type=FeedbackType.BOUNCED, tenant=job.tenant, recipient=recipient, source=Source.SYNC,
+                             origin=f"sync\0{job.id}\0{job.attempt}\0{why}", at_ms=at_ms, job_id=job.id,
+                             server=job.server, shared=server.platform, reply=reply, remote_mta=server.name)
+                     for recipient, reply, why in final if reply.bounce != BounceClass.NONE]
+    out: list[Outgoing] = []
+    for events in feedback.apply_many(client, settings.namespace, findings, policy, thresholds):
+        for event in events:
+            out.append(Outgoing(event.routing_key, encode_feedback(event), exchange=topology.events,
+                                mandatory=False, message_id=event.id))
+            feedback.count(event, tenant_label=settings.metrics_tenant_label,
+                           suppression_kind=feedback.suppression_kind_of(event))
     return out
 
 

@@ -130,3 +130,41 @@ def test_the_command_line_adds_lists_removes_and_resumes(client: redis.Redis, na
     assert main(["tenants", "list"]) == 0 and "acme" in capsys.readouterr().out
     assert main(["tenants", "resume", "acme"]) == 0
     assert reputation.paused_tenants(client, namespace) == {}
+
+
+def test_the_senders_aftermath_records_sync_bounces_sends_and_resets(client: redis.Redis, namespace: str) -> None:
+    """sender/envelope.py after a batch on a platform server: a 550 5.1.1 suppresses at once, a
+    4xx past the retry age counts as a soft bounce, a 250 resets the address's soft count and
+    counts as the tenant's send, a reputation refusal suppresses nobody; events for each."""
+    from mailpipe.feedback import decode_feedback
+    from mailpipe.model import Job
+    from mailpipe.replies import classify
+    from mailpipe.servers import parse_config
+    from mailpipe.settings import Settings
+    from mailpipe.topology import Topology
+    from sender.delivery import JobOutcome
+    from sender.envelope import aftermath
+
+    settings = Settings(namespace=namespace)
+    server = parse_config({"servers": {"platform": {"address": "x.example", "platform": True}}}, "t", {}).servers[
+        "platform"]
+    suppression.record(client, namespace, "acme", "ok@example.net", Kind.SOFT_BOUNCE, "4.2.2", POLICY)
+    old = Job(id="j1", tenant="acme", server="platform", sender="a@acme.example",
+              recipients=("ok@example.net", "gone@example.net", "full@example.net", "listed@example.net"),
+              message=b"x", created_ms=1)
+    outcome = JobOutcome(old, attempted=True, sent=["ok@example.net"], at_ms=10**13)
+    outcome.failed = {"gone@example.net": classify(550, "5.1.1 <gone@example.net>: user unknown"),
+                      "listed@example.net": classify(554, "5.7.1 blocked using zen.spamhaus.org")}
+    outcome.deferred = {"full@example.net": classify(452, "4.2.2 Mailbox full")}
+    out = aftermath(client, settings, Topology.from_settings(settings), server, [outcome])
+    events = [(e.type, e.recipient, e.bounce_class) for e in map(decode_feedback, (o.body for o in out))]
+    assert ("bounced", "gone@example.net", "hard") in events and ("suppressed", "gone@example.net", "") in events
+    assert ("bounced", "full@example.net", "soft") in events, "expired after its retries: a soft bounce"
+    assert ("bounced", "listed@example.net", "reputation") in events
+    assert not any(t == "suppressed" and r in ("listed@example.net", "full@example.net") for t, r, _ in events)
+    assert blocked(client, namespace, "acme", "gone@example.net", "listed@example.net") == {
+        "gone@example.net": blocked(client, namespace, "acme", "gone@example.net")["gone@example.net"]}
+    assert not client.exists(suppression.soft_key(namespace, "acme", "ok@example.net")), "a delivery resets"
+    assert client.hget(reputation.tenant_key(namespace, "acme"), "sends") == b"1"
+    again = aftermath(client, settings, Topology.from_settings(settings), server, [outcome])
+    assert [o.message_id for o in again] == [o.message_id for o in out], "the same events, harmless"

@@ -47,3 +47,4 @@ def test_without_dsn_no_parameters_and_elsewhere_the_tenants_sender() -> None:
     unsigned = Envelopes(Settings(return_path_domain="bounces.example.net"))
     (nokeys,) = unsigned.planner(CONFIG.servers["platform"], CONFIG)(JOB, JOB.recipients, True)
     assert nokeys.sender == "hr@acme.example", "no keys: no VERP"
+
