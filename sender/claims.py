@@ -2,7 +2,9 @@
 
 Before it sends, the sender claims each (job, attempt, recipient) for itself, with a lease
 that ends after the batch's deadline plus the SMTP timeout; a 250 turns the claim into "sent";
-a refusal or a give-back releases it, naming the grant it was released under. A second holder
+a 4xx is recorded as "deferred" in the claim before its retry copy (attempt + 1) is published,
+so that no holder ever sends this attempt again once the next one may exist; a refusal or a
+give-back releases it, naming the grant it was released under. A second holder
 (a redelivered batch whose first holder still runs, a copy of the job in the same or another
 batch, a re-packed batch, a second copy of a granted batch) skips what is sent, waits for
 what is held, and never sends under a grant what another holder of that grant has already
@@ -45,6 +47,9 @@ class Claim(IntEnum):
     HELD = 3  # a live holder has it: ask again later
     TOUCHED = 4  # handled under this grant by a holder that is gone: not sent under it again
     DONE = 5  # another holder of this grant released it and published its outcome
+    # Deferred by a holder whose lease is over: its retry copy may never have been published.
+    # Now this holder's ("D"): it publishes the copy again; it never sends this attempt.
+    RETRY = 6
 
 
 @dataclass(frozen=True)
@@ -103,22 +108,38 @@ class Claims:
         codes = iter(reply[1:])
         return Snapshot(int(reply[0]), [{r: Claim(int(next(codes))) for r in rcpts} for rcpts in recipients])
 
-    async def release(self, owner: str, released: Sequence[tuple[Job, str, str]]) -> None:
-        """Let go of (job, recipient, new state) where ``owner`` still holds it."""
+    async def release(self, owner: str, released: Sequence[tuple[Job, str, str]]) -> list[bool]:
+        """Set (job, recipient, new state) where ``owner`` still holds it; per entry, whether it
+        did (``release.lua`` says which changes a holder may make)."""
         if not released:
-            return
-        keys = [self.key(job) for job, _, _ in released]
-        args: list[str | int] = [owner, self.ttl_s, *(f"{rcpt}\n{state}" for _, rcpt, state in released)]
+            return []
+        return await self._settle(owner, released, "release", "releasing claims")
+
+    async def defer(self, owner: str, grant: str, until_us: int, deferred: Sequence[tuple[Job, str]]) -> list[bool]:
+        """Record (job, recipient) as deferred by ``owner`` under ``grant``, before its retry copy
+        is published (state ``D``, leased until ``until_us`` like the claim); per entry, whether
+        it was still this holder's. One round trip for a batch."""
+        if not deferred:
+            return []
+        state = f"D {owner} {until_us} {grant}"
+        return await self._settle(owner, [(job, rcpt, state) for job, rcpt in deferred], "defer",
+                                  "recording deferrals")
+
+    async def _settle(self, owner: str, changes: Sequence[tuple[Job, str, str]], operation: str,
+                      what: str) -> list[bool]:
+        keys = [self.key(job) for job, _, _ in changes]
+        args: list[str | int] = [owner, self.ttl_s, *(f"{rcpt}\n{state}" for _, rcpt, state in changes)]
         try:
             if self.wait_replicas:
                 async with self.client.pipeline(transaction=False) as pipe:
                     await self._release(keys=keys, args=args, client=pipe)
-                    await self._execute(pipe, "released claims")
+                    reply = (await self._execute(pipe, what))[0]
             else:
-                await self._release(keys=keys, args=args)
+                reply = await self._release(keys=keys, args=args)
         except (redis.exceptions.RedisError, OSError) as exc:
-            metrics.MARK_ERRORS.labels("release").inc()
-            raise RedisUnavailable(f"Redis: releasing claims failed: {exc}") from exc
+            metrics.MARK_ERRORS.labels(operation).inc()
+            raise RedisUnavailable(f"Redis: {what} failed: {exc}") from exc
+        return [bool(int(done)) for done in cast("list[int]", reply)]
 
     def mark_sent(self, job: Job, recipients: Sequence[str]) -> asyncio.Future[None]:
         """Record ``recipients`` of ``job`` as sent; the future is done once Redis has them (or

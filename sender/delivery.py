@@ -10,7 +10,10 @@ No mail is started later than ``deadline - margin``: what is left goes back to t
 with its token refunded only when nobody touched the job under this grant.
 
 Per recipient: 2xx sent, 4xx deferred, 5xx failed; a connection that fails defers every
-recipient of the mail it was carrying (connection failures are always transient).
+recipient of the mail it was carrying (connection failures are always transient). Before the
+delivery ends, its deferred recipients are recorded as deferred in their claims, in one round
+trip: only then may their retry copies (the next attempt) be published, so no holder of this
+attempt ever sends them again. Without Redis they go back to the limiter instead.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from mailpipe.servers import ServerConfig
 from sender import metrics
 from sender.claims import Claim, Claims
 from sender.pool import ServerPool
-from sender.replies import FAILED, SENT, Reply
+from sender.replies import FAILED, SENT, Reply, classify
 from sender.smtp import Connection
 from sender.transaction import send_mail
 from sender.translate import reply_of
@@ -40,6 +43,9 @@ log = logging.getLogger(__name__)
 
 US = 1_000_000
 RECLAIM_EVERY_S = 0.25  # how often recipients a live holder has are asked for again
+# What a holder that takes over a deferral left unfinished (Claim.RETRY) says in its events: the
+# recipient was deferred before, and its retry copy is published again (no mail is sent now).
+DEFERRED_BEFORE = classify(451, "4.3.0 deferred before by a holder that did not finish; its retry is published again")
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,8 @@ async def deliver(jobs: Sequence[Job], server: ServerConfig, pool: ServerPool, d
         run.mine = {}
     for index, recipients in (*run.mine.items(), *run.waiting.items()):  # never started: back
         outcomes[index].back += recipients
+    if hold is not None:
+        await run.record_deferrals()
     for outcome in outcomes:
         outcome.refundable = outcome.refundable and not outcome.attempted and bool(outcome.back)
     return BatchDelivery(outcomes=outcomes, started=run.started, ended=time.monotonic(),
@@ -207,7 +215,37 @@ class _Run:
                     self.waiting.setdefault(index, []).append(recipient)
                 elif code == Claim.TOUCHED:
                     outcome.back.append(recipient)
+                elif code == Claim.RETRY:  # ours now: its retry copy goes out (again), nothing is sent
+                    outcome.deferred[recipient] = DEFERRED_BEFORE
+                    outcome.at_ms = outcome.at_ms or now_ms()
         return late
+
+    async def record_deferrals(self) -> None:
+        """Record every deferred recipient as such in its claim ("D"), before any retry copy is
+        published. A holder that dies after this leaves a claim that no holder of this attempt
+        sends from; one that dies before it has published nothing. A recipient no longer ours
+        (our lease ended and another holder took it) is that holder's to finish: no retry copy
+        from us. Without Redis, the deferred recipients go back to the limiter as touched."""
+        hold = self.hold
+        assert hold is not None
+        deferred = [(outcome, r) for outcome in self.outcomes for r in outcome.deferred]
+        if not deferred:
+            return
+        try:
+            ours = await hold.claims.defer(hold.owner, hold.grant, hold.deadline_us + hold.lease_extra_us,
+                                           [(outcome.job, r) for outcome, r in deferred])
+        except RedisUnavailable as exc:
+            log.warning("%s: %d deferred recipient(s) go back to the limiter instead of a retry queue",
+                        exc.reason, len(deferred))
+            for outcome, recipient in deferred:
+                del outcome.deferred[recipient]
+                outcome.back.append(recipient)
+            return
+        for (outcome, recipient), mine in zip(deferred, ours, strict=True):
+            if not mine:
+                log.warning("job %s: %s deferred after this holder's lease ended; another holder has it",
+                            outcome.job.id, recipient)
+                del outcome.deferred[recipient]
 
     async def send_all(self) -> None:
         todo = sorted(self.mine, reverse=True)  # pop() from the end takes them in order

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 MAILS = Counter("mailpipe_sender_mails_total",
                 "Recipients by outcome (sent, deferred, failed, expired, skipped) and category.",
@@ -27,5 +27,8 @@ RETRIES = Counter("mailpipe_sender_retries_total",
                   "Recipients sent to a retry queue, by the attempt they will make (10 means 10 or more).",
                   ["server", "attempt"])
 MARK_ERRORS = Counter("mailpipe_sender_mark_errors_total",
-                      "Redis failures claiming, marking or releasing recipients (claim, write, release).",
-                      ["operation"])
+                      "Redis failures claiming, marking, deferring or releasing recipients "
+                      "(claim, write, defer, release).", ["operation"])
+UNRELEASED = Gauge("mailpipe_sender_unreleased_claims",
+                   "Claims of finished batches that Redis has not taken the release of yet (tried again "
+                   "every second; meanwhile their recipients wait for the claims' lease).")

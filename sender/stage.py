@@ -10,7 +10,7 @@ Read top to bottom, a batch goes:
    rate).
 3. ``tick`` collects finished deliveries and, for each batch, publishes every output
    (``sender/outputs.py`` decides them) with ONE confirmed ``broker.publish`` call, then
-   releases its claims, then acks the batch:
+   releases its claims (on the SMTP loop, retried while Redis refuses), then acks the batch:
    - events to the ``events`` exchange, routing key ``<outcome>.<tenant>``;
    - refused recipients as ``mailpipe/retry.py``'s ``retry_step`` decides: a copy of the job
      (attempt + 1) to its retry queue, or to the dead-letter queue as ``expired`` or with the
@@ -18,7 +18,9 @@ Read top to bottom, a batch goes:
    - mail not sent under this grant back to ``batches``, refunding the tokens of the jobs
      nobody touched under it (the limiter returns only what the grant still owes).
 Accepted recipients were marked "sent" right after their 250, before the next mail on their
-connection, so any other holder skips them.
+connection, so any other holder skips them; deferred ones were recorded as deferred before the
+delivery ended (sender/delivery.py), so their retry copies are published only once no holder of
+their attempt can send them again.
 
 After a lost broker connection, the deliveries it started are fenced before consuming again:
 they start no more mail, finish what is on the wire, and release their claims as touched
@@ -56,6 +58,20 @@ log = logging.getLogger(__name__)
 
 
 REAP_EVERY_S = 5.0
+RELEASE_AGAIN_S = 1.0  # a release Redis refused is tried again after this
+MAX_UNRELEASED = 100_000  # claims kept to release again; beyond, the oldest are left to their lease
+
+
+@dataclass
+class _Release:
+    """Claims of one finished batch to settle (sender/release.lua): in flight on the SMTP loop,
+    or refused by Redis and waiting to be tried again."""
+
+    owner: str
+    changes: list[tuple[Job, str, str]]
+    future: Future[list[bool]] | None = None
+    again_at: float = 0.0
+    failures: int = 0
 
 
 @dataclass
@@ -83,6 +99,7 @@ class SenderStage(Stage):
         self._stopping = False
         self._sync_redis: redis.Redis | None = None  # for suppression, from the main thread
         self._last_reap = time.monotonic()
+        self._releases: list[_Release] = []
 
     @property
     def input_queue(self) -> str:
@@ -169,27 +186,33 @@ class SenderStage(Stage):
     def tick(self, broker: Broker) -> None:
         done = [f for f in self._in_flight if f.future.done()]
         for flight in done:
-            self._in_flight.remove(flight)
+            # Out of _in_flight only once acked: if publishing raises (the connection dropped),
+            # the fence after the reconnect still knows this delivery and settles its claims.
             self._finish(broker, flight)
+            self._in_flight.remove(flight)
         if done:
             kernel_metrics.IN_FLIGHT.labels(self.name).set(len(self._in_flight))
+        self._settle_releases()
         if time.monotonic() - self._last_reap > REAP_EVERY_S and self.smtp.pools is not None:
             self._last_reap = time.monotonic()
             self.smtp.submit(self.smtp.pools.reap())
 
     def busy(self) -> bool:
-        return bool(self._in_flight)
+        return bool(self._in_flight) or any(r.future is not None for r in self._releases)
 
     def drain(self, broker: Broker, deadline: float) -> None:
         """Start no more mails; wait for the ones in flight; give the rest back with refunds."""
         self._stopping = True
-        while self._in_flight and time.monotonic() < deadline:
+        while (self._in_flight or self._releases) and time.monotonic() < deadline:
             self.tick(broker)
-            if self._in_flight:
+            if self._in_flight or self._releases:
                 broker.sleep(0.05)
         if self._in_flight:
             log.warning("%d batch(es) still in flight at shutdown: left unacked, they are redelivered",
                         len(self._in_flight))
+        if self._releases:
+            log.warning("%d claim(s) not released at shutdown: they end with their lease",
+                        sum(len(r.changes) for r in self._releases))
 
     def ready(self) -> bool:
         if not self.smtp.running:
@@ -228,7 +251,9 @@ class SenderStage(Stage):
                         (ended_ms - batch.deadline_ms) / 1000)
         broker.publish(outputs)
         # Only now that the outcomes are confirmed: a holder that dies before this leaves its
-        # claims to expire, and the next holder hands them back rather than send them again.
+        # claims to expire, and the next holder hands them back rather than send them again;
+        # deferred ones were recorded before the delivery ended, so none is sent again under
+        # this attempt (a later holder publishes the retry copy again instead).
         self._release(flight.owner, result.releases(batch.grant_id or ""))
         broker.ack(flight.delivery.tag)
         log.info("batch %s: %d mail(s) attempted in %.1f s, %d given back", batch.id,
@@ -237,13 +262,56 @@ class SenderStage(Stage):
                         "given_back": back})
 
     def _release(self, owner: str, released: list[tuple[Job, str, str]]) -> None:
-        if not released:
-            return
+        """Settle ``released`` on the SMTP loop; ``tick`` sees the result (and tries again)."""
+        if released:
+            release = _Release(owner, released)
+            self._submit_release(release)
+            self._releases.append(release)
+            self._bound_releases()
+
+    def _submit_release(self, release: _Release) -> None:
         try:
-            self.smtp.call(self.smtp.claims.release(owner, released))
-        except (RedisUnavailable, TimeoutError) as exc:
-            # Harmless: the claims end with their lease, and a later holder hands them back.
-            log.warning("cannot release %d claim(s): %s", len(released), exc)
+            release.future = self.smtp.submit(self.smtp.claims.release(release.owner, release.changes))
+        except RedisUnavailable:  # the loop is not running (shutting down): tried again later
+            release.future, release.again_at = None, time.monotonic() + RELEASE_AGAIN_S
+
+    def _settle_releases(self) -> None:
+        """Releases Redis refused are tried again every second until it takes them. Meanwhile
+        what they leave is safe, but slower: the claims stay held until their lease ends (the
+        deadline plus the SMTP timeout), so recipients given back wait that long before a holder
+        under another grant sends them, and a copy of the batch under the same grant hands them
+        back again; a deferral stays recorded as deferred (sent by the next attempt only)."""
+        now = time.monotonic()
+        for release in list(self._releases):
+            if release.future is None:
+                if now >= release.again_at:
+                    self._submit_release(release)
+                continue
+            if not release.future.done():
+                continue
+            try:
+                release.future.result()
+            except Exception as exc:  # RedisUnavailable, or the loop's own failure: try again
+                release.future, release.again_at = None, now + RELEASE_AGAIN_S
+                release.failures += 1
+                if release.failures == 1:
+                    log.warning("cannot release %d claim(s), trying again every %.0f s: %s (until then "
+                                "their recipients wait for the claims' lease before another holder may "
+                                "send them)", len(release.changes), RELEASE_AGAIN_S, exc)
+                continue
+            if release.failures:
+                log.info("released %d claim(s) after %d failed attempt(s)", len(release.changes), release.failures)
+            self._releases.remove(release)
+        metrics.UNRELEASED.set(sum(len(r.changes) for r in self._releases))
+
+    def _bound_releases(self) -> None:
+        """Past MAX_UNRELEASED claims waiting, the oldest are left to end with their lease."""
+        waiting = sum(len(r.changes) for r in self._releases)
+        while waiting > MAX_UNRELEASED and self._releases[0].future is None:
+            dropped = self._releases.pop(0)
+            waiting -= len(dropped.changes)
+            log.warning("%d claim(s) left to end with their lease: %d are waiting to be released",
+                        len(dropped.changes), waiting)
 
     def _suppress(self, server: ServerConfig, outcomes: list[JobOutcome]) -> list[Outgoing]:
         """What the replies say about recipients and tenants (sender/envelope.py): bounces
