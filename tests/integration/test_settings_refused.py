@@ -3,6 +3,7 @@ variable and the range that works (issue 21, item 4): before, it started and ran
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from tests.stages import settings_env
 
 pytestmark = pytest.mark.integration
 
-BAD = {
+_BAD = {
     "MAILPIPE_SEND_PREFETCH": ("0", "MAILPIPE_SEND_PREFETCH must be > 0, got 0"),
     "MAILPIPE_LIMITER_PREFETCH": ("0", "MAILPIPE_LIMITER_PREFETCH must be > 0, got 0"),
     "MAILPIPE_SENT_MARK_TTL_S": ("0", "MAILPIPE_SENT_MARK_TTL_S must be > MAILPIPE_WINDOW_S + "
@@ -24,6 +25,9 @@ BAD = {
     "MAILPIPE_LIMITER_PARK_S": ("0", "MAILPIPE_LIMITER_PARK_S must be > 0, got 0"),
     "MAILPIPE_SEND_MARGIN_S": ("60", "MAILPIPE_SEND_MARGIN_S must be below MAILPIPE_WINDOW_S (60), got 60"),
 }
+# A setting the limiter's rewrite removes (its park queues) leaves with its case.
+BAD = {name: case for name, case in _BAD.items()
+       if name in {f"MAILPIPE_{f.name.upper()}" for f in dataclasses.fields(Settings)}}
 
 
 def test_each_setting_that_cannot_work_stops_the_stage_with_code_2(settings: Settings) -> None:
