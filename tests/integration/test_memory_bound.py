@@ -24,6 +24,7 @@ import yaml
 
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.codec import decode_batch, decode_job, encode_intake, encode_job
+from mailpipe.lanes import lane_id, queue_name
 from mailpipe.model import Attachment, IntakeRequest, Job, new_id, now_ms
 from mailpipe.settings import MIB, Settings
 from mailpipe.stage import Stage, _handle
@@ -130,12 +131,14 @@ def test_large_and_small_mail_flow_with_the_bytes_held_bounded(settings: Setting
     assert held < 40 * 2 * MIB / 4  # far from all 40 at once
 
     packer = Driven(PackerStage(settings))
+    lane = queue_name(settings.namespace, "tenant-smtp", lane_id("acme", "normal"))
+    topology.declare_lane(packer.broker.channel(), lane)  # where the packer publishes acme's batches
     batches = []
 
     def packed() -> bool:
         channel = packer.broker.channel()
         while True:
-            method, _props, body = channel.basic_get(topology.batches, auto_ack=True)
+            method, _props, body = channel.basic_get(lane, auto_ack=True)
             if method is None:
                 break
             batches.append(decode_batch(body))
@@ -244,10 +247,12 @@ def test_the_packer_fits_its_manifest_under_the_worst_input(settings: Settings, 
     assert depth(settings, topology.jobs_large) == 2 * settings.large_prefetch
     conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     channel = conn.channel()
+    lane = queue_name(settings.namespace, "tenant-smtp", lane_id("acme", "normal"))
+    topology.declare_lane(channel, lane)  # where the packer publishes acme's batches
     packed: list[int] = []
 
     def all_packed() -> bool:
-        while (got := channel.basic_get(topology.batches, auto_ack=True))[0] is not None:
+        while (got := channel.basic_get(lane, auto_ack=True))[0] is not None:
             packed.append(decode_batch(got[2]).mails)
         return sum(packed) == window + 2 * settings.large_prefetch
 
