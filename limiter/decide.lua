@@ -104,10 +104,11 @@ register('decide', function(keys, args)
   end
   if cost == 0 then return {0, 0, now, 0} end
 
-  -- 2. A tenant held off (paused) is not released.
+  -- 2. A tenant held off (paused), or the lane of the batch, is not released.
   if fair ~= '' then
-    local off = tonumber(redis.call('ZSCORE', keys[OFF], fair))
-    if off and off > now then return refused(off - now) end
+    local off = math.max(tonumber(redis.call('ZSCORE', keys[OFF], fair)) or 0,
+                         lane ~= '' and hnum(keys, 'off:' .. lane) or 0)
+    if off > now then return refused(off - now) end
   end
 
   -- 3. The daily caps; none left: held off until the first midnight that frees some.

@@ -5,7 +5,8 @@ A held batch asks for what is left of it. Every limit must allow the release and
 wins; a batch larger than what the limits allow at once is granted in parts, never stuck:
 
 1. A part granted before (a redelivered batch) gets the same grant.
-2. A tenant held off (paused) gets nothing.
+2. A tenant held off (capped, paused), or the lane of the batch (its bulk mail paused), gets
+   nothing.
 3. The daily caps: what each tenant may still send today. None left: the tenant is held off
    until the first local midnight that frees some, so it holds no turn meanwhile.
 4. The request: the smallest of the batch, the caps' room, the grant burst, the minute's ceiling.
@@ -155,10 +156,10 @@ def decide(state: State, now_us: int, part_id: str, cost: int, limits: Limits, t
     if cost == 0:
         return Decision(0, 0, now_us, False, ())
 
-    # 2. A tenant held off is not released.
+    # 2. A tenant held off, or the lane of the batch, is not released.
     if fair is not None:
-        off = book.off.get(fair.tenant)
-        if off is not None and off > now_us:
+        off = max(book.off.get(fair.tenant, 0), book.lanes_off.get(lane, 0) if lane else 0)
+        if off > now_us:
             return refused(off - now_us)
 
     # 3. The daily caps.

@@ -9,6 +9,11 @@ nothing of it is held, no publish into it is under way, and it is marked closing
 may enter it and no limiter may take from it; then the queue is checked empty and deleted, and
 its generation moves on (``close_end``), so publishers declare it again.
 
+**Tenants paused for their reputation** (``mailpipe/reputation.py``: too many bounces or
+complaints over their last sends on shared servers): their bulk (normal-priority) lane on every
+platform server is held off, so their bulk mail waits there, takes no turn and is not taken;
+their transactional mail flows. Lifted when ``mailpipe tenants resume`` lifts the pause.
+
 **Redis forgot.** Redis here keeps nothing on disk; a restart (or a failover that lost writes)
 forgets which lanes hold mail, and their tenants would wait unseen. A marker key says Redis
 knows the lanes; when it is missing, every lane the servers file allows is looked for in the
@@ -23,9 +28,10 @@ import time
 import redis
 
 from limiter.redis_limiter import RedisLimiter
+from mailpipe import reputation
 from mailpipe.amqp import Broker
 from mailpipe.errors import RedisUnavailable
-from mailpipe.lanes import LanePublisher, lane_id, queue_name
+from mailpipe.lanes import US, LanePublisher, lane_id, queue_name, server_keys
 from mailpipe.servers import Config
 from mailpipe.settings import Settings
 
@@ -35,6 +41,7 @@ EVERY_S = 5.0
 CLOSE_PER_SERVER = 5  # lanes closed per server per pass
 CLOSE_LEASE_S = 30.0  # a limiter that dies while closing a lane holds it closed this long
 FIND_PER_TICK = 100  # lanes looked for per tick while rediscovering
+PAUSE_LEASE_US = 86400 * US
 
 
 class Housekeeping:
@@ -59,8 +66,28 @@ class Housekeeping:
             log.warning("Redis does not know the lanes (restarted or flushed): looking for them in RabbitMQ")
             self._finding = [(server, lane_id(tenant.name, priority)) for tenant in config.tenants.values()
                              for server in config.allowed_servers(tenant) for priority in ("high", "normal")]
-            return
+        self._hold_off_paused_bulk(config)
         self._close_idle(broker, config)
+
+    def _hold_off_paused_bulk(self, config: Config) -> None:
+        client, namespace = self.limiter.client, self.settings.namespace
+        try:
+            paused = reputation.paused_tenants(client, namespace)
+            now_us = int(time.time() * US)
+            for server in config.platform_servers:
+                wanted = {lane_id(tenant, "normal") for tenant in paused}
+                held = {field.decode()[4:] for field, until in client.hscan_iter(
+                    server_keys(namespace, server)[0], match="off:*") if int(until) > now_us}
+                for lane in wanted:  # asserted again each pass: lapses a day after every limiter stopped
+                    self.limiter.lane_off(server, lane, now_us + PAUSE_LEASE_US)
+                for lane in held - wanted:
+                    self.limiter.lane_off(server, lane, 0)
+                    log.info("%s: tenant %s resumed: its bulk mail flows again", server, lane[2:])
+                for lane in wanted - held:
+                    log.warning("%s: tenant %s is paused (%s): its bulk mail waits in its lane", server, lane[2:],
+                                paused[lane[2:]].reason)
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"Redis: holding off paused tenants failed: {exc}") from exc
 
     def _marked(self) -> bool:
         try:

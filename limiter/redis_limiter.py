@@ -202,6 +202,10 @@ class RedisLimiter:
     def hold_off(self, server: str, tenant: str, until_us: int) -> None:
         self._each("hold_off", [(server, [tenant, until_us])])
 
+    def lane_off(self, server: str, lane: str, until_us: int) -> None:
+        """Hold a lane off until ``until_us`` (Redis time; 0: no longer)."""
+        self._each("lane_off", [(server, [lane, until_us])])
+
     def idle(self, servers: Sequence[str], idle_s: float, limit: int) -> dict[str, list[str]]:
         """Per server, its known lanes idle for ``idle_s``, oldest first: what may be closed."""
         replies = self._each("idle", [(server, [int(idle_s), limit]) for server in servers])

@@ -187,10 +187,10 @@ class LimiterStage(Stage):
             self._hand_back_overdue(broker, now)
             return
         try:
+            self.housekeeping.run(broker, config, now)
             self._route(broker, config)
             self._take(broker, config, now)
             self._decide(broker, config, now)
-            self.housekeeping.run(broker, config, now)
         except RedisUnavailable as exc:
             self._redis_failed(exc, now)
             self._hand_back_overdue(broker, now)

@@ -28,12 +28,15 @@ register('plan', function(keys, args)
   end
   local function held_off(lane)
     local off = tonumber(redis.call('ZSCORE', keys[OFF], tenant_of(lane)))
-    return off and off > now
+    return (off and off > now) or lane_off(keys, lane, now)
   end
   if fair then
     for _, tenant in ipairs(redis.call('ZRANGE', keys[TAGS], 0, k - 1)) do
       for _, lane in ipairs({'h:' .. tenant, 'n:' .. tenant}) do
-        if redis.call('ZSCORE', keys[PRESENT], lane) or hnum(keys, 'hc:' .. lane) > 0 then add(lane) end
+        if not lane_off(keys, lane, now)
+            and (redis.call('ZSCORE', keys[PRESENT], lane) or hnum(keys, 'hc:' .. lane) > 0) then
+          add(lane)
+        end
       end
     end
     for _, lane in ipairs(redis.call('ZRANGEBYSCORE', keys[PRESENT], '-inf', '(0', 'LIMIT', 0, k)) do
@@ -139,6 +142,18 @@ register('hold_off', function(keys, args)
   if until_us > now then redis.call('ZADD', keys[OFF], int(until_us), tenant)
   else redis.call('ZREM', keys[OFF], tenant) end
   update_waiting(keys, tenant, now)
+  return {now}
+end)
+
+-- lane_off ARGV: server, lane, until_us (0: no longer). A lane held off keeps its mail, which
+-- is not taken and makes its tenant wait for no turn (a tenant's bulk mail paused, while its
+-- transactional mail flows). Returns {now_us}.
+register('lane_off', function(keys, args)
+  local now = time_us()
+  local lane, until_us = args[2], tonumber(args[3])
+  if until_us > now then redis.call('HSET', keys[LANES], 'off:' .. lane, int(until_us))
+  else redis.call('HDEL', keys[LANES], 'off:' .. lane) end
+  update_waiting(keys, tenant_of(lane), now)
   return {now}
 end)
 

@@ -22,7 +22,7 @@ PURGE = 32
 
 def _held_off(book: LaneBook, lane: str, now_us: int) -> bool:
     off = book.off.get(tenant_of(lane))
-    return off is not None and off > now_us
+    return (off is not None and off > now_us) or book.lane_off(lane, now_us)
 
 
 def plan(book: LaneBook, now_us: int, fair: bool, k: int) -> list[tuple[str, int]]:
@@ -44,7 +44,7 @@ def plan(book: LaneBook, now_us: int, fair: bool, k: int) -> list[tuple[str, int
     if fair:
         for tenant, _ in sorted(book.tags.items(), key=lambda item: (item[1], item[0]))[:k]:
             for lane in (f"h:{tenant}", f"n:{tenant}"):
-                if lane in book.present or book.held.get(lane, 0) > 0:
+                if not book.lane_off(lane, now_us) and (lane in book.present or book.held.get(lane, 0) > 0):
                     add(lane)
         for lane, _ in [p for p in present if p[1] < 0][:k]:
             if not _held_off(book, lane, now_us):
@@ -122,6 +122,14 @@ def hold_off(book: LaneBook, now_us: int, tenant: str, until_us: int) -> None:
     else:
         book.off.pop(tenant, None)
     book.update_waiting(tenant, now_us)
+
+
+def lane_off(book: LaneBook, now_us: int, lane: str, until_us: int) -> None:
+    if until_us > now_us:
+        book.lanes_off[lane] = until_us
+    else:
+        book.lanes_off.pop(lane, None)
+    book.update_waiting(tenant_of(lane), now_us)
 
 
 def close_begin(book: LaneBook, now_us: int, idle_s: int, lease_us: int, lanes: Sequence[str]) -> list[int]:

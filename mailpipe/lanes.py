@@ -228,6 +228,7 @@ class LaneBook:
     held: dict[str, int] = field(default_factory=dict)  # hc:L
     held_mails: dict[str, int] = field(default_factory=dict)  # hmt:L
     hold_mails: dict[str, int] = field(default_factory=dict)  # hm:<member>
+    lanes_off: dict[str, int] = field(default_factory=dict)  # off:L
     present: dict[str, int] = field(default_factory=dict)
     pubs: dict[str, int] = field(default_factory=dict)
     holds: dict[str, int] = field(default_factory=dict)
@@ -246,13 +247,16 @@ class LaneBook:
         else:
             counter.pop(key, None)
 
-    def has_mail(self, tenant: str) -> bool:
-        n, h = lane_id(tenant, "normal"), lane_id(tenant, "high")
-        return n in self.present or h in self.present or self.held.get(n, 0) > 0 or self.held.get(h, 0) > 0
+    def lane_off(self, lane: str, now_us: int) -> bool:
+        return self.lanes_off.get(lane, 0) > now_us
+
+    def has_mail(self, tenant: str, now_us: int) -> bool:
+        return any(not self.lane_off(lane, now_us) and (lane in self.present or self.held.get(lane, 0) > 0)
+                   for lane in (lane_id(tenant, "normal"), lane_id(tenant, "high")))
 
     def update_waiting(self, tenant: str, now_us: int) -> None:
         off = self.off.get(tenant)
-        waiting = self.has_mail(tenant) and not (off is not None and off > now_us)
+        waiting = self.has_mail(tenant, now_us) and not (off is not None and off > now_us)
         if waiting and tenant not in self.tags:
             self.tags[tenant] = max(self.v, self.finish.get(tenant, 0.0))
         elif tenant in self.tags and not waiting:

@@ -9,7 +9,8 @@
 --                  m:L mails ready in its queue (about), g:L generation (+1 each time its queue is
 --                  deleted: publishers declare it again), c:L closing until (us),
 --                  hc:L batches of it held by limiters, hmt:L their mails left,
---                  hm:<token> <L> the mails left in one held batch
+--                  hm:<token> <L> the mails left in one held batch, off:L held off until (us):
+--                  its mail waits and is not taken (a tenant's bulk mail paused)
 --   2 p:present    zset: lanes that may hold ready mail -> since (us; high lanes since - 1e16, so
 --                  that they come first)
 --   3 p:pubs       zset: "<token> <L>" a publish into L under way -> lease end (us)
@@ -42,18 +43,25 @@ local function hadd(keys, field, n)
   if v > 0 then redis.call('HSET', keys[LANES], field, v) else redis.call('HDEL', keys[LANES], field) end
 end
 
--- Mail of this tenant anywhere for the server: in one of its lanes, or held by a limiter.
-local function has_mail(keys, tenant)
-  local n, h = 'n:' .. tenant, 'h:' .. tenant
-  if redis.call('ZSCORE', keys[PRESENT], n) or redis.call('ZSCORE', keys[PRESENT], h) then return true end
-  return hnum(keys, 'hc:' .. n) > 0 or hnum(keys, 'hc:' .. h) > 0
+local function lane_off(keys, lane, now) return hnum(keys, 'off:' .. lane) > now end
+
+-- Mail of this tenant anywhere for the server: in one of its lanes, or held by a limiter; a
+-- lane held off does not count.
+local function has_mail(keys, tenant, now)
+  for _, lane in ipairs({'n:' .. tenant, 'h:' .. tenant}) do
+    if not lane_off(keys, lane, now)
+        and (redis.call('ZSCORE', keys[PRESENT], lane) or hnum(keys, 'hc:' .. lane) > 0) then
+      return true
+    end
+  end
+  return false
 end
 
 -- The tenant waits for its turn while it has mail and is not held off; it joins at
 -- max(v, its finish tag): neither credit nor loss for the time it was away.
 local function update_waiting(keys, tenant, now)
   local off = tonumber(redis.call('ZSCORE', keys[OFF], tenant))
-  local waiting = has_mail(keys, tenant) and not (off and off > now)
+  local waiting = has_mail(keys, tenant, now) and not (off and off > now)
   local tag = redis.call('ZSCORE', keys[TAGS], tenant)
   if waiting and not tag then
     local st = redis.call('HMGET', keys[FAIR], 'v', 'f:' .. tenant)

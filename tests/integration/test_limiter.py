@@ -596,3 +596,33 @@ def test_high_priority_stays_high_through_a_give_back_and_a_hand_back(
     assert sorted(b.mails for b in high) == [2, 2] and all(b.priority == "high" for b in high)
     assert given_back.id in {b.id for b in high}
     assert all(b.priority == "normal" for b in harness.lane_batches("s1", "acme"))
+
+
+def test_a_tenant_paused_for_its_reputation_keeps_its_bulk_mail_in_its_lane_on_shared_servers(
+        settings: Settings, harness: Harness, redis_url: str, limiter: Callable[..., InProcess]) -> None:
+    """Issue 23: a tenant whose bounces or complaints passed the pause threshold stops sending
+    bulk mail through the platform's servers: it waits in its lane, holding no turn, while the
+    tenant's transactional mail and the other tenants' mail flow; resumed, it flows again."""
+    from mailpipe import reputation
+
+    write_servers(settings, SERVER.format(rate=36_000) + "platform = true\n", TENANTS.format(cap=10_000))
+    client = connect(redis_url)
+    reputation.pause(client, settings.namespace, "acme", "10% bounces over its last 1,000 sends", now_ms())
+    stage = limiter(burst_mails=50 + RESERVE)
+    bulk = make_batch("s1", {"acme": 3})
+    transactional = dataclasses.replace(make_batch("s1", {"acme": 1}), priority="high")
+    other = make_batch("s1", {"beta": 2})
+    harness.publish(bulk, transactional, other)
+
+    def released() -> set[str]:
+        return set(job_ids([b for _, b in harness.collect()]))
+
+    stage.run(8, until=lambda: released() >= set(job_ids([transactional, other])))
+    stage.run(1)
+    assert released() == set(job_ids([transactional, other]))
+    assert [b.id for b in harness.lane_batches("s1", "acme")] == [bulk.id]  # waiting, not lost
+    harness.publish(bulk)  # back into its lane (lane_batches took it out)
+    reputation.resume(client, settings.namespace, "acme")
+    stage.run(12, until=lambda: released() >= set(job_ids([bulk])))
+    assert released() == set(job_ids([transactional, other, bulk]))
+    client.close()

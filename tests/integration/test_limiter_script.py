@@ -63,7 +63,8 @@ def read_book(client: redis.Redis, namespace: str, server: str) -> LaneBook:
     fair = {_s(k): _s(v) for k, v in client.hgetall(keys[5]).items()}  # type: ignore[union-attr]
     tags = {_s(m): float(s) for m, s in client.zrange(keys[6], 0, -1, withscores=True)}  # type: ignore[union-attr]
     return LaneBook(version=field("v:"), mails=field("m:"), generation=field("g:"), closing=field("c:"),
-                    held=field("hc:"), held_mails=field("hmt:"), hold_mails=field("hm:"), present=zset(keys[1]),
+                    held=field("hc:"), held_mails=field("hmt:"), hold_mails=field("hm:"), lanes_off=field("off:"),
+                    present=zset(keys[1]),
                     pubs=zset(keys[2]), holds=zset(keys[3]), known=zset(keys[4]), v=float(fair.get("v", 0)),
                     finish={k[2:]: float(v) for k, v in fair.items() if k.startswith("f:")}, tags=tags,
                     off=zset(keys[7]), active=bool(client.sismember(keys[8], server)))
@@ -190,10 +191,14 @@ def test_the_lanes_and_the_fair_queue_agree_with_the_reference(client: redis.Red
             items = reply[1:]
             got_plan = [(items[i], int(items[i + 1])) for i in range(0, len(items), 2)]
             assert got_plan == taking.plan(book, int(reply[0]), limits.interval_us > 0, 3), context
-        elif op < 0.9:
-            until = rng.choice([0, 10**6])
+        elif op < 0.87:
+            until = rng.choice([0, int(time.time() * 1_000_000) + rng.randint(1, 400) * 1000])
             reply = twins.call("hold_off", [name, until])
             taking.hold_off(book, int(reply[0]), name, until)
+        elif op < 0.9:
+            until = rng.choice([0, 0, int(time.time() * 1_000_000) + rng.randint(1, 400) * 1000])
+            reply = twins.call("lane_off", [lane, until])
+            taking.lane_off(book, int(reply[0]), lane, until)
         elif op < 0.95:
             reply = twins.call("close_begin", [0, 10**6, lane])
             closing = [int(x) for x in reply[1:]]
