@@ -18,7 +18,11 @@
 --   14 {p}:round:<id>:<line> set when a decision of this round is refused or partial: the
 --                        batches after it in the same line and round are not decided
 --   15 {p}:released:<tenant> the fair tenant's own ring
---   16.. {<ns>}:day:<tenant> per tenant: day, end (the counted local day, epoch s), n (mails)
+--   16 {p}:pb            the server's pace (mailpipe/pushback.lua): eff and conf (a cut rate:
+--                        the interval and the burst in proportion), state (paused: nothing
+--                        until hold_until, unless by hand: nothing; then probing: one mail,
+--                        probe_at), manual
+--   17.. {<ns>}:day:<tenant> per tenant: day, end (the counted local day, epoch s), n (mails)
 -- decide ARGV: 1 server, 2 cost, 3 interval_us (0: unlimited), 4 burst, 5 per_minute (0: none),
 --   6 minute_span_us (60 s + the delivery window), 7 mark_ttl_s, 8 fair tenant ('' none),
 --   9 weight, 10 ahead (1: high priority within its ration: no turn), 11 hold member ('' none),
@@ -28,9 +32,10 @@
 -- not decided (KEYS[14] set); flags: 1 = the grant made before (cached), 2 = and its part is in
 -- send (published), 4 = refused because another tenant's turn comes first.
 
-local T_TAT, T_MINUTE, T_RELEASED, T_GRANT, T_ROUND, T_MINE, T_DAY = 10, 11, 12, 13, 14, 15, 16
+local T_TAT, T_MINUTE, T_RELEASED, T_GRANT, T_ROUND, T_MINE, T_PB, T_DAY = 10, 11, 12, 13, 14, 15, 16, 17
 local PER_TENANT, FIRST_TENANT = 8, 15
 local MIN_TURN_RETRY = 50000
+local PROBE_LEASE = 120000000  -- a probe's outcome is reported within this (window + SMTP timeout)
 
 local function day_between(args, base, s)
   for i = 0, 4 do
@@ -104,14 +109,38 @@ register('decide', function(keys, args)
   end
   if cost == 0 then return {0, 0, now, 0} end
 
-  -- 2. A tenant held off (paused), or the lane of the batch, is not released.
+  -- 2. The server's pace: paused, nothing until its hold ends, then one probe at a time; after
+  -- a cut, a longer interval and a burst in proportion.
+  local pb = redis.call('HMGET', keys[T_PB], 'eff', 'conf', 'state', 'hold_until', 'probe_at', 'manual')
+  local probing = false
+  if pb[3] == 'paused' then
+    local hold = tonumber(pb[4]) or 0
+    if pb[6] == '1' or now < hold then return refused(math.max(hold - now, MIN_TURN_RETRY)) end
+    redis.call('HSET', keys[T_PB], 'state', 'probing')
+    pb[3] = 'probing'
+  end
+  if pb[3] == 'probing' then
+    local probe_at = tonumber(pb[5]) or 0
+    if now < probe_at + PROBE_LEASE then return refused(probe_at + PROBE_LEASE - now) end
+    probing = true
+  end
+  local eff, conf = tonumber(pb[1]), tonumber(pb[2])
+  if interval > 0 and eff and conf and eff < conf then
+    local slow = math.ceil(3600000000 / eff)
+    if slow > interval then
+      burst = math.max(1, math.floor(burst * eff / conf))
+      interval = slow
+    end
+  end
+
+  -- 3. A tenant held off (paused), or the lane of the batch, is not released.
   if fair ~= '' then
     local off = math.max(tonumber(redis.call('ZSCORE', keys[OFF], fair)) or 0,
                          lane ~= '' and hnum(keys, 'off:' .. lane) or 0)
     if off > now then return refused(off - now) end
   end
 
-  -- 3. The daily caps; none left: held off until the first midnight that frees some.
+  -- 4. The daily caps; none left: held off until the first midnight that frees some.
   local tenants, allowed_total, retry = {}, 0, 0
   for i = 1, k do
     local base = FIRST_TENANT + (i - 1) * PER_TENANT
@@ -135,7 +164,7 @@ register('decide', function(keys, args)
     return refused(retry)
   end
 
-  -- 4. The request: the smallest of the batch, the caps' room, the burst and the minute's ceiling.
+  -- 5. The request: the smallest of the batch, the caps' room, the burst and the minute's ceiling.
   local ask = allowed_total
   if interval > 0 then ask = math.min(ask, burst) end
   if per_minute > 0 then ask = math.min(ask, per_minute) end
@@ -154,7 +183,7 @@ register('decide', function(keys, args)
     return math.max(0, r)
   end
 
-  -- 5. Fair share: the tenant's start tag, its turn, the size of its turn.
+  -- 6. Fair share: the tenant's start tag, its turn, the size of its turn.
   local queued = fair ~= '' and interval > 0
   local start, contended = 0, false
   if queued then
@@ -177,7 +206,9 @@ register('decide', function(keys, args)
     end
   end
 
-  -- 6. Every limit must allow `ask` now: the GCRA, then the minute's window.
+  if probing then ask = 1 end  -- one mail tries a paused server
+
+  -- 7. Every limit must allow `ask` now: the GCRA, then the minute's window.
   local wait, tat = 0, 0
   if interval > 0 then
     tat = tat_now()
@@ -188,7 +219,7 @@ register('decide', function(keys, args)
   end
   if wait > 0 then return refused(wait) end
 
-  -- 7. Granted: move the limits, count the mails, update the fair queue, remember the grant.
+  -- 8. Granted: move the limits, count the mails, update the fair queue, remember the grant.
   local record = {'n', ask, 'at', int(now)}
   if interval > 0 then
     store_tat(keys[T_TAT], tat + ask * interval, interval, now)
@@ -227,6 +258,7 @@ register('decide', function(keys, args)
     hadd(keys, 'hm:' .. member, -ask)
     hadd(keys, 'hmt:' .. lane, -ask)
   end
+  if probing then redis.call('HSET', keys[T_PB], 'probe_at', int(now)) end
   if ask < cost then redis.call('SET', keys[T_ROUND], '1', 'PX', 10000) end  -- the rest: next round
   table.insert(record, 'g'); table.insert(record, table.concat(per_tenant, ' '))
   redis.call('HSET', keys[T_GRANT], unpack(record))

@@ -5,18 +5,21 @@ A held batch asks for what is left of it. Every limit must allow the release and
 wins; a batch larger than what the limits allow at once is granted in parts, never stuck:
 
 1. A part granted before (a redelivered batch) gets the same grant.
-2. A tenant held off (capped, paused), or the lane of the batch (its bulk mail paused), gets
+2. The server's pace (``mailpipe/pushback.py``): a paused server gets nothing until its hold
+   ends, then one mail at a time probes it; after a cut, the interval is longer and the burst
+   smaller in proportion (the GCRA's debt is counted at the new interval at once).
+3. A tenant held off (capped, paused), or the lane of the batch (its bulk mail paused), gets
    nothing.
-3. The daily caps: what each tenant may still send today. None left: the tenant is held off
+4. The daily caps: what each tenant may still send today. None left: the tenant is held off
    until the first local midnight that frees some, so it holds no turn meanwhile.
-4. The request: the smallest of the batch, the caps' room, the grant burst, the minute's ceiling.
-5. Fair share (start-time fair queuing; ``mailpipe/lanes.py`` says who is waiting): the tenant
+5. The request: the smallest of the batch, the caps' room, the grant burst, the minute's ceiling.
+6. Fair share (start-time fair queuing; ``mailpipe/lanes.py`` says who is waiting): the tenant
    may take tokens only if no waiting tenant has a lower start tag (ties allowed). While others
    wait, a turn is one mail; alone, the tenant takes what the limits hold now. Transactional
    mail within its tenant's ration (``ration``) does not wait for the turn.
-6. Every limit must allow the request now: the GCRA (``limiter/gcra.py``) and the minute's
+7. Every limit must allow the request now: the GCRA (``limiter/gcra.py``) and the minute's
    sliding window; otherwise "ask again in ...".
-7. Granted: the TAT and the minute's window move, the tenants' days are counted, the fair queue
+8. Granted: the TAT and the minute's window move, the tenants' days are counted, the fair queue
    moves (``F = S + n / weight``; ``V`` to ``S``, or to ``F`` when the tenant was alone: using
    an idle server is never held against it; transactional mail moves its own tenant's tag,
    never ``V``, so it cannot push every later tenant back), the grant is remembered.
@@ -40,8 +43,10 @@ from limiter.gcra import (
     tokens_available,
 )
 from mailpipe.lanes import LaneBook
+from mailpipe.pushback import PAUSED, PROBING, Controller
 
 MIN_TURN_RETRY_US = 50_000  # a tenant not first asks again after at least this long
+PROBE_LEASE_US = 120 * US  # a probe's outcome is reported within this (window + SMTP timeout)
 PURGE = 32  # ended holds dropped per decision (as lanes_common.lua)
 
 
@@ -115,6 +120,7 @@ class State:
     tenant_released: dict[str, dict[int, int]] = field(default_factory=dict)
     days: dict[str, Day] = field(default_factory=dict)
     book: LaneBook = field(default_factory=LaneBook)
+    pushback: Controller = field(default_factory=Controller)
     rounds: set[str] = field(default_factory=set)  # round keys set (a refusal in a line)
 
     def tat(self, now_us: int, interval_us: int) -> int:
@@ -156,13 +162,28 @@ def decide(state: State, now_us: int, part_id: str, cost: int, limits: Limits, t
     if cost == 0:
         return Decision(0, 0, now_us, False, ())
 
-    # 2. A tenant held off, or the lane of the batch, is not released.
+    # 2. The server's pace (mailpipe/pushback.py): paused, nothing until its hold ends, then one
+    # probe at a time; after a cut, a longer interval and a burst in proportion.
+    pace = state.pushback
+    probing = False
+    if pace.state == PAUSED:
+        if pace.manual or now_us < pace.hold_until:
+            return refused(max(pace.hold_until - now_us, MIN_TURN_RETRY_US))
+        pace.state = PROBING
+    if pace.state == PROBING:
+        if now_us < pace.probe_at + PROBE_LEASE_US:
+            return refused(pace.probe_at + PROBE_LEASE_US - now_us)
+        probing = True
+    interval_us, burst = pace.paced(limits.interval_us, limits.burst)
+    limits = limits._replace(interval_us=interval_us, burst=burst)
+
+    # 3. A tenant held off, or the lane of the batch, is not released.
     if fair is not None:
         off = max(book.off.get(fair.tenant, 0), book.lanes_off.get(lane, 0) if lane else 0)
         if off > now_us:
             return refused(off - now_us)
 
-    # 3. The daily caps.
+    # 4. The daily caps.
     now_s = now_us // US
     days: list[Day] = []
     for t in tenants:
@@ -180,7 +201,7 @@ def decide(state: State, now_us: int, part_id: str, cost: int, limits: Limits, t
             book.update_waiting(fair.tenant, now_us)
         return refused(retry)
 
-    # 4. The request.
+    # 5. The request.
     ask = total
     if limits.interval_us:
         ask = min(ask, limits.burst)
@@ -196,7 +217,7 @@ def decide(state: State, now_us: int, part_id: str, cost: int, limits: Limits, t
             r = min(r, limits.per_minute - len(inside))
         return max(0, r)
 
-    # 5. Fair share.
+    # 6. Fair share.
     queued = fair is not None and limits.interval_us > 0
     start, contended = 0.0, False
     if queued and fair is not None:
@@ -211,7 +232,10 @@ def decide(state: State, now_us: int, part_id: str, cost: int, limits: Limits, t
             return refused(max(turn, MIN_TURN_RETRY_US), turn=True)
         ask = 1 if contended and not fair.ahead else min(ask, max(1, room()))
 
-    # 6. Every limit must allow it now.
+    if probing:
+        ask = 1  # one mail tries a paused server
+
+    # 7. Every limit must allow it now.
     wait, tat = 0, 0
     if limits.interval_us:
         wait, tat = gcra_wait(state.tat(now_us, limits.interval_us), now_us, ask, limits.interval_us,
@@ -221,7 +245,7 @@ def decide(state: State, now_us: int, part_id: str, cost: int, limits: Limits, t
     if wait > 0:
         return refused(wait)
 
-    # 7. Granted.
+    # 8. Granted.
     grant_tat = None
     if limits.interval_us:
         state.tat_us, state.step_us = tat + ask * limits.interval_us, limits.interval_us
@@ -250,6 +274,8 @@ def decide(state: State, now_us: int, part_id: str, cost: int, limits: Limits, t
     if hold:
         LaneBook._add(book.hold_mails, hold, -ask)
         LaneBook._add(book.held_mails, lane, -ask)
+    if probing:
+        pace.probe_at = now_us
     if ask < cost and round_key:
         state.rounds.add(round_key)
     state.grants[part_id] = Grant(ask, now_us, grant_tat, tuple(grants))

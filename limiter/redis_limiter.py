@@ -12,7 +12,7 @@ import redis
 
 from limiter.decide import Decision, Fair, TenantAsk
 from limiter.gcra import MIDNIGHTS, US, Limits
-from mailpipe import redis_client
+from mailpipe import pushback, redis_client
 from mailpipe.errors import RedisUnavailable
 from mailpipe.lanes import active_key, server_keys
 from mailpipe.redis_functions import Arg, Library, source
@@ -94,6 +94,7 @@ class RedisLimiter:
         fair = ask.fair or Fair("")
         keys = [*server_keys(self.namespace, ask.server), f"{p}:tat", f"{p}:minute", f"{p}:released",
                 f"{p}:grant:{ask.part_id}", f"{p}:round:{round_id}:{ask.line}", f"{p}:released:{fair.tenant}",
+                pushback.server_keys(self.namespace, ask.server)[0],
                 *(day_key(self.namespace, t.name) for t in ask.tenants)]
         limits = ask.limits
         args: list[Arg] = [ask.server, ask.cost, limits.interval_us, limits.burst, limits.per_minute,

@@ -85,6 +85,20 @@ class Settings:
     # A tenant's transactional mail (priority "high") goes ahead of the line up to this share
     # of its server's rate and burst; above it, it waits in line as normal mail.
     high_priority_share: float = 0.1
+    # Servers that push back (mailpipe/pushback.py): a server's effective rate is cut on a
+    # throttling reply at most once per cut interval, never below the floor (this share of its
+    # rate, at least 1 a minute), and grows by a step (this share) after a quiet period with that
+    # many mails sent; a server is paused after pause_after broken replies in a row, probed after
+    # a hold that doubles while the probe fails (up to hold_max), resumed at resume_at of its rate.
+    pushback_cut_interval_s: float = 60.0
+    pushback_floor: float = 0.05
+    pushback_quiet_s: float = 300.0
+    pushback_quiet_mails: int = 20
+    pushback_step: float = 0.05
+    pushback_pause_after: int = 3
+    pushback_hold_s: float = 900.0
+    pushback_hold_max_s: float = 4 * 3600.0
+    pushback_resume_at: float = 0.25
     send_concurrency: int = 4
     smtp_timeout_s: float = 30.0
     sent_mark_ttl_s: int = 7 * 24 * 3600  # how long a mail's claims and "sent" marks are kept
@@ -183,6 +197,7 @@ class Settings:
                     "redis_timeout_s",
                     "shutdown_timeout_s",
                     "send_prefetch", "limiter_prefetch", "limiter_hold_s", "lane_idle_s", "minute_window_s",
+                    "pushback_cut_interval_s", "pushback_quiet_s", "pushback_pause_after", "pushback_hold_s",
                     "idempotency_ttl_s", "idempotency_lease_s", "suppress_days", "reconnect_max_s")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -194,6 +209,13 @@ class Settings:
                 raise ConfigError(f"MAILPIPE_{setting.name.upper()} must be a finite number, got {value}")
             if isinstance(value, int | float) and value < 0:
                 raise ConfigError(f"MAILPIPE_{setting.name.upper()} must not be negative, got {value}")
+        for name in ("pushback_floor", "pushback_step", "pushback_resume_at"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"MAILPIPE_{name.upper()} must be in (0, 1] (a share of the configured rate), "
+                                  f"got {getattr(self, name)}")
+        if self.pushback_hold_max_s < self.pushback_hold_s:
+            raise ConfigError(f"MAILPIPE_PUSHBACK_HOLD_MAX_S must be >= MAILPIPE_PUSHBACK_HOLD_S "
+                              f"({self.pushback_hold_s:g}), got {self.pushback_hold_max_s:g}")
         if not 0 < self.high_priority_share <= 1:
             raise ConfigError(f"MAILPIPE_HIGH_PRIORITY_SHARE must be in (0, 1], got {self.high_priority_share}")
         if self.max_message_bytes > self.max_batch_bytes:

@@ -22,6 +22,9 @@ from limiter.status import released_since, snapshot
 from mailpipe.errors import RedisUnavailable
 from mailpipe.lanes import LIBRARY as LANES
 from mailpipe.lanes import LaneBook, lane_id, server_keys
+from mailpipe.pushback import LIBRARY as PUSHBACK
+from mailpipe.pushback import Policy, Signal
+from mailpipe.pushback import server_keys as pushback_keys
 from mailpipe.servers import parse_config
 from mailpipe.settings import Settings
 
@@ -145,8 +148,14 @@ def test_the_lanes_and_the_fair_queue_agree_with_the_reference(client: redis.Red
     twins = Twins(client, namespace)
     book = twins.state.book
     lease_us = twins.limiter.hold_lease_us
+    rate = [36_000, 360_000, 3_600_000][seed % 3]
     limits = [Limits.for_server(36_000, 10), Limits.for_server(360_000, 20, per_minute=90, window_s=1),
               Limits.for_server(3_600_000, 40)][seed % 3]
+    # The server's pace (mailpipe/pushback.py), fast: cuts, pauses and probes come round.
+    policy = Policy(conf=float(rate), concurrency=4, cut_interval_us=30_000, floor=rate * 0.05, quiet_us=50_000,
+                    quiet_mails=3, step=rate * 0.05, pause_after=2, hold_us=40_000, hold_max_us=200_000)
+    pb_keys = pushback_keys(namespace, "s")
+    paces: set[str] = set()  # the kinds of pace changes seen
     weights = {"a": 1.0, "b": 3.0, "c": 0.5, "d": 1.0}
     caps = {"a": 10_000, "b": 10_000, "c": 10_000, "d": rng.randint(10, 40)}
     holds: list[str] = []
@@ -199,7 +208,7 @@ def test_the_lanes_and_the_fair_queue_agree_with_the_reference(client: redis.Red
             until = rng.choice([0, 0, int(time.time() * 1_000_000) + rng.randint(1, 400) * 1000])
             reply = twins.call("lane_off", [lane, until])
             taking.lane_off(book, int(reply[0]), lane, until)
-        elif op < 0.95:
+        elif op < 0.93:
             reply = twins.call("close_begin", [0, 10**6, lane])
             closing = [int(x) for x in reply[1:]]
             assert closing == taking.close_begin(book, int(reply[0]), 0, 10**6, [lane]), context
@@ -207,6 +216,17 @@ def test_the_lanes_and_the_fair_queue_agree_with_the_reference(client: redis.Red
                 deleted = rng.random() < 0.8
                 reply = twins.call("close_end", [lane, int(deleted)])
                 taking.close_end(book, int(reply[0]), lane, deleted)
+        elif op < 0.97:  # a sender reports what the server answered: the next decisions follow
+            signals = [Signal(rng.choice(["rate", "server_broken", "server_broken", "connections"]), "rule",
+                              rng.choice([0.5, 0.7]),
+                              f"{uuid.uuid4().hex}:0", "451 4.7.1 x") for _ in range(rng.choice([0, 1, 1, 2]))]
+            successes = rng.choice([0, 0, 0, 0, 1, 5])
+            args: list[Any] = [*policy.args(), successes]
+            for sig in signals:
+                args += [sig.kind, sig.rule, repr(sig.cut), sig.dedupe, sig.sample]
+            reply = PUSHBACK.call(client, "pb_report", pb_keys, args)
+            changes = twins.state.pushback.report(int(reply[0]), policy, successes, signals)
+            paces.update(change.kind for change in changes)
         else:
             members = holds[:3]
             reply = twins.call("renew", [lease_us, *members])
@@ -215,6 +235,7 @@ def test_the_lanes_and_the_fair_queue_agree_with_the_reference(client: redis.Red
         if rng.random() < 0.2:
             time.sleep(rng.random() / 25)  # some holds' leases end between calls
     assert sum(sum(r.values()) for r in twins.state.tenant_released.values()) > 0
+    assert {"cut", "paused", "resumed"} <= paces, paces
 
 
 def test_status_snapshot_reads_what_the_script_wrote(client: redis.Redis, namespace: str) -> None:
