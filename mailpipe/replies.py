@@ -80,6 +80,9 @@ class Signal(StrEnum):
 
 
 PHASES = ("connect", "greeting", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "eod")
+# What a rate signal leaves of a server's effective rate: an explicit throttle ("rate limited",
+# "too many messages") halves it; a vague "try later" takes 30% off (a rule's ``cut``).
+EXPLICIT_CUT, VAGUE_CUT = 0.5, 0.7
 
 _OWN_SERVER = ("Send this tenant's mail through its own organisation's SMTP server (add it as a server "
                "with its \"username password\"), and add that server to the sender domain's SPF "
@@ -137,6 +140,7 @@ class Rule:
     advice: str = ""
     sample: str = ""
     sample_phase: str | None = None
+    cut: float = VAGUE_CUT  # a rate signal leaves this share of the server's effective rate
 
     def matches(self, code: int, text: str, enhanced: str | None, phase: str | None) -> bool:
         if (self.codes or self.code_classes) and code not in self.codes and code // 100 not in self.code_classes:
@@ -177,6 +181,7 @@ class Reply:
     signal: str = Signal.NONE
     rule: str = ""
     rule_advice: str = field(default="", compare=False)
+    cut: float = field(default=1.0, compare=False)  # for a rate signal: the share of the rate it leaves
 
     @property
     def advice(self) -> str:
@@ -227,7 +232,7 @@ def _classify(code: int, text: str, phase: str | None, enhanced: str | None) -> 
         return Reply(code=code, text=text, enhanced=enhanced, outcome=outcome, category=ReplyCategory.OTHER,
                      bounce=BounceClass.NONE, signal=Signal.NONE)
     return Reply(code=code, text=text, enhanced=enhanced, outcome=outcome, category=rule.category,
-                 bounce=rule.bounce, signal=rule.signal, rule=rule.name, rule_advice=rule.advice)
+                 bounce=rule.bounce, signal=rule.signal, rule=rule.name, rule_advice=rule.advice, cut=rule.cut)
 
 
 @functools.lru_cache(maxsize=4096)  # the same replies recur all day: matched once
@@ -253,7 +258,7 @@ SENT_REPLY = Reply(code=250, text="OK", enhanced=None, outcome=SENT, category=""
 # -- the rules file ---------------------------------------------------------------------------------
 
 _RULE_KEYS = {"name", "codes", "status", "text", "phases", "category", "bounce", "signal", "shadow",
-              "advice", "sample", "sample_phase"}
+              "advice", "sample", "sample_phase", "cut"}
 
 
 @functools.cache
@@ -331,10 +336,13 @@ def _rule(table: dict[str, Any], where: str) -> Rule:
     sample_phase = table.get("sample_phase")
     if sample_phase is not None and sample_phase not in PHASES:
         raise ConfigError(f"{where}.sample_phase: {sample_phase!r} is not a phase")
+    cut = table.get("cut", VAGUE_CUT)
+    if isinstance(cut, bool) or not isinstance(cut, int | float) or not 0 < cut < 1:
+        raise ConfigError(f"{where}.cut: expected a share of the rate between 0 and 1, got {cut!r}")
     return Rule(name=name, category=str(category), bounce=str(bounce), signal=str(signal),
                 codes=frozenset(codes), code_classes=frozenset(classes), status=tuple(status), text=compiled,
                 phases=frozenset(phases), shadow=bool(table.get("shadow", False)),
-                advice=str(table.get("advice", "")), sample=sample, sample_phase=sample_phase)
+                advice=str(table.get("advice", "")), sample=sample, sample_phase=sample_phase, cut=float(cut))
 
 
 def _list(table: dict[str, Any], key: str, where: str) -> Sequence[Any]:

@@ -123,3 +123,13 @@ def test_a_paused_server_is_granted_nothing_until_its_hold_ends_then_one_probe()
     assert decide(state, later, "g2", 5, limits, tenants, Fair("a")).granted == 1  # the probe
     again = decide(state, later + US, "g3", 5, limits, tenants, Fair("a"))
     assert again.granted == 0 and again.retry_after_us > 100 * US  # one probe at a time
+
+
+def test_an_explicit_throttle_cuts_deeper_than_a_vague_try_later() -> None:
+    from mailpipe.replies import classify
+
+    explicit = classify(451, "4.7.1 Rate limited, try later", "rcpt")
+    vague = classify(421, "4.7.0 Try again later, closing connection.", "mail")
+    assert (explicit.signal, explicit.cut) == ("rate", 0.5)
+    assert (vague.signal, vague.cut) == ("rate", 0.7)
+    assert classify(550, "5.1.1 No such user", "rcpt").signal == "recipient"
