@@ -17,6 +17,8 @@ Three checks:
   Any other duplicate is a bug.
 - **rate**, at the peer: for each window ``w`` (1 s, 10 s, 60 s) the most transactions (accepted
   DATA, not recipients) in any closed window ``[t, t + w]`` is at most ``rate x w + burst``.
+- **failed**, where a run refuses nothing for good (``failed_is_violation``): a confirmed
+  recipient in the dead-letter queue and never accepted is a violation, with its reasons.
 
 Also here, pure: ``claim_held``, which reads one claim hash of the sender (field values ``s``,
 ``r <grant>`` or ``h <owner> <until_us> <grant>``) against Redis time.
@@ -105,6 +107,7 @@ class CampaignReport:
     failed_reasons: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what the harness itself reports (not drained...)
     duration_s: float = 0.0
+    failed_is_violation: bool = False  # nothing in the run refuses mail for good
 
     def violations(self) -> list[str]:
         found = [f"{self.lost} recipients lost (confirmed, never accepted, not dead): "
@@ -117,6 +120,9 @@ class CampaignReport:
                   for w in self.windows if not w.ok]
         if self.unexpected:
             found.append(f"{len(self.unexpected)} accepted jobs nobody published: {self.unexpected[:5]}")
+        if self.failed_is_violation and self.failed:
+            found.append(f"{self.failed} recipients dead-lettered where nothing refuses mail for good: "
+                         f"{self.failed_reasons}")
         return found + self.notes
 
     @property
@@ -278,7 +284,7 @@ def check(*, seed: int, confirmed: Mapping[str, Sequence[str]], accepted: Sequen
           dead: Iterable[Dead] = (), cuts: Iterable[Cut] = (), lost_replies: Iterable[Cut] = (),
           rate_per_s: float, burst: int, faults: Iterable[Fault] = (), attempted: Iterable[str] = (),
           windows_s: Iterable[float] = WINDOWS_S, origin: float | None = None,
-          notes: Iterable[str] = (), duration_s: float = 0.0) -> CampaignReport:
+          notes: Iterable[str] = (), duration_s: float = 0.0, failed_is_violation: bool = False) -> CampaignReport:
     """Every check over one run. ``attempted``: every job id the run tried to publish, confirmed
     or not (a publish that raised may still have been queued: its delivery is not unexpected)."""
     dead = list(dead)
@@ -302,4 +308,4 @@ def check(*, seed: int, confirmed: Mapping[str, Sequence[str]], accepted: Sequen
         windows=rate_windows(times, rate_per_s, burst, windows_s, start), faults=list(faults),
         unconfirmed=len(known - set(confirmed)), unexpected=unexpected, transactions=len(accepted),
         failed_reasons=dict(reasons), notes=list(notes),
-        duration_s=duration_s)
+        duration_s=duration_s, failed_is_violation=failed_is_violation)

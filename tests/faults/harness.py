@@ -8,6 +8,7 @@ own on another port and kills only that one (by the pid it started).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -71,17 +72,31 @@ class _LedgerHandler(_Handler):
 
 
 class LedgerPeer(SmtpPeer):
-    """The test peer, also noting for each accepted mail the client port it came from."""
+    """The test peer, also noting for each accepted mail the client port it came from. With
+    ``tarpit_s`` set, it holds every 354 (DATA's go-ahead) that long, as a tarpitting server does."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.accepted: list[Acceptance] = []
+        self.tarpit_s = 0.0
+        self.tarpitted = 0  # 354s held so far
 
     def _make_smtp(self, authenticator: Any) -> _PeerSMTP:
         smtp = super()._make_smtp(authenticator)
         # aiosmtpd binds the handler's hooks when the session is made: rebind DATA's.
         smtp.event_handler = _LedgerHandler(self)
         smtp._handle_hooks["DATA"] = smtp.event_handler.handle_DATA
+        push = smtp.push
+
+        async def tarpit(status: str) -> None:
+            hold_s = self.tarpit_s
+            if hold_s > 0 and status.startswith("354"):
+                with self._lock:
+                    self.tarpitted += 1
+                await asyncio.sleep(hold_s)
+            await push(status)
+
+        smtp.push = tarpit  # type: ignore[method-assign]  # aiosmtpd's DATA calls self.push("354 ...")
         return smtp
 
     def __enter__(self) -> LedgerPeer:
@@ -335,6 +350,18 @@ class PrivateRedis:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        self.proc = None
+
+    def shut_down_saving(self) -> None:
+        """``SHUTDOWN SAVE``: connections are refused until ``start()``, which loads what was
+        saved: an outage that keeps Redis's state (claims, marks, the limiter's buckets)."""
+        # A bare socket: redis-py would retry the command on the connection the server closes.
+        with socket.create_connection(("127.0.0.1", self.port), timeout=30) as sock:
+            sock.sendall(b"SHUTDOWN SAVE\r\n")
+            with contextlib.suppress(OSError):
+                sock.recv(1024)  # nothing: the server closes the connection as it exits
+        if self.proc is not None:
+            self.proc.wait(30)
         self.proc = None
 
     def __enter__(self) -> PrivateRedis:

@@ -18,12 +18,21 @@ nemesis, driven by ``random.Random(seed)``, applies one fault at a time:
   (a 250 lost on the wire; the connection stays mute after it), for a few seconds;
 - ``defer``: the server answers 451 to a quarter of the recipients for a few seconds: their
   retry copies (attempt + 1) come back after a second or two, beside whatever second holder of
-  the first attempt the other faults made (a deferral is final for every one of them).
+  the first attempt the other faults made (a deferral is final for every one of them);
+- ``tarpit``: the server holds every 354 longer than the window (1.5 to 3 s) for a few seconds:
+  no body may go after its batch's deadline (issue 21, item 3), so the rate still holds;
+- ``release_fails``: 451 to a quarter of the recipients while Redis takes no writes for longer
+  than a call waits (``CLIENT PAUSE ... WRITE``, 6 to 8 s), and a sender killed with -9 in the
+  middle: deferrals, releases and marks fail or die with their holder (issue 21, item 1);
+- ``redis_down``: once per run, Redis away for minutes, refusing connections (``SHUTDOWN
+  SAVE``, then started again with its data) or frozen (SIGSTOP): nothing is lost, nothing is
+  dead-lettered. ``CHAOS_REDIS_OUTAGE_S``: 15 s in ``make test`` (300 mails), 240 s (the four
+  minutes of issue 21) for longer runs (``make chaos``).
 
 Then it waits until the run has drained (every queue of the namespace empty, ready and unacked,
 but the dead letters; no claim held in Redis) and checks: no recipient lost, every duplicate one
-SMTP cannot rule out (with its evidence), and at most 10 x w + 20 transactions at the peer in
-every window of w = 1, 10, 60 s.
+SMTP cannot rule out (with its evidence), at most 10 x w + 20 transactions at the peer in
+every window of w = 1, 10, 60 s, and nothing dead-lettered (no fault here refuses mail for good).
 
 ``CHAOS_SEED`` (default 12), ``CHAOS_MAILS`` (default 300),
 ``CHAOS_REPORT`` (a path to write the JSON to). ``make chaos SEED=... MAILS=...`` runs it long.
@@ -214,8 +223,14 @@ class Step:
     gap_s: float = 0.0  # the pause before it
 
 
+def outage_s(mails: int) -> float:
+    """How long the run's one Redis outage lasts: ``CHAOS_REDIS_OUTAGE_S``, else 15 s for the
+    bounded campaign of ``make test``, four minutes for a longer one."""
+    return float(os.environ.get("CHAOS_REDIS_OUTAGE_S", "15" if mails <= 300 else "240"))
+
+
 def schedule(rng: random.Random, mails: int) -> list[Step]:
-    """Every kind of fault at least once, one more round of
+    """Every kind of fault at least once (the long Redis outage exactly once), one more round of
     random ones for every further 300 mails, shuffled; durations and pauses from ``rng``."""
     def one(kind: str, target: str = "") -> Step:
         gap = rng.uniform(1.0, 3.0)
@@ -224,25 +239,42 @@ def schedule(rng: random.Random, mails: int) -> list[Step]:
         if kind in ("stop", "heartbeat_stop"):
             seconds = HEARTBEAT_STOP_S if kind == "heartbeat_stop" else rng.uniform(2.0, 4.0)
             return Step(kind, f"sender-{rng.randrange(2)}", seconds, gap)
+        if kind == "release_fails":  # longer than a Redis call waits (redis_timeout_s, 5 s)
+            return Step(kind, f"sender-{rng.randrange(2)}", rng.uniform(6.0, 8.0), gap)
+        if kind == "redis_down":
+            return Step(kind, rng.choice(("refuse", "freeze")), outage_s(mails), gap)
         return Step(kind, "", rng.uniform(2.0, 4.0), gap)
 
-    kinds = ["rabbit", "redis", "reset", "blackhole", "stop", "defer"]
+    kinds = ["rabbit", "redis", "reset", "blackhole", "stop", "defer", "tarpit", "release_fails"]
     steps = [one("kill", f"sender-{rng.randrange(2)}"), one("kill", f"producer-{rng.randrange(2)}"),
              one("kill", f"{rng.choice(('packer', 'limiter'))}-{rng.randrange(2)}")]
     steps += [one(k) for k in kinds]
     steps.append(one("heartbeat_stop"))
+    steps.append(one("redis_down"))
     for _ in range(max(0, mails // 300 - 1)):
         steps += [one(rng.choice(["kill", "kill", *kinds])) for _ in range(len(kinds) + 3)]
     rng.shuffle(steps)
     return steps
 
 
+def a_quarter(deferred: list[str]) -> Callable[[str], bool]:
+    """A quarter of the addresses (the same ones every time), noting each one refused."""
+    def match(address: str) -> bool:
+        if zlib.crc32(address.encode()) % 4:
+            return False
+        deferred.append(address)
+        return True
+    return match
+
+
 class Nemesis:
     def __init__(self, pipeline: Pipeline, rabbit: PrivateRabbit, private_redis: PrivateRedis,
-                 proxy: CampaignProxy, peer: LedgerPeer, origin: float) -> None:
+                 proxy: CampaignProxy, peer: LedgerPeer, origin: float,
+                 waiting: Callable[[], int] = lambda: 0) -> None:
         self.pipeline, self.rabbit, self.redis, self.proxy = pipeline, rabbit, private_redis, proxy
         self.peer = peer
         self.origin = origin
+        self.waiting = waiting  # confirmed mails not at the peer yet
         self.applied: list[Fault] = []
         self.cuts: list[Cut] = []
         self.stopped: set[str] = set()
@@ -254,14 +286,16 @@ class Nemesis:
             time.sleep(step.gap_s)  # the schedule's own pauses (waiting for a condition is elsewhere)
             self.apply(step)
 
+    def kill(self, target: str) -> int:
+        cuts = self.proxy.upstream_cuts(self.pipeline.kill(target, smtp_port=self.proxy.port))
+        self.cuts += cuts
+        return len(cuts)
+
     def apply(self, step: Step) -> None:
         at = time.time() - self.origin
         detail = ""
         if step.kind == "kill":
-            cuts = self.pipeline.kill(step.target, smtp_port=self.proxy.port)
-            cuts = self.proxy.upstream_cuts(cuts)
-            self.cuts += cuts
-            detail = f"{len(cuts)} SMTP connections cut"
+            detail = f"{self.kill(step.target)} SMTP connections cut"
             time.sleep(step.duration_s)
             self.pipeline.start(step.target)
         elif step.kind in ("stop", "heartbeat_stop"):
@@ -303,17 +337,51 @@ class Nemesis:
             detail = f"{len(self.proxy.lost_replies) - before} replies to DATA dropped"
         elif step.kind == "defer":
             deferred: list[str] = []
-
-            def a_quarter(address: str) -> bool:
-                if zlib.crc32(address.encode()) % 4:
-                    return False
-                deferred.append(address)
-                return True
-
-            self.peer.refuse(a_quarter, 451, "4.7.1 Try again later")
+            self.peer.refuse(a_quarter(deferred), 451, "4.7.1 Try again later")
             time.sleep(step.duration_s)
             self.peer.reset()  # the campaign sets no other behaviour on the peer
             detail = f"{len(deferred)} recipients deferred"
+        elif step.kind == "tarpit":
+            before = self.peer.tarpitted
+            self.peer.tarpit_s = 1.5 + (step.duration_s - 2.0) * 0.75  # 1.5 to 3 s: past the 1 s window
+            time.sleep(step.duration_s)
+            self.peer.tarpit_s = 0.0
+            detail = f"{self.peer.tarpitted - before} go-aheads (354) held {1.5 + (step.duration_s - 2.0) * 0.75:.1f} s"
+        elif step.kind == "release_fails":
+            deferred = []
+            self.peer.refuse(a_quarter(deferred), 451, "4.7.1 Try again later")
+            time.sleep(1.0)  # deferrals under way when the writes stop: they, and releases, wait and fail
+            client = redis.Redis.from_url(self.redis.url, socket_timeout=5)
+            try:
+                client.execute_command("CLIENT", "PAUSE", int(step.duration_s * 1000), "WRITE")
+                self.stopped.add("redis-writes")
+                time.sleep(step.duration_s / 2)
+                cut = self.kill(step.target)  # a holder dies while its deferrals and releases wait
+                time.sleep(step.duration_s / 2)
+                client.execute_command("CLIENT", "UNPAUSE")
+                self.stopped.discard("redis-writes")
+            finally:
+                client.close()
+            self.pipeline.start(step.target)
+            self.peer.reset()
+            detail = f"{len(deferred)} recipients deferred, {step.target} killed mid-pause, {cut} SMTP connections cut"
+        elif step.kind == "redis_down":
+            waiting = self.waiting()
+            if step.target == "refuse":
+                self.redis.shut_down_saving()
+                self.stopped.add("redis-down")
+                time.sleep(step.duration_s)
+                self.redis.start()
+                self.stopped.discard("redis-down")
+            else:
+                assert self.redis.proc is not None
+                self.redis.proc.send_signal(signal.SIGSTOP)
+                self.stopped.add("redis")
+                time.sleep(step.duration_s)
+                self.redis.proc.send_signal(signal.SIGCONT)
+                self.stopped.discard("redis")
+            detail = (f"{'refusing connections' if step.target == 'refuse' else 'frozen'} "
+                      f"{step.duration_s:.0f} s, {waiting} confirmed mails not yet delivered when it began")
         else:
             raise AssertionError(f"unknown fault {step.kind}")
         self.applied.append(Fault(at, step.kind, step.target, round(step.duration_s, 3), detail))
@@ -323,7 +391,12 @@ class Nemesis:
         for name in list(self.stopped):
             if name == "redis" and self.redis.proc is not None:
                 self.redis.proc.send_signal(signal.SIGCONT)
-            elif name != "redis":
+            elif name == "redis-down":
+                self.redis.start()
+            elif name == "redis-writes":
+                with contextlib.suppress(redis.RedisError):
+                    redis.Redis.from_url(self.redis.url, socket_timeout=5).execute_command("CLIENT", "UNPAUSE")
+            else:
                 self.pipeline.signal(name, signal.SIGCONT)
         self.stopped.clear()
 
@@ -409,8 +482,9 @@ def test_fault_campaign(settings: Settings, tmp_path: Path) -> None:
         client = redis.Redis.from_url(private_redis.url, socket_timeout=5)
         origin = time.time()
         with Pipeline(settings, logs, replicas=2) as pipeline:
-            nemesis = Nemesis(pipeline, rabbit, private_redis, proxy, peer, origin)
             publisher = Publisher(rabbit.url, settings.namespace, total, seed)
+            nemesis = Nemesis(pipeline, rabbit, private_redis, proxy, peer, origin,
+                              waiting=lambda: len(set(publisher.confirmed) - peer.accepted_jobs()))
             publisher.start()
             try:
                 flowing = time.monotonic() + 60
@@ -435,7 +509,7 @@ def test_fault_campaign(settings: Settings, tmp_path: Path) -> None:
             seed=seed, confirmed=publisher.confirmed, attempted=publisher.attempted, accepted=accepted,
             dead=dead, cuts=[*nemesis.cuts, *proxy.cuts], lost_replies=proxy.lost_replies,
             rate_per_s=RATE_PER_S, burst=BURST, faults=nemesis.applied, origin=origin, notes=notes,
-            duration_s=time.time() - origin)
+            duration_s=time.time() - origin, failed_is_violation=True)
     text = report.to_json()
     print("\n" + text)
     if os.environ.get("CHAOS_REPORT"):

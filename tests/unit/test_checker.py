@@ -202,3 +202,15 @@ def test_a_run_fails_on_each_kind_of_violation() -> None:
     assert not stray.ok and stray.unexpected == ["zz"]
     noted = check(seed=1, confirmed={}, accepted=[], rate_per_s=10, burst=20, notes=["did not drain"])
     assert noted.violations() == ["did not drain"]
+
+
+def test_a_dead_letter_is_a_violation_only_where_nothing_refuses_mail_for_good() -> None:
+    confirmed = {"j1": R3, "j2": R3}
+    dead = [Dead("j2", (), "expired after 3 attempt(s)")]
+    allowed = check(seed=1, confirmed=confirmed, accepted=[acc("j1", 1.0)], dead=dead, rate_per_s=10, burst=20)
+    assert allowed.ok and allowed.failed == 3
+    refused = check(seed=1, confirmed=confirmed, accepted=[acc("j1", 1.0)], dead=dead, rate_per_s=10, burst=20,
+                    failed_is_violation=True)
+    assert not refused.ok and refused.lost == 0
+    assert refused.violations() == ["3 recipients dead-lettered where nothing refuses mail for good: "
+                                    "{'expired after 3 attempt(s)': 1}"]
