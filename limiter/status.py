@@ -7,6 +7,7 @@ rows agree with what the next decision would see. Batches waiting are in RabbitM
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -15,6 +16,7 @@ import redis
 
 from limiter.gcra import US, Limits, rescale, tokens_available
 from limiter.redis_limiter import day_key, server_prefix
+from mailpipe.pushback import Pushback
 from mailpipe.servers import Config
 from mailpipe.settings import Settings
 
@@ -28,18 +30,35 @@ def snapshot(redis_client: redis.Redis, namespace: str, config: Config,
     seconds, micros = _time(redis_client)
     now_us = seconds * US + micros
     rows: list[dict[str, Any]] = []
+    paces = Pushback(redis_client, namespace).state(sorted(config.servers))
     for name, server in sorted(config.servers.items()):
         p = server_prefix(namespace, name)
         limits = Limits.of(server, settings)
+        pace = paces[name]
         released = _hash(redis_client, f"{p}:released")
+        lanes = _hash(redis_client, f"{p}:lanes")
         tokens: int | str = "unlimited"
+        effective: float | str = "unlimited"
         if limits.interval_us:
+            eff = float(pace.get("eff") or server.rate_per_hour)
+            effective = min(eff, float(server.rate_per_hour))
+            interval_us = limits.interval_us if effective >= server.rate_per_hour else math.ceil(US * 3600 / effective)
             rate = _hash(redis_client, f"{p}:tat")
-            tat = rescale(_int(rate.get("tat")), _int(rate.get("step")), now_us, limits.interval_us)
-            tokens = tokens_available(tat, now_us, limits.interval_us, limits.burst)
+            tat = rescale(_int(rate.get("tat")), _int(rate.get("step")), now_us, interval_us)
+            tokens = tokens_available(tat, now_us, interval_us, limits.burst)
+        hold_until = _int(pace.get("hold_until")) or 0
         rows.append({
             "kind": "server", "name": name,
             "rate_per_hour": "unlimited" if server.unlimited else server.rate_per_hour,
+            "effective_rate_per_hour": effective if isinstance(effective, str) else round(effective, 1),
+            "state": pace.get("state") or "active",
+            "paused_until": None if pace.get("manual") == "1" or hold_until <= now_us else hold_until // US,
+            "paused_by_hand": pace.get("manual") == "1",
+            "connection_cap": int(pace.get("cap") or server.concurrency or settings.send_concurrency),
+            "connections_open": int(pace.get("open_connections") or 0),
+            "last_change": {"reason": pace.get("reason", ""), "rule": pace.get("rule", ""),
+                            "reply": pace.get("sample", ""), "at": (_int(pace.get("last_change")) or 0) // US},
+            "backlog": sum(_int(v) or 0 for k, v in lanes.items() if k.startswith(("m:", "hmt:"))),
             "per_minute": server.per_minute or "",
             "released_last_minute": released_since(released, seconds - 60),
             "released_last_hour": released_since(released, seconds - 3600),

@@ -49,10 +49,39 @@ def cmd_servers_check(args: argparse.Namespace) -> int:
     return check.check_servers(config, args.names)  # type: ignore[no-any-return]
 
 
+def cmd_servers_pace(args: argparse.Namespace) -> int:
+    """``mailpipe servers pause NAME`` / ``resume NAME``: in Redis, for every replica at once."""
+    from mailpipe import pushback, redis_client
+    from mailpipe.servers import load_config
+
+    settings = Settings.from_env()
+    config = load_config(settings.servers_path)
+    if args.name not in config.servers:
+        print(f"mailpipe: unknown server {args.name!r}: the servers file names {', '.join(sorted(config.servers))}",
+              file=sys.stderr)
+        return 2
+    client = redis_client.connect(settings)
+    try:
+        pace = pushback.Pushback(client, settings.namespace)
+        policy = pushback.Policy.of(config.servers[args.name], settings)
+        reason = args.reason or f"by hand ({args.servers_command})"
+        changes = (pace.pause if args.servers_command == "pause" else pace.resume)(args.name, policy, reason)
+    finally:
+        client.close()
+    if args.servers_command == "pause":
+        print(f"{args.name}: paused: its mail waits in its lanes until `mailpipe servers resume {args.name}`")
+    elif changes:
+        print(f"{args.name}: resumed at {changes[0].after:g} mails/hour")
+    else:
+        print(f"{args.name}: was not paused")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import redis
 
     from mailpipe import redis_client, reputation
+    from mailpipe.lanes import known_queues
     from mailpipe.servers import load_config
     from mailpipe.status import show_status
 
@@ -64,12 +93,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         limits = limiter_status.snapshot(client, settings.namespace, config, settings=settings)
         limits += limiter_status.fair_rows(client, settings.namespace, config)
         paused = {p.tenant: p.reason for p in reputation.paused_tenants(client, settings.namespace).values()}
-    except redis.RedisError as exc:
-        limits = [{"limiter": f"Redis unreachable: {type(exc).__name__}"}]
-        paused = {}
+        lanes = known_queues(client, settings.namespace)
+    except (redis.RedisError, MailpipeError) as exc:
+        why = exc.reason if isinstance(exc, MailpipeError) else f"Redis unreachable: {type(exc).__name__}"
+        limits = [{"limiter": why}]
+        paused, lanes = {}, set()
     finally:
         client.close()
-    return show_status(settings, limits, as_json=args.json, paused=paused)
+    return show_status(settings, limits, as_json=args.json, paused=paused, lanes=lanes, all_queues=args.queues)
 
 
 def cmd_status_watch(args: argparse.Namespace) -> int:
@@ -228,9 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     check = servers_sub.add_parser("check", help="connect, negotiate TLS, authenticate, now")
     check.add_argument("names", nargs="*", metavar="NAME", help="servers to check (default: all)")
     check.set_defaults(func=cmd_servers_check)
+    for action, text in (("pause", "stop releasing mail to a server (its mail waits; no probe resumes it)"),
+                         ("resume", "release mail to a paused server again, at once (its password fixed, say)")):
+        command = servers_sub.add_parser(action, help=text)
+        command.add_argument("name", metavar="NAME")
+        command.add_argument("--reason", help="why, for the status and the logs")
+        command.set_defaults(func=cmd_servers_pace)
 
-    status = sub.add_parser("status", help="queues, rates and caps at a glance")
+    status = sub.add_parser("status", help="servers (state, effective rate, backlog), tenants, queues at a glance")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--queues", action="store_true",
+                        help="every queue on its own line (the retry, scheduled and lane queues are folded otherwise)")
     status.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
                         help="redraw every SECONDS (default 2) until Ctrl-C")
     status.set_defaults(func=cmd_status_watch)

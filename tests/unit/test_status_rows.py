@@ -99,9 +99,39 @@ def test_share_lines_print_a_table_per_server_with_blanks_for_none() -> None:
     assert share_lines([]) == []
 
 
-def test_paused_tenants_come_first_with_why() -> None:
+def test_paused_tenants_come_right_after_the_servers_with_why() -> None:
     from mailpipe.status import paused_lines
 
     assert paused_lines({}) == []
     lines = paused_lines({"acme": "bulk mail to shared servers paused: 10.4% hard bounces"})
-    assert "mailpipe tenants resume" in lines[0] and "acme: bulk mail" in lines[1]
+    assert "mailpipe tenants resume" in lines[1] and "acme: bulk mail" in lines[2]
+
+
+def test_the_servers_come_first_with_their_state_effective_rate_and_why() -> None:
+    from mailpipe.settings import Settings
+    from mailpipe.status import queue_lines, server_lines
+
+    def server(name: str, state: str, effective: float, **extra: Any) -> dict[str, Any]:
+        return {"kind": "server", "name": name, "state": state, "rate_per_hour": 6000,
+                "effective_rate_per_hour": effective, "connection_cap": 2, "connections_open": 1, "backlog": 40_000,
+                "released_last_minute": 12, "released_last_hour": 700, "paused_until": None,
+                "paused_by_hand": False, "last_change": {}, **extra}
+
+    lines = server_lines([
+        server("platform", "active", 6000.0),
+        server("acme-smtp", "active", 1500.0, last_change={"reason": "throttled", "rule": "rate-limited",
+                                                           "reply": "451 4.7.1 Rate limited"}),
+        server("globex", "paused", 6000.0, paused_until=NOW_S + 900,
+               last_change={"reason": "broken", "rule": "auth-failed", "reply": "535 5.7.8 Authentication failed"}),
+    ])
+    assert lines[0] == "servers" and lines[1].split()[:4] == ["server", "state", "rate/h", "effective/h"]
+    assert lines[2].split()[:4] == ["platform", "active", "6000", "6000"] and "40000" in lines[2]
+    assert lines[3].split()[:4] == ["acme-smtp", "active", "6000", "1500"]
+    assert "throttled (rate-limited): 451 4.7.1 Rate limited" in lines[4]
+    assert lines[5].split()[:4] == ["globex", "paused,", "probe", "at"]
+    assert "broken (auth-failed): 535 5.7.8" in lines[6] and "mailpipe servers resume globex" in lines[7]
+    queues = queue_lines(Settings(namespace="ns"), {"ns.jobs": 3, "ns.retry.60s": 5, "ns.retry.120s": 2,
+                                                    "ns.lane.s.a": 7, "ns.lane.s.b": 1}, all_queues=False)
+    assert [line.split()[:2] for line in queues[2:]] == [["ns.jobs", "3"], ["ns.retry.*", "(2"], ["ns.lanes.*", "(2"]]
+    assert queues[3].split()[-1] == "7" and queues[4].split()[-1] == "8"
+    assert len(queue_lines(Settings(namespace="ns"), {"ns.retry.60s": 5, "ns.lane.s.a": 7}, all_queues=True)) == 4
