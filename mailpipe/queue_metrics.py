@@ -9,7 +9,9 @@ that failed is not asked again for a minute (a firewalled port would cost its ti
 every scrape).
 
 ``mailpipe_server_limit_mails_per_hour{server}``: each server's configured rate, from the
-servers file, so a dashboard can draw the send rate next to its limit.
+servers file, so a dashboard can draw the send rate next to its limit; and its pace, from Redis
+(``mailpipe/pushback.py``): ``mailpipe_server_effective_rate_mails_per_hour``,
+``mailpipe_server_connection_cap``, ``mailpipe_server_paused``.
 
 Every stage that serves /metrics registers these collectors (see ``stage.run``), so the
 numbers survive whichever stage is down; queries aggregate with ``max by (queue, state)``,
@@ -204,15 +206,75 @@ class ServerLimitsCollector(Collector):
                                  labels=["server"])
 
 
+class ServerPaceCollector(Collector):
+    """Each server's pace as every replica sees it (mailpipe/pushback.py, from Redis, cached like
+    the queue depths): its effective rate, its connection cap, whether it is paused."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.watcher = ConfigWatcher(settings.servers_path)
+        self._lock = threading.Lock()
+        self._client: Any = None
+        self._cached: tuple[float, dict[str, dict[str, str]]] = (0.0, {})
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        effective, cap, paused = self._families()
+        with self._lock:
+            config = self.watcher.current()
+            paces = self._read(sorted(config.servers))
+        for name, server in config.servers.items():
+            pace = paces.get(name)
+            if pace is None:
+                continue
+            if not server.unlimited:
+                effective.add_metric([name], min(float(pace.get("eff") or server.rate_per_hour),
+                                                 float(server.rate_per_hour)))
+            cap.add_metric([name], float(pace.get("cap") or server.concurrency or self.settings.send_concurrency))
+            paused.add_metric([name], 1.0 if pace.get("state") in ("paused", "probing") else 0.0)
+        yield from (effective, cap, paused)
+
+    def _read(self, servers: list[str]) -> dict[str, dict[str, str]]:
+        at, cached = self._cached
+        if time.monotonic() - at < self.settings.queue_metrics_cache_s:
+            return cached
+        from mailpipe import redis_client
+        from mailpipe.errors import RedisUnavailable
+        from mailpipe.pushback import Pushback
+
+        try:
+            if self._client is None:
+                self._client = redis_client.connect(self.settings, API_TIMEOUT_S)
+            paces = Pushback(self._client, self.settings.namespace).state(servers)
+        except RedisUnavailable as exc:
+            log.debug("server pace not read: %s", exc.reason)
+            paces = {}
+        self._cached = (time.monotonic(), paces)
+        return paces
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (GaugeMetricFamily("mailpipe_server_effective_rate_mails_per_hour",
+                                  "The rate a server is sent at now: its configured one, or less after it "
+                                  "pushed back (mailpipe/pushback.py).", labels=["server"]),
+                GaugeMetricFamily("mailpipe_server_connection_cap",
+                                  "Connections every sender together may keep open to a server.", labels=["server"]),
+                GaugeMetricFamily("mailpipe_server_paused",
+                                  "1 while a server is paused (broken: a wrong password, relaying denied; "
+                                  "or by hand): its mail waits.", labels=["server"]))
+
+
 _registered: list[tuple[CollectorRegistry, Collector]] = []
 
 
 def register(settings: Settings, registry: CollectorRegistry = REGISTRY) -> None:
-    """Add both collectors to ``registry`` (the one /metrics serves), replacing those of an
+    """Add the collectors to ``registry`` (the one /metrics serves), replacing those of an
     earlier ``stage.run`` in this process."""
     while _registered:
         old_registry, collector = _registered.pop()
         old_registry.unregister(collector)
-    for collector in (QueueDepthCollector(settings), ServerLimitsCollector(settings)):
+    for collector in (QueueDepthCollector(settings), ServerLimitsCollector(settings), ServerPaceCollector(settings)):
         registry.register(collector)
         _registered.append((registry, collector))
