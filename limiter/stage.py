@@ -52,6 +52,7 @@ from mailpipe.codec import decode_batch, decode_job, encode_batch
 from mailpipe.errors import ConfigError, InvalidMessage, RedisUnavailable
 from mailpipe.lanes import LaneBatch, LanePublisher, lane_id, queue_name, tenant_of
 from mailpipe.model import Batch, Category, derived_id
+from mailpipe.pushback import Policy, Pushback, fingerprint
 from mailpipe.servers import Config, ConfigWatcher
 from mailpipe.settings import Settings
 from mailpipe.stage import Stage
@@ -146,6 +147,7 @@ class LimiterStage(Stage):
         self.checked: set[str] = set()  # lane queues seen to exist by this process
         self.candidates = False  # the last plan had lanes to take from (burst mode waits for them)
         self._config = self.watcher.config
+        self._credentials_seen = False  # noted in Redis since the servers file was last read
         self._holds = 0
         self._gauged: set[str] = set()
         self.redis_ok = True
@@ -181,12 +183,15 @@ class LimiterStage(Stage):
         config = self.watcher.current()
         if config is not self._config:  # the servers file changed: a new rate may let them go now
             self._config = config
+            self._credentials_seen = False
             for held in self.held:
                 held.due = now
         if not self.redis_ok and now < self.redis_retry_at:
             self._hand_back_overdue(broker, now)
             return
         try:
+            if not self._credentials_seen:
+                self._note_credentials(config)
             self.housekeeping.run(broker, config, now)
             self._route(broker, config)
             self._take(broker, config, now)
@@ -197,6 +202,17 @@ class LimiterStage(Stage):
             return
         self._redis_worked()
         self._gauge()
+
+    def _note_credentials(self, config: Config) -> None:
+        """A server paused for being broken resumes once its credentials change in the servers
+        file (its tenant fixed the password): every replica notes them, the first to see a change
+        resumes it."""
+        pace = Pushback(self.redis, self.settings.namespace)
+        for name, server in sorted(config.servers.items()):
+            for change in pace.credentials(name, Policy.of(server, self.settings), fingerprint(server)):
+                log.warning("server %s resumed: its credentials changed in the servers file (%s -> %s mails/h)",
+                            name, f"{change.before:g}", f"{change.after:g}")
+        self._credentials_seen = True
 
     # 1. route ------------------------------------------------------------------------------------
 
