@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 REPORTS = Counter("mailpipe_inbound_reports_total", "Reports read, by kind and what became of them.",
                   ["kind", "result"])
 GAUGE_EVERY_S = 10.0
+RATIOS_SOON_S = 1.0  # a tenant's ratios after its report, on the dashboard within about this
 
 
 class InboundStage(Stage):
@@ -70,6 +71,12 @@ class InboundStage(Stage):
         self.receiver = Receiver(settings, self.topology, self.signer, self.publisher)
         self.http = UnsubscribeServer(settings, self.topology, self.signer, self.publisher, self.redis)
         self._gauge_at = 0.0
+        # Per tenant (MAILPIPE_METRICS_TENANT_LABEL): the ratios of every tenant this replica has
+        # weighed a report for, read again every GAUGE_EVERY_S, so they come down as its window
+        # slides or once it is resumed, rather than staying at the value of its last change.
+        self._ratio_tenants: set[str] = set()
+        self._ratios_due: set[str] = set()
+        self._ratios_at = 0.0
 
     @property
     def input_queue(self) -> str:
@@ -127,6 +134,8 @@ class InboundStage(Stage):
                                                self.thresholds))
         except redis.RedisError as exc:
             raise RedisUnavailable(f"Redis: cannot record reports: {exc}") from exc
+        if self.settings.metrics_tenant_label:
+            self._ratios_due.update(f.tenant for f in findings if f.shared)
         out: list[Outgoing] = []
         for delivery, raw, kind, resolved in read_ones:
             out.append(self._archived(raw, kind, resolved.tenant))
@@ -171,11 +180,30 @@ class InboundStage(Stage):
             "x-mailpipe-peer": raw.peer})
 
     def tick(self, broker: Broker) -> None:
-        if time.monotonic() - self._gauge_at < GAUGE_EVERY_S:
+        now = time.monotonic()
+        if self._ratios_due and now - self._ratios_at >= RATIOS_SOON_S and self._export_ratios(self._ratios_due):
+            self._ratios_due = set()
+        if now - self._gauge_at < GAUGE_EVERY_S:
             return
-        self._gauge_at = time.monotonic()
+        self._gauge_at = now
         with contextlib.suppress(redis.RedisError):  # the gauge waits for the next tick
             feedback.PAUSED_TENANTS.set(len(reputation.paused_tenants(self.redis, self.settings.namespace)))
+        self._export_ratios(self._ratio_tenants)
+
+    def _export_ratios(self, tenants: set[str]) -> bool:
+        """Each tenant's hard-bounce and complaint ratios over its last sends on shared servers,
+        as they are now (one read each: the reputation events carry them only on a change).
+        False when Redis did not answer (the next tick tries again)."""
+        self._ratios_at = time.monotonic()
+        for tenant in sorted(tenants):
+            try:
+                standing = reputation.standing(self.redis, self.settings.namespace, tenant, self.thresholds)
+            except redis.RedisError:
+                return False
+            feedback.TENANT_BOUNCE_RATIO.labels(tenant).set(standing.bounce_ratio)
+            feedback.TENANT_COMPLAINT_RATIO.labels(tenant).set(standing.complaint_ratio)
+            self._ratio_tenants.add(tenant)
+        return True
 
     def drain(self, broker: Broker, deadline: float) -> None:
         """No new SMTP session or POST; what they took is published before the publisher stops."""
