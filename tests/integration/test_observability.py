@@ -2,7 +2,8 @@
 scrapes every stage of a real pipeline run once a second; then every PromQL expression of the
 Grafana dashboard must return data, every alert rule must parse and evaluate, the stages
 answer /healthz and /readyz, log JSON lines without secrets, and ``mailpipe report`` draws
-the run into a PNG.
+the run into a PNG. What comes back after the 250 is part of the run: a DSN and a feedback-loop
+complaint by SMTP to the inbound stage, and a one-click unsubscribe by HTTP.
 
 The first tests need no service: they check the pure parts of the queue-depth collector.
 """
@@ -14,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import smtplib
 import socket
 import subprocess
 import sys
@@ -34,15 +36,18 @@ from mailpipe.queue_metrics import QueueDepth, QueueDepthCollector, api_request,
 from mailpipe.settings import Settings
 from mailpipe.topology import Topology
 from producer import Producer
-from tests.smtp_peer import SmtpPeer, make_test_ca
+from tests.smtp_peer import Received, SmtpPeer, make_test_ca
 from tests.stages import StageProcesses, settings_env
 from tests.tools import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "mailpipe.json"
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
-STAGES = ("producer", "packer", "limiter", "sender")
+STAGES = ("producer", "packer", "limiter", "sender", "inbound")
 SMTP_USER, SMTP_PASSWORD = "obs-user", "Obs-S3cret-pw-7f2c"  # must appear in no log, no metric
+VERP_SECRET = "obs-verp-S3cret-5d1e"  # signs the return paths and unsubscribe links: logged nowhere either
+RETURN_PATH_DOMAIN = "bounces.obs.test"
+FEEDBACK_ADDRESS = f"fbl@{RETURN_PATH_DOMAIN}"
 # A limit that binds: 20 mails/s with bursts of 50, so batches wait at the limiter (and are
 # split) for a few seconds, and the dashboard's limit and held-batches panels have data.
 RATE_PER_HOUR = 72_000
@@ -184,17 +189,78 @@ def prometheus_binary() -> str:
 
 
 def write_servers(settings: Settings, port: int, ca_file: Path) -> None:
-    # Credentials go only over TLS: STARTTLS to the test peer, with the test CA.
+    # Credentials go only over TLS: STARTTLS to the test peer, with the test CA. A platform
+    # (shared) server: its mail leaves with signed return paths, and its sends and reports weigh
+    # in the tenant's ratios.
     Path(settings.servers_file).write_text(
         f'[servers.tenant-smtp]\naddress = "[127.0.0.1]:{port}"\ntls = "starttls"\nca_file = "{ca_file}"\n'
-        f'rate_per_hour = {RATE_PER_HOUR}\ncredentials_env = "OBS_SMTP_CREDENTIALS"\n\n'
+        f'rate_per_hour = {RATE_PER_HOUR}\ncredentials_env = "OBS_SMTP_CREDENTIALS"\nplatform = true\n\n'
         '[tenants.acme]\nserver = "tenant-smtp"\ndaily_limit = 100000\n', encoding="utf-8")
 
 
-def mails(n: int, to: str = "user{i}@example.com") -> list[IntakeRequest]:
+def mails(n: int, to: str = "user{i}@example.com", bulk: bool = False) -> list[IntakeRequest]:
     return [IntakeRequest(id=new_id(), tenant="acme", sender="hr@acme.example", created_ms=now_ms(),
-                          to=(to.format(i=i),), subject=f"Mail {i}", text="Hello from mailpipe.\n")
+                          to=(to.format(i=i),), subject=f"Mail {i}", text="Hello from mailpipe.\n", bulk=bulk)
             for i in range(n)]
+
+
+def received(peer: SmtpPeer, recipient: str) -> Received:
+    (mail,) = [m for m in peer.messages if m.recipients == (recipient,)]
+    return mail
+
+
+def dsn_for(mail: Received) -> bytes:
+    """The receiving side's later bounce of ``mail`` (RFC 3464), to its return path."""
+    (recipient,) = mail.recipients
+    return multipart_report(
+        "delivery-status", f"From: MAILER-DAEMON@mx.example.com\r\nTo: {mail.sender}\r\n"
+        "Subject: Undelivered Mail Returned to Sender\r\nAuto-Submitted: auto-replied\r\n",
+        f"<{recipient}>: the mailbox does not exist.",
+        f"Reporting-MTA: dns; mx.example.com\r\n\r\nFinal-Recipient: rfc822; {recipient}\r\n"
+        f"Original-Recipient: rfc822;{recipient}\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        f"Diagnostic-Code: smtp; 550 5.1.1 <{recipient}>: User unknown\r\n", mail)
+
+
+def complaint_about(mail: Received) -> bytes:
+    """A feedback loop's report (RFC 5965) of the recipient's "this is spam" on ``mail``."""
+    (recipient,) = mail.recipients
+    return multipart_report(
+        "feedback-report", f"From: feedback@fbl.example.com\r\nTo: {FEEDBACK_ADDRESS}\r\nSubject: Abuse report\r\n",
+        "This is an email abuse report.",
+        f"Feedback-Type: abuse\r\nUser-Agent: fbl/1.0\r\nVersion: 1\r\nOriginal-Rcpt-To: <{recipient}>\r\n", mail)
+
+
+def multipart_report(report_type: str, headers: str, text: str, fields: str, mail: Received) -> bytes:
+    """A report with ``mail`` attached as its receiver kept it (the Return-Path of its envelope on top)."""
+    boundary = f"report-{new_id()}"
+    return (f'{headers}MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type={report_type}; '
+            f'boundary="{boundary}"\r\n\r\n--{boundary}\r\nContent-Type: text/plain\r\n\r\n{text}\r\n'
+            f"--{boundary}\r\nContent-Type: message/{report_type}\r\n\r\n{fields}\r\n"
+            f"--{boundary}\r\nContent-Type: message/rfc822\r\n\r\nReturn-Path: <{mail.sender}>\r\n").encode() + \
+        mail.content + f"\r\n--{boundary}--\r\n".encode()
+
+
+def one_click_link(mail: Received, http_port: int) -> str:
+    """The HTTPS link of ``mail``'s List-Unsubscribe, pointed at the inbound stage's port."""
+    headers = mail.content.split(b"\r\n\r\n", 1)[0].decode()
+    link = re.search(r"(?im)^List-Unsubscribe:\s*<(https://[^>]+)>", headers)
+    assert link is not None and "List-Unsubscribe-Post: List-Unsubscribe=One-Click" in headers, headers
+    return f"http://127.0.0.1:{http_port}{urllib.parse.urlsplit(link[1]).path}"
+
+
+def talk_back(peer: SmtpPeer, smtp_port: int, http_port: int) -> None:
+    """After the 250, as the others would: the receiving side bounces one mail (a DSN to its
+    return path), a feedback loop reports a recipient's complaint about another (to the
+    feedback address), and a recipient of the bulk mail presses unsubscribe (a one-click POST)."""
+    gone, complained, reader = (received(peer, f"{who}@example.com") for who in ("user7", "user8", "reader"))
+    assert gone.sender.endswith(f"@{RETURN_PATH_DOMAIN}"), gone.sender
+    with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as smtp:
+        smtp.sendmail("", [gone.sender], dsn_for(gone))
+        smtp.sendmail("feedback@fbl.example.com", [FEEDBACK_ADDRESS], complaint_about(complained))
+    post = urllib.request.Request(one_click_link(reader, http_port), data=b"List-Unsubscribe=One-Click",
+                                  method="POST")
+    with urllib.request.urlopen(post, timeout=30) as answer:
+        assert answer.status == 202
 
 
 # -- a real pipeline, a real Prometheus -----------------------------------------------------------
@@ -202,16 +268,24 @@ def mails(n: int, to: str = "user{i}@example.com") -> list[IntakeRequest]:
 @pytest.fixture
 def observed_run(settings: Settings, tmp_path: Path, prometheus_binary: str,
                  monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
-    """Run the four stages with a metrics port each, scraped by Prometheus, through mail that
-    is sent, refused (550), deferred then sent (451 once), and an intake message that does not
-    decode, so every panel of the dashboard has something to show."""
+    """Run every stage with a metrics port each, scraped by Prometheus, through mail that is
+    sent, refused (550), deferred then sent (451 once), and an intake message that does not
+    decode; then a DSN for one mail, a complaint about another and a one-click unsubscribe from
+    a third come back to the inbound stage; so every panel of the dashboard has something to show."""
     # A 1 s window keeps 20 of the burst back at this rate (see limiter/gcra.py).
-    # Per-tenant series on: the fair-share panels have data too.
+    # Per-tenant series on: the fair-share panels have data too. Fewer sends than the minimum
+    # to judge a tenant: the complaint warns nobody (1 in 202 would), so the ratio panels show
+    # what the inbound stage exports for every tenant it has a report for, warned or not.
+    *metrics_ports, smtp_port, http_port = free_ports(len(STAGES) + 2)
     settings = settings.replace(log_format="json", metrics_tenant_label=True, burst_mails=BURST_MAILS,
                                 window_s=1.0, send_margin_s=0.2,
-                                rabbitmq_api_url=os.environ.get("MAILPIPE_RABBITMQ_API_URL", API_URL))
+                                rabbitmq_api_url=os.environ.get("MAILPIPE_RABBITMQ_API_URL", API_URL),
+                                verp_keys=f"7:{VERP_SECRET}", return_path_domain=RETURN_PATH_DOMAIN,
+                                inbound_smtp_host="127.0.0.1", inbound_smtp_port=smtp_port,
+                                inbound_http_port=http_port, inbound_feedback_addresses=FEEDBACK_ADDRESS,
+                                unsubscribe_url="https://mail.obs.test/unsubscribe", reputation_min_sends=1000)
     monkeypatch.setenv("OBS_SMTP_CREDENTIALS", f"{SMTP_USER} {SMTP_PASSWORD}")
-    ports = dict(zip(STAGES, free_ports(len(STAGES)), strict=True))
+    ports = dict(zip(STAGES, metrics_ports, strict=True))
     prom_dir = tmp_path / "prometheus"
     prom_dir.mkdir()
     log_dir = tmp_path / "logs"
@@ -236,13 +310,19 @@ def observed_run(settings: Settings, tmp_path: Path, prometheus_binary: str,
                 garbage.close()
                 with Producer(settings.amqp_url, settings.namespace) as producer:
                     producer.publish_requests([*mails(200), *mails(1, to="spam-trap@example.com"),
-                                               *mails(1, to="busy@example.com")])
-                wait_for(lambda: len(peer.messages) >= 201, 60, "201 mails at the SMTP peer", logs)
+                                               *mails(1, to="busy@example.com"),
+                                               *mails(1, to="reader@example.com", bulk=True)])
+                wait_for(lambda: len(peer.messages) >= 202, 60, "202 mails at the SMTP peer", logs)
+                talk_back(peer, smtp_port, http_port)
                 # Until Prometheus has scraped the end of the run, and its rules were evaluated.
                 wait_for(lambda: instant(prometheus.url,
-                                         'sum(mailpipe_sender_mails_total{outcome="sent"})') >= 201
+                                         'sum(mailpipe_sender_mails_total{outcome="sent"})') >= 202
                          and instant(prometheus.url, 'sum(mailpipe_sender_mails_total{outcome="failed"})') >= 1
-                         and instant(prometheus.url, "sum(mailpipe_intake_rejects_total)") >= 1,
+                         and instant(prometheus.url, "sum(mailpipe_intake_rejects_total)") >= 1
+                         and instant(prometheus.url, 'sum(mailpipe_inbound_reports_total{result="applied"})') >= 3
+                         and instant(prometheus.url, "sum(mailpipe_suppressions_total)") >= 3
+                         and instant(prometheus.url, 'min(mailpipe_tenant_bounce_ratio{tenant="acme"})') > 0
+                         and instant(prometheus.url, 'min(mailpipe_tenant_complaint_ratio{tenant="acme"})') > 0,
                          30, "Prometheus to scrape the whole run", logs)
                 health = {stage: (http_get(f"http://127.0.0.1:{port}/healthz"),
                                   http_get(f"http://127.0.0.1:{port}/readyz"),
@@ -326,15 +406,16 @@ def test_a_real_prometheus_answers_every_dashboard_and_alert_expression(
 
 def check_health_and_logs(observed_run: dict[str, Any]) -> None:
     """/healthz and /readyz answered 200 during the run; every log line is JSON, the dead
-    letters name their job, and the SMTP password shows up nowhere."""
+    letters name their job, and the SMTP password and the return paths' key show up nowhere."""
     for stage, ((health, _), (ready, _), metrics_text) in observed_run["health"].items():
         assert health == 200 and ready == 200, stage
         assert "mailpipe_queue_messages{" in metrics_text, stage
-        assert SMTP_PASSWORD not in metrics_text
+        assert SMTP_PASSWORD not in metrics_text and VERP_SECRET not in metrics_text
     lines = []
     for path in sorted(observed_run["log_dir"].glob("*.log")):
         text = path.read_text(errors="replace")
         assert SMTP_PASSWORD not in text, f"{path.name} logs the SMTP password"
+        assert VERP_SECRET not in text, f"{path.name} logs the return paths' key"
         for line in text.splitlines():
             if line.strip():
                 try:
