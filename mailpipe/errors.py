@@ -53,11 +53,12 @@ class RedisUnavailable(TransientError, ConnectionError):
 class SmtpError(MailpipeError):
     """An SMTP exchange went wrong; carries the reply so the tenant learns why."""
 
-    def __init__(self, reason: str, *, code: int = 0, text: str = "", category: str = "") -> None:
+    def __init__(self, reason: str, *, code: int = 0, text: str = "", category: str = "", phase: str = "") -> None:
         super().__init__(reason)
         self.code = code
         self.text = text
         self.category = category
+        self.phase = phase  # where in the session (mailpipe/replies.py PHASES), when known
 
 
 class SmtpTransient(SmtpError, TransientError):

@@ -136,6 +136,10 @@ class Outcome(StrEnum):
     DEFERRED = "deferred"  # refused for now: retried (mailpipe/retry.py)
     FAILED = "failed"  # refused for good: a dead letter
     EXPIRED = "expired"  # deferred past its maximum age: a dead letter
+    # A server's, not a mail's (mailpipe/pushback.py): it refuses us for good for now (a wrong
+    # password, relaying denied) and its mail waits; and it takes mail again.
+    PAUSED = "paused"
+    RESUMED = "resumed"
 
 
 OUTCOMES = tuple(Outcome)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import redis
+import redis.asyncio
 
 from mailpipe.errors import RedisUnavailable
 from mailpipe.redis_functions import Arg, Library, source
@@ -171,6 +172,38 @@ class Pushback:
             values["open_connections"] = str(replies[2 * i + 1])
             out[server] = values
         return out
+
+
+class ConnectionLeases:
+    """The connection cap every sender replica shares (``pb_conn_open`` / ``pb_conn_close``), on
+    the sender's asyncio loop: a lease per open connection, renewed whenever it is reused."""
+
+    def __init__(self, client: redis.asyncio.Redis, namespace: str, lease_s: float) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.lease_us = int(lease_s * US)
+
+    async def open(self, server: str, concurrency: int, conn_id: str) -> int:
+        """0 when the connection may open (or stay open: a renewal), else microseconds to wait."""
+        reply = await LIBRARY.acall(self.client, "pb_conn_open", server_keys(self.namespace, server),
+                                    [concurrency, conn_id, self.lease_us])
+        return 0 if int(reply[0]) else int(reply[1])
+
+    async def close(self, server: str, concurrency: int, conn_id: str, clean: bool) -> None:
+        await LIBRARY.acall(self.client, "pb_conn_close", server_keys(self.namespace, server),
+                            [concurrency, conn_id, int(clean)])
+
+    async def paused(self, server: str) -> bool:
+        """Is the server paused (its hold not over, or by hand)? A batch for it sends nothing."""
+        try:
+            state: Any = await self.client.hmget(server_keys(self.namespace, server)[0],  # type: ignore[misc]
+                                                 ["state", "hold_until", "manual"])
+            if _s(state[0] or b"") != PAUSED:
+                return False
+            now: Any = await self.client.time()
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"Redis: reading the server's pace failed: {exc}") from exc
+        return _s(state[2] or b"") == "1" or float(state[1] or 0) > int(now[0]) * US + int(now[1])
 
 
 def _s(value: Any) -> str:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
+import redis.asyncio
 
 from mailpipe.errors import RedisUnavailable
 from mailpipe.redis_client import WAIT_TIMEOUT_MS
@@ -66,6 +67,19 @@ class Library:
                     raise
                 self.load(client)
                 return client.fcall(self.function(name), len(keys), *keys, *args)
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"Redis: {name} failed: {type(exc).__name__}: {exc}") from exc
+
+    async def acall(self, client: redis.asyncio.Redis, name: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        """``call`` on an asyncio client (the sender's SMTP loop)."""
+        try:
+            try:
+                return await client.fcall(self.function(name), len(keys), *keys, *args)  # type: ignore[misc]
+            except redis.exceptions.ResponseError as exc:
+                if not missing(exc):
+                    raise
+                await client.function_load(self.code.decode(), replace=True)  # type: ignore[misc]
+                return await client.fcall(self.function(name), len(keys), *keys, *args)  # type: ignore[misc]
         except redis.RedisError as exc:
             raise RedisUnavailable(f"Redis: {name} failed: {type(exc).__name__}: {exc}") from exc
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from mailpipe.errors import RedisUnavailable, SmtpError
 from mailpipe.model import Job, now_ms
+from mailpipe.pushback import CONNECTIONS, RATE, SERVER_BROKEN, ConnectionLeases, Signal
 from mailpipe.servers import ServerConfig
 from sender import metrics
 from sender.claims import Claim, Claims
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 US = 1_000_000
+PACE_SIGNALS = (RATE, CONNECTIONS, SERVER_BROKEN)
 RECLAIM_EVERY_S = 0.25  # how often recipients a live holder has are asked for again
 # What a holder that takes over a deferral left unfinished (Claim.RETRY) says in its events: the
 # recipient was deferred before, and its retry copy is published again (no mail is sent now).
@@ -90,7 +92,11 @@ class BatchDelivery:
     outcomes: list[JobOutcome]
     started: float
     ended: float
-    stopped_by: str = ""  # "", "late", "deadline", "stop" or "redis": why mails were handed back
+    # "", "late", "deadline", "stop", "redis", "paused" (the server is), "broken" (it said so),
+    # "throttled" (it said slow down): why mails were handed back
+    stopped_by: str = ""
+    successes: int = 0  # mails the server accepted (for its pace: mailpipe/pushback.py)
+    signals: list[Signal] = field(default_factory=list)  # what its replies said about it
 
     def releases(self, grant: str) -> list[tuple[Job, str, str]]:
         """The claims to let go once the outputs are published: recipients whose retry copy
@@ -104,13 +110,18 @@ class BatchDelivery:
 
 async def deliver(jobs: Sequence[Job], server: ServerConfig, pool: ServerPool, deadline: float, *,
                   hold: Hold | None, margin_s: float = 1.0,
-                  stop: Callable[[], bool] = lambda: False, plan: Planner | None = None) -> BatchDelivery:
+                  stop: Callable[[], bool] = lambda: False, plan: Planner | None = None,
+                  pace: ConnectionLeases | None = None) -> BatchDelivery:
     """Send ``jobs`` over ``pool`` until done or the deadline less ``margin_s``. With a ``hold``,
     each recipient is claimed first and the deadline is ``hold.deadline_us`` in Redis time;
-    without one (tests, benchmarks), ``deadline`` in ``time.monotonic()`` and no claims."""
+    without one (tests, benchmarks), ``deadline`` in ``time.monotonic()`` and no claims. With
+    ``pace``, a server paused since the grant gets nothing: it all goes back."""
     outcomes = [JobOutcome(job) for job in jobs]
     run = _Run(jobs, outcomes, server, pool, hold, stop, plan)
-    if hold is None:
+    if pace is not None and await _paused(pace, server.name):
+        run.waiting = {i: list(job.recipients) for i, job in enumerate(jobs)}
+        run.stop("paused")
+    elif hold is None:
         run.cutoff = deadline - margin_s
         run.mine = {i: list(job.recipients) for i, job in enumerate(jobs)}
         for outcome in outcomes:
@@ -120,7 +131,9 @@ async def deliver(jobs: Sequence[Job], server: ServerConfig, pool: ServerPool, d
         await run.claim_and_send(hold.deadline_us - int(margin_s * US))
     if run.connect_failure is not None and not run.stopped_by:
         # No worker could connect: the server is unreachable or refuses us. Defer the rest
-        # (connection failures are transient) rather than knock again once per mail.
+        # (connection failures are transient: retried after a delay, through the limiter)
+        # rather than knock again once per mail. A server broken for us (stopped_by "broken")
+        # gets it all back instead, to wait while it is paused.
         for index, recipients in run.mine.items():
             outcome = outcomes[index]
             outcome.attempted, outcome.at_ms = True, now_ms()
@@ -134,7 +147,14 @@ async def deliver(jobs: Sequence[Job], server: ServerConfig, pool: ServerPool, d
     for outcome in outcomes:
         outcome.refundable = outcome.refundable and not outcome.attempted and bool(outcome.back)
     return BatchDelivery(outcomes=outcomes, started=run.started, ended=time.monotonic(),
-                         stopped_by=run.stopped_by)
+                         stopped_by=run.stopped_by, successes=run.successes, signals=run.signals)
+
+
+async def _paused(pace: ConnectionLeases, server: str) -> bool:
+    try:
+        return await pace.paused(server)
+    except RedisUnavailable:
+        return False  # the claims will say so in a moment
 
 
 class _Run:
@@ -158,9 +178,26 @@ class _Run:
         self.marking: list[tuple[Job, asyncio.Future[None]]] = []
         self.stopped_by = ""
         self.connect_failure: Reply | None = None
+        self.successes = 0
+        self.signals: list[Signal] = []
 
     def stop(self, why: str) -> None:
         self.stopped_by = self.stopped_by or why
+
+    def heard(self, job: Job | None, reply: Reply) -> None:
+        """Note what a reply says about the server (mailpipe/pushback.py), counted once per job
+        and attempt (or, for a connection this batch could not open, once per batch); the batch
+        stops at a broken server (the rest goes back), and at one that says slow down (the rest
+        goes back, to be granted again at the cut rate)."""
+        if reply.signal not in PACE_SIGNALS:
+            return
+        key = f"{job.id}:{job.attempt}" if job is not None else f"{self.hold.owner if self.hold else id(self)}:connect"
+        self.signals.append(Signal(reply.signal, reply.rule, reply.cut, key, str(reply)[:300]))
+        metrics.SIGNALS.labels(self.server.name, reply.signal, reply.rule).inc()
+        if reply.signal == SERVER_BROKEN:
+            self.stop("broken")
+        elif reply.signal == RATE:
+            self.stop("throttled")
 
     async def claim_and_send(self, cutoff_us: int) -> None:
         """Claim every recipient, send what is ours; what a live holder has, ask for again
@@ -266,6 +303,7 @@ class _Run:
                     if isinstance(got, Reply):
                         # This worker cannot connect: the others (if any) go on with the jobs.
                         self.connect_failure = got
+                        self.heard(None, got)
                         return
                     if got is None:
                         self.stop("deadline")
@@ -322,8 +360,9 @@ class _Run:
         except SmtpError as exc:
             reply = reply_of(exc)
             log.info("job %s: %s", job.id, exc.reason)
+            self.heard(job, reply)
             for recipient in recipients:
-                outcome.record(recipient, reply)
+                self._record(outcome, recipient, reply)
             outcome.at_ms = now_ms()
             return marking  # still to wait for, if the message never came to ask
         if result.aborted:
@@ -339,12 +378,24 @@ class _Run:
             return None
         outcome.at_ms = now_ms()
         outcome.sent.extend(result.accepted)
+        self.successes += bool(result.accepted)
         for recipient, reply in result.refused.items():
-            outcome.record(recipient, reply)
+            self.heard(job, reply)
+            self._record(outcome, recipient, reply)
         if not result.accepted:
             return marking
         metrics.LATENCY_SECONDS.labels(self.server.name).observe(max(0, outcome.at_ms - job.created_ms) / 1000)
         return self.hold.claims.mark_sent(job, result.accepted) if self.hold is not None else None
+
+
+    @staticmethod
+    def _record(outcome: JobOutcome, recipient: str, reply: Reply) -> None:
+        """A refusal that says the server is broken for us (a wrong password, relaying denied) is
+        no fault of the mail: it goes back, to wait in its lane while the server is paused."""
+        if reply.signal == SERVER_BROKEN:
+            outcome.back.append(recipient)
+        else:
+            outcome.record(recipient, reply)
 
 
 async def _acquire(pool: ServerPool, cutoff: float) -> Connection | Reply | None:

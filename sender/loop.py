@@ -16,6 +16,7 @@ import redis.asyncio
 
 from mailpipe import redis_client
 from mailpipe.errors import RedisUnavailable
+from mailpipe.pushback import ConnectionLeases
 from mailpipe.settings import Settings
 from sender.claims import Claims
 from sender.mx import MxResolver
@@ -32,6 +33,7 @@ class LoopHost:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.pools: Pools | None = None
+        self.pace: ConnectionLeases | None = None  # the servers' pace: connection caps, pauses
         self._redis: redis.asyncio.Redis | None = None
         self._claims: Claims | None = None
 
@@ -51,9 +53,12 @@ class LoopHost:
 
     async def _open(self) -> None:
         s = self.settings
-        self.pools = Pools(default_size=s.send_concurrency, timeout_s=s.smtp_timeout_s,
-                           idle_timeout_s=s.smtp_idle_timeout_s, resolver=MxResolver())
         self._redis = redis_client.connect_async(s)
+        # A connection's lease outlives its idle time and the longest session a window allows.
+        leases = ConnectionLeases(self._redis, s.namespace, 2 * (s.smtp_idle_timeout_s + s.window_s + s.smtp_timeout_s))
+        self.pools = Pools(default_size=s.send_concurrency, timeout_s=s.smtp_timeout_s,
+                           idle_timeout_s=s.smtp_idle_timeout_s, resolver=MxResolver(), leases=leases)
+        self.pace = leases
         self._claims = Claims(self._redis, s.namespace, s.sent_mark_ttl_s, wait_replicas=s.redis_wait_replicas)
 
     @property

@@ -32,3 +32,10 @@ MARK_ERRORS = Counter("mailpipe_sender_mark_errors_total",
 UNRELEASED = Gauge("mailpipe_sender_unreleased_claims",
                    "Claims of finished batches that Redis has not taken the release of yet (tried again "
                    "every second; meanwhile their recipients wait for the claims' lease).")
+SIGNALS = Counter("mailpipe_server_signals_total",
+                  "Replies that say something about a server's pace (mailpipe/pushback.py), by class "
+                  "(rate, connections, server_broken) and the rule that said so (mailpipe/replies.toml).",
+                  ["server", "signal", "rule"])
+PACE_CHANGES = Counter("mailpipe_server_pace_changes_total",
+                       "Changes of a server's pace this sender's reports caused: cut, grew, cap, paused, resumed.",
+                       ["server", "kind"])

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import time
 
+from mailpipe.errors import RedisUnavailable
+from mailpipe.lanes import process_token
+from mailpipe.pushback import ConnectionLeases
 from mailpipe.servers import ServerConfig
 from sender.mx import MxResolver
 from sender.smtp import Connection, open_connection
@@ -15,24 +20,31 @@ log = logging.getLogger(__name__)
 # A reused connection idle longer than this is probed with NOOP first: servers close idle
 # sessions (often after 60 s to 5 min) and a mail should not be deferred for that.
 PROBE_AFTER_S = 5.0
+LEASE_POLL_S = 0.5  # a connection waiting for a place under the cap asks again this often
+_TOKEN = process_token()  # this process's name in the connection leases
+_LEASES = itertools.count(1)
 
 
 class ServerPool:
-    """Up to ``size`` connections to one server, shared by every batch in flight for it.
+    """Up to ``size`` connections to one server, shared by every batch in flight for it, and with
+    ``leases``, within the server's connection cap, which every sender replica shares
+    (mailpipe/pushback.py: lowered when the server says too many connections).
 
-    ``acquire()`` waits for a free slot, then reuses an idle healthy connection or opens a
-    fresh one. A connection is retired after ``max_mails_per_connection`` mails, after
-    ``idle_timeout_s`` unused, and at once after a protocol error.
+    ``acquire()`` waits for a free slot (and a lease), then reuses an idle healthy connection or
+    opens a fresh one. A connection is retired after ``max_mails_per_connection`` mails, after
+    ``idle_timeout_s`` unused, and at once after a protocol error; its lease ends with it.
     """
 
     def __init__(self, server: ServerConfig, *, size: int, timeout_s: float, idle_timeout_s: float,
-                 local_hostname: str | None = None, resolver: MxResolver | None = None) -> None:
+                 local_hostname: str | None = None, resolver: MxResolver | None = None,
+                 leases: ConnectionLeases | None = None) -> None:
         self.server = server
         self.resolver = resolver
         self.size = size
         self.timeout_s = timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.local_hostname = local_hostname
+        self.leases = leases
         self._slots = asyncio.Semaphore(size)
         self._idle: list[Connection] = []
         self._quitting: set[asyncio.Task[None]] = set()
@@ -44,12 +56,53 @@ class ServerPool:
             while self._idle:
                 conn = self._idle.pop()
                 if await self._usable(conn):
+                    await self._renew(conn)
                     return conn
-            return await open_connection(self.server, timeout_s=self.timeout_s, resolver=self.resolver,
-                                         local_hostname=self.local_hostname)
+            lease = await self._lease()
+            try:
+                conn = await open_connection(self.server, timeout_s=self.timeout_s, resolver=self.resolver,
+                                             local_hostname=self.local_hostname)
+            except BaseException:
+                self._unlease(lease, clean=False)
+                raise
+            conn.lease = lease
+            return conn
         except BaseException:
             self._slots.release()
             raise
+
+    async def _lease(self) -> str | None:
+        """A place within the server's connection cap, waited for (the caller bounds the wait by
+        the batch's cutoff). Without Redis, none: nothing is claimed then, so nothing is sent."""
+        if self.leases is None:
+            return None
+        lease = f"{_TOKEN}/{next(_LEASES)}"
+        while True:
+            try:
+                wait_us = await self.leases.open(self.server.name, self.size, lease)
+            except RedisUnavailable:
+                return None
+            if not wait_us:
+                return lease
+            await asyncio.sleep(min(wait_us / 1_000_000, LEASE_POLL_S))
+
+    async def _renew(self, conn: Connection) -> None:
+        if self.leases is not None and conn.lease is not None:
+            with contextlib.suppress(RedisUnavailable):
+                await self.leases.open(self.server.name, self.size, conn.lease)
+
+    def _unlease(self, lease: str | None, clean: bool) -> None:
+        """End a connection's lease (in the background: closing never waits for Redis)."""
+        if self.leases is None or lease is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._close_lease(lease, clean))
+        self._quitting.add(task)
+        task.add_done_callback(self._quitting.discard)
+
+    async def _close_lease(self, lease: str, clean: bool) -> None:
+        assert self.leases is not None
+        with contextlib.suppress(RedisUnavailable):  # its lease ends by itself
+            await self.leases.close(self.server.name, self.size, lease, clean)
 
     async def _usable(self, conn: Connection) -> bool:
         idle = time.monotonic() - conn.last_used
@@ -62,6 +115,7 @@ class ServerPool:
                     raise ConnectionResetError("NOOP refused")
             except (ConnectionError, TimeoutError):
                 conn.close()
+                self._unlease(conn.lease, clean=False)
                 return False
         return True
 
@@ -69,21 +123,26 @@ class ServerPool:
         """Give a connection back: kept for reuse if healthy, closed otherwise."""
         try:
             if self._closed or conn.broken or not conn.is_connected:
+                clean = not conn.broken
                 conn.close()
+                self._unlease(conn.lease, clean)
             elif conn.mails >= self.server.max_mails_per_connection:
                 task = asyncio.get_running_loop().create_task(conn.quit())
                 self._quitting.add(task)  # kept referenced until done; close() waits for them
                 task.add_done_callback(self._quitting.discard)
+                self._unlease(conn.lease, clean=True)
             else:
                 self._idle.append(conn)
         finally:
             self._slots.release()
 
     async def _retire(self, conn: Connection) -> None:
+        clean = not conn.broken
         if conn.broken or not conn.is_connected:
             conn.close()
         else:
             await conn.quit()
+        self._unlease(conn.lease, clean)
 
     async def reap(self) -> None:
         """Close connections idle longer than the idle timeout."""
@@ -103,6 +162,8 @@ class ServerPool:
     async def close(self) -> None:
         self._closed = True
         idle, self._idle = self._idle, []
+        for conn in idle:
+            self._unlease(conn.lease, clean=True)
         await asyncio.gather(*(conn.quit() for conn in idle), *self._quitting, return_exceptions=True)
 
 
@@ -110,9 +171,10 @@ class Pools:
     """One ServerPool per server name; a changed server configuration gets a new pool."""
 
     def __init__(self, *, default_size: int, timeout_s: float, idle_timeout_s: float,
-                 resolver: MxResolver | None = None) -> None:
+                 resolver: MxResolver | None = None, leases: ConnectionLeases | None = None) -> None:
         self.default_size = default_size
         self.resolver = resolver
+        self.leases = leases
         self.timeout_s = timeout_s
         self.idle_timeout_s = idle_timeout_s
         self._pools: dict[str, ServerPool] = {}
@@ -125,7 +187,7 @@ class Pools:
                 pool._closed = True
                 self._retired.append(pool)
             pool = ServerPool(server, size=server.concurrency or self.default_size, timeout_s=self.timeout_s,
-                              idle_timeout_s=self.idle_timeout_s, resolver=self.resolver)
+                              idle_timeout_s=self.idle_timeout_s, resolver=self.resolver, leases=self.leases)
             self._pools[server.name] = pool
         return pool
 

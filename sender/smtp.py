@@ -67,6 +67,7 @@ class Connection:
     tls_version: str | None = None
     authenticated: bool = False
     broken: bool = False
+    lease: str | None = None  # its place under the server's connection cap (mailpipe/pushback.py)
 
     @property
     def is_connected(self) -> bool:

@@ -42,8 +42,10 @@ import redis
 from mailpipe import codec, redis_client
 from mailpipe import metrics as kernel_metrics
 from mailpipe.amqp import Broker, Delivery, Outgoing
-from mailpipe.errors import ConfigError, InvalidMessage, RedisUnavailable
-from mailpipe.model import Batch, Category, Job, now_ms
+from mailpipe.errors import BrokerUnavailable, ConfigError, InvalidMessage, RedisUnavailable
+from mailpipe.model import Batch, Category, Event, Job, Outcome, now_ms
+from mailpipe.pushback import Policy, Pushback
+from mailpipe.replies import classify
 from mailpipe.retry import RetryPolicy
 from mailpipe.servers import ConfigWatcher, ServerConfig
 from mailpipe.settings import Settings
@@ -181,7 +183,7 @@ class SenderStage(Stage):
         return await deliver(flight.jobs, flight.server, self.smtp.pools.get(flight.server), 0.0, hold=hold,
                              plan=self.envelopes.planner(flight.server, self.watcher.current()),
                              margin_s=self.settings.send_margin_s,
-                             stop=lambda: self._stopping or flight.stopping)
+                             stop=lambda: self._stopping or flight.stopping, pace=self.smtp.pace)
 
     def tick(self, broker: Broker) -> None:
         done = [f for f in self._in_flight if f.future.done()]
@@ -256,10 +258,56 @@ class SenderStage(Stage):
         # this attempt (a later holder publishes the retry copy again instead).
         self._release(flight.owner, result.releases(batch.grant_id or ""))
         broker.ack(flight.delivery.tag)
+        self._report_pace(broker, flight, result)
         log.info("batch %s: %d mail(s) attempted in %.1f s, %d given back", batch.id,
                  sum(1 for o in result.outcomes if o.attempted), result.ended - result.started, back,
                  extra={"batch_id": batch.id, "server": batch.server, "mails": batch.mails,
                         "given_back": back})
+
+    def _report_pace(self, broker: Broker, flight: _InFlight, result: BatchDelivery) -> None:
+        """What the server said, to its pace in Redis (mailpipe/pushback.py): every limiter
+        follows it on its next grant. A change is logged (its rule, the reply, the rate before
+        and after); a pause or a resume is told to the server's tenants. Best effort: without
+        Redis the next batch reports again."""
+        if not (result.successes or result.signals):
+            return
+        server = flight.server
+        if self._sync_redis is None:
+            self._sync_redis = redis_client.connect(self.settings)
+        try:
+            changes = Pushback(self._sync_redis, self.settings.namespace).report(
+                server.name, Policy.of(server, self.settings), result.successes, result.signals)
+        except RedisUnavailable as exc:
+            log.warning("cannot report %d signal(s) of %s: %s", len(result.signals), server.name, exc.reason)
+            return
+        samples = {s.rule: s.sample for s in result.signals}
+        for change in changes:
+            metrics.PACE_CHANGES.labels(server.name, change.kind).inc()
+            sample = samples.get(change.rule, "")
+            log.warning("server %s: %s (rule %s%s): %g -> %g mails/h, %s", server.name, change.kind,
+                        change.rule or "-", f", reply {sample!r}" if sample else "", change.before, change.after,
+                        change.state, extra={"server": server.name, "change": change.kind, "rule": change.rule})
+            if change.kind in (Outcome.PAUSED, Outcome.RESUMED):
+                self._tell_tenants(broker, flight, change.kind, sample)
+
+    def _tell_tenants(self, broker: Broker, flight: _InFlight, what: str, sample: str) -> None:
+        """``paused.<tenant>`` / ``resumed.<tenant>`` to every tenant of the server: those that
+        list it, and those whose mail this batch carried (a platform server's)."""
+        config = self.watcher.current()
+        tenants = {t.name for t in config.tenants.values() if flight.server.name in t.servers}
+        tenants |= {job.tenant for job in flight.jobs}
+        code, _, text = sample.partition(" ")
+        reply = classify(int(code), text) if code.isdigit() else None
+        events = [Outgoing(f"{what}.{tenant}", codec.encode_event(Event(
+            job_id="", tenant=tenant, server=flight.server.name, outcome=what, recipients=(), attempt=0,
+            created_ms=0, at_ms=now_ms(), code=reply.code if reply else 0, text=reply.text if reply else "",
+            category=reply.category if reply else "", advice=reply.advice if reply else "",
+            batch_id=flight.batch.id)), exchange=self.topology.events, mandatory=False) for tenant in sorted(tenants)]
+        try:
+            broker.publish(events)
+        except BrokerUnavailable as exc:
+            log.warning("cannot tell %d tenant(s) that %s was %s: %s", len(events), flight.server.name, what,
+                        exc.reason)
 
     def _release(self, owner: str, released: list[tuple[Job, str, str]]) -> None:
         """Settle ``released`` on the SMTP loop; ``tick`` sees the result (and tries again)."""

@@ -79,7 +79,7 @@ async def send_mail(conn: Connection, sender: str, recipients: Sequence[str], me
         metrics.REPLY_SECONDS.labels(server, "envelope").observe(time.monotonic() - started)
         mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
         if not mail_reply.ok:
-            reply = classify(mail_reply.code, mail_reply.text)
+            reply = classify(mail_reply.code, mail_reply.text, "mail")
             refused.update(dict.fromkeys((r for r, _ in envelope), reply))
             await _reset(conn, replies)
             return MailResult(accepted=(), refused=refused)
@@ -88,15 +88,16 @@ async def send_mail(conn: Connection, sender: str, recipients: Sequence[str], me
             if answer.ok:
                 accepted.append(recipient)
             else:
-                refused[recipient] = classify(answer.code, answer.text)
-        closing = next((answer for answer in replies if answer.code == 421), None)
+                refused[recipient] = classify(answer.code, answer.text, "rcpt")
+        closing = next((i for i, answer in enumerate(replies) if answer.code == 421), None)
         if closing is not None:  # the server is closing the session: nothing more goes now
             conn.close()
-            reply = classify(closing.code, closing.text)
+            phase = "mail" if closing == 0 else "data" if closing == len(replies) - 1 else "rcpt"
+            reply = classify(421, replies[closing].text, phase)
             return MailResult(accepted=(), refused=dict.fromkeys(recipients, reply))
         if data_reply.code != 354:
             if accepted:  # DATA itself refused: it covers every recipient RCPT accepted
-                refused.update(dict.fromkeys(accepted, classify(data_reply.code, data_reply.text)))
+                refused.update(dict.fromkeys(accepted, classify(data_reply.code, data_reply.text, "data")))
             await _reset(conn, replies)
             return MailResult(accepted=(), refused=refused)
         if not accepted:  # RFC 2920: a DATA that got 354 with no recipient is ended at once
@@ -113,7 +114,7 @@ async def send_mail(conn: Connection, sender: str, recipients: Sequence[str], me
         final = await session.command(data_payload(message))
         metrics.REPLY_SECONDS.labels(server, "data").observe(time.monotonic() - started)
         if not final.ok:
-            refused.update(dict.fromkeys(accepted, classify(final.code, final.text)))
+            refused.update(dict.fromkeys(accepted, classify(final.code, final.text, "eod")))
             await _reset(conn, [final])
             return MailResult(accepted=(), refused=refused)
         return MailResult(accepted=tuple(accepted), refused=refused)

@@ -117,8 +117,10 @@ def test_credentials_without_starttls_offered_are_never_sent() -> None:
     assert reply.advice == ADVICE[ReplyCategory.TLS_FAILED] and "only over TLS" in reply.advice
     assert "AUTH" not in verbs and "MAIL" not in verbs and set(verbs) <= {"EHLO", "QUIT"}
     assert messages == []
+    # The server is broken for us: the mail goes back to wait, and the delivery says why.
     [outcome] = result.outcomes
-    assert outcome.sent == [] and [r.category for r in outcome.deferred.values()] == [ReplyCategory.TLS_FAILED]
+    assert outcome.sent == [] and outcome.deferred == {} and outcome.back == ["a@example.com"]
+    assert result.stopped_by == "broken" and [s.kind for s in result.signals] == ["server_broken"]
 
 
 def test_tls_none_with_credentials_never_connects() -> None:
@@ -132,7 +134,7 @@ def test_tls_none_with_credentials_never_connects() -> None:
     reply = reply_of(info.value)
     assert reply.category == ReplyCategory.TLS_FAILED and 'tls = "none"' in reply.text and reply.advice
     assert (connections, verbs, messages) == (0, [], [])
-    assert [r.category for o in result.outcomes for r in o.deferred.values()] == [ReplyCategory.TLS_FAILED]
+    assert [o.back for o in result.outcomes] == [["a@example.com"]] and result.stopped_by == "broken"
 
 
 def test_tls_none_without_credentials_still_sends_in_clear() -> None:
