@@ -35,7 +35,9 @@ class Resolved:
 def resolve(report: Report, *, report_id: str, at_ms: int, rcpt_tokens: Sequence[Token], mail_from: str,
             signer: Signer, tenants: Iterable[str]) -> Resolved:
     tenant_names = tuple(tenants)
-    embedded = [t for t in (signer.verify(local, tenant_names) for local in report.tokens) if isinstance(t, Token)]
+    verified = {t.local_part: t for t in rcpt_tokens}  # a DSN quotes the return path it came to: known
+    embedded = [t for t in (verified.get(local) or signer.verify(local, tenant_names) for local in report.tokens)
+                if isinstance(t, Token)]
     tenant = next((t.tenant for t in (*rcpt_tokens, *embedded)), "")
     unsubscribes = [t for t in rcpt_tokens if t.kind == UNSUBSCRIBE]
     if unsubscribes:
