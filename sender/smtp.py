@@ -153,7 +153,7 @@ async def _open_one(server: ServerConfig, host: str, *, timeout_s: float,
                 raise error_for(connection_failure(
                     f"{address} does not offer AUTH", ReplyCategory.AUTH_FAILED),
                     f"SMTP {server.name}: AUTH not offered")
-            await client.login(server.credentials.username, server.credentials.password)
+            await _login(client, server.credentials.username, server.credentials.password)
             authenticated = True
         if client.is_ehlo_or_helo_needed:  # the extensions (PIPELINING, SIZE) are known before the first mail
             during = "EHLO"
@@ -174,3 +174,19 @@ async def _open_one(server: ServerConfig, host: str, *, timeout_s: float,
     metrics.REPLY_SECONDS.labels(server.name, "connect").observe(time.monotonic() - started)
     return Connection(session=session, server=server.name, tls=tls, authenticated=authenticated,
                       tls_version=ssl_object.version() if ssl_object is not None else None)
+
+
+async def _login(client: aiosmtplib.SMTP, username: str, password: str) -> None:
+    """AUTH with the first mechanism that works, but never again after a 535: the credentials
+    are wrong whatever the mechanism, and each try counts towards the account's lockout
+    (aiosmtplib's ``login`` tries every mechanism offered)."""
+    refused: aiosmtplib.SMTPAuthenticationError | None = None
+    for name in client.supported_auth_methods:
+        try:
+            await getattr(client, f"auth_{name.replace('-', '')}")(username, password)
+            return
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            if exc.code == 535:
+                raise
+            refused = exc  # 504 and the like: a mechanism offered but not supported
+    raise refused or aiosmtplib.SMTPException("no AUTH mechanism we know is offered")
