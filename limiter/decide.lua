@@ -36,6 +36,7 @@ local T_TAT, T_MINUTE, T_RELEASED, T_GRANT, T_ROUND, T_MINE, T_PB, T_DAY = 10, 1
 local PER_TENANT, FIRST_TENANT = 8, 15
 local MIN_TURN_RETRY = 50000
 local PROBE_LEASE = 120000000  -- a probe's outcome is reported within this (window + SMTP timeout)
+local PAUSED_RECHECK = 5000000  -- a paused server is asked again this often: a resume by hand applies at once
 
 local function day_between(args, base, s)
   for i = 0, 4 do
@@ -115,13 +116,13 @@ register('decide', function(keys, args)
   local probing = false
   if pb[3] == 'paused' then
     local hold = tonumber(pb[4]) or 0
-    if pb[6] == '1' or now < hold then return refused(math.max(hold - now, MIN_TURN_RETRY)) end
+    if pb[6] == '1' or now < hold then return refused(math.min(math.max(hold - now, MIN_TURN_RETRY), PAUSED_RECHECK)) end
     redis.call('HSET', keys[T_PB], 'state', 'probing')
     pb[3] = 'probing'
   end
   if pb[3] == 'probing' then
     local probe_at = tonumber(pb[5]) or 0
-    if now < probe_at + PROBE_LEASE then return refused(probe_at + PROBE_LEASE - now) end
+    if now < probe_at + PROBE_LEASE then return refused(math.min(probe_at + PROBE_LEASE - now, PAUSED_RECHECK)) end
     probing = true
   end
   local eff, conf = tonumber(pb[1]), tonumber(pb[2])

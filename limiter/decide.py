@@ -47,6 +47,7 @@ from mailpipe.pushback import PAUSED, PROBING, Controller
 
 MIN_TURN_RETRY_US = 50_000  # a tenant not first asks again after at least this long
 PROBE_LEASE_US = 120 * US  # a probe's outcome is reported within this (window + SMTP timeout)
+PAUSED_RECHECK_US = 5 * US  # a paused server is asked again this often: a resume by hand applies at once
 PURGE = 32  # ended holds dropped per decision (as lanes_common.lua)
 
 
@@ -168,11 +169,11 @@ def decide(state: State, now_us: int, part_id: str, cost: int, limits: Limits, t
     probing = False
     if pace.state == PAUSED:
         if pace.manual or now_us < pace.hold_until:
-            return refused(max(pace.hold_until - now_us, MIN_TURN_RETRY_US))
+            return refused(min(max(pace.hold_until - now_us, MIN_TURN_RETRY_US), PAUSED_RECHECK_US))
         pace.state = PROBING
     if pace.state == PROBING:
         if now_us < pace.probe_at + PROBE_LEASE_US:
-            return refused(pace.probe_at + PROBE_LEASE_US - now_us)
+            return refused(min(pace.probe_at + PROBE_LEASE_US - now_us, PAUSED_RECHECK_US))
         probing = True
     interval_us, burst = pace.paced(limits.interval_us, limits.burst)
     limits = limits._replace(interval_us=interval_us, burst=burst)

@@ -5,7 +5,7 @@ their doubling hold, the connection cap; and what the limiter's decision makes o
 
 from __future__ import annotations
 
-from limiter.decide import Fair, State, TenantAsk, decide
+from limiter.decide import PAUSED_RECHECK_US, PROBE_LEASE_US, Fair, State, TenantAsk, decide
 from limiter.gcra import Limits, local_midnights
 from mailpipe.pushback import ACTIVE, PAUSED, Controller, Policy, Signal
 
@@ -118,11 +118,17 @@ def test_a_paused_server_is_granted_nothing_until_its_hold_ends_then_one_probe()
     limits = Limits.for_server(3600, 10)
     tenants = [TenantAsk("a", 5, 10**9, local_midnights("UTC", T0 / US))]
     state.pushback.report(T0, POLICY, 0, [broken("x"), broken("y"), broken("z")])
-    assert decide(state, T0 + US, "g1", 5, limits, tenants, Fair("a")).retry_after_us == POLICY.hold_us - US
+    # Refused until the hold ends, asked again every few seconds meanwhile (a resume by hand).
+    paused = decide(state, T0 + US, "g1", 5, limits, tenants, Fair("a"))
+    assert paused.granted == 0 and paused.retry_after_us == PAUSED_RECHECK_US
+    assert decide(state, T0 + POLICY.hold_us - US, "g1", 5, limits, tenants, Fair("a")).granted == 0
     later = T0 + POLICY.hold_us
     assert decide(state, later, "g2", 5, limits, tenants, Fair("a")).granted == 1  # the probe
     again = decide(state, later + US, "g3", 5, limits, tenants, Fair("a"))
-    assert again.granted == 0 and again.retry_after_us > 100 * US  # one probe at a time
+    assert again.granted == 0 and again.retry_after_us == PAUSED_RECHECK_US  # one probe at a time
+    assert decide(state, later + PROBE_LEASE_US - US, "g4", 5, limits, tenants, Fair("a")).granted == 0
+    state.pushback.resume(later + 2 * US, POLICY)
+    assert decide(state, later + 3 * US, "g5", 5, limits, tenants, Fair("a")).granted == 5
 
 
 def test_an_explicit_throttle_cuts_deeper_than_a_vague_try_later() -> None:
