@@ -68,6 +68,9 @@ def cmd_servers_pace(args: argparse.Namespace) -> int:
         changes = (pace.pause if args.servers_command == "pause" else pace.resume)(args.name, policy, reason)
     finally:
         client.close()
+    if changes:
+        _tell_tenants(settings, args.name, [t.name for t in config.tenants.values() if args.name in t.servers],
+                      changes[0].kind)
     if args.servers_command == "pause":
         print(f"{args.name}: paused: its mail waits in its lanes until `mailpipe servers resume {args.name}`")
     elif changes:
@@ -75,6 +78,26 @@ def cmd_servers_pace(args: argparse.Namespace) -> int:
     else:
         print(f"{args.name}: was not paused")
     return 0
+
+
+def _tell_tenants(settings: Settings, server: str, tenants: list[str], what: str) -> None:
+    """The same ``paused.<tenant>`` / ``resumed.<tenant>`` events as a change the senders make."""
+    from mailpipe.amqp import Broker
+    from mailpipe.errors import BrokerUnavailable
+    from mailpipe.pushback import tenant_events
+    from mailpipe.topology import Topology
+
+    if not tenants:
+        return
+    events = tenant_events(Topology.from_settings(settings).events, server, tenants, what, "")
+    try:
+        broker = Broker(settings.amqp_url, client_name="mailpipe-servers").connect()
+        try:
+            broker.publish(events)
+        finally:
+            broker.close()
+    except BrokerUnavailable as exc:
+        print(f"mailpipe: {server} was {what}, but its tenants could not be told: {exc.reason}", file=sys.stderr)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -50,6 +50,10 @@ class RedisUnavailable(TransientError, ConnectionError):
     intake queues nothing it cannot dedupe."""
 
 
+class ServerPaused(MailpipeError):
+    """The server is paused (mailpipe/pushback.py): a batch for it sends nothing, it all goes back."""
+
+
 class SmtpError(MailpipeError):
     """An SMTP exchange went wrong; carries the reply so the tenant learns why."""
 

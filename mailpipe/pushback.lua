@@ -169,18 +169,23 @@ register('pb_credentials', function(keys, args)
 end)
 
 -- conn_open ARGV: concurrency, connection id, lease_us. A connection may open while fewer than
--- the cap are open (every sender replica's). Returns {1} or {0, retry_after_us}.
+-- the cap are open (every sender replica's), one while server-broken signals run in a row.
+-- Returns {1, 0, cap} or {0, retry_after_us, cap}.
 register('pb_conn_open', function(keys, args)
   local now = time_us()
   redis.call('ZREMRANGEBYSCORE', keys[CONNS], '-inf', now)
-  local cap = math.max(1, math.min(num(redis.call('HGET', keys[HASH], 'cap'), tonumber(args[1])), tonumber(args[1])))
+  local v = redis.call('HMGET', keys[HASH], 'cap', 'streak')
+  local cap = math.max(1, math.min(num(v[1], tonumber(args[1])), tonumber(args[1])))
+  -- A server that says it is broken for us is tried on one connection at a time, by every
+  -- replica together, until it takes a mail (or is paused): not a login storm per replica.
+  if num(v[2], 0) > 0 then cap = 1 end
   if redis.call('ZSCORE', keys[CONNS], args[2]) or redis.call('ZCARD', keys[CONNS]) < cap then
     redis.call('ZADD', keys[CONNS], now + tonumber(args[3]), args[2])
     redis.call('PEXPIRE', keys[CONNS], math.floor(tonumber(args[3]) / 1000) + 1000)
-    return {1}
+    return {1, 0, cap}
   end
   local first = redis.call('ZRANGE', keys[CONNS], 0, 0, 'WITHSCORES')
-  return {0, math.max(1000, tonumber(first[2]) - now)}
+  return {0, math.max(1000, tonumber(first[2]) - now), cap}
 end)
 
 -- conn_close ARGV: concurrency, connection id, clean (1: the session ended without a connection

@@ -35,15 +35,19 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import redis
 import redis.asyncio
 
+from mailpipe import codec
+from mailpipe.amqp import Outgoing
 from mailpipe.errors import RedisUnavailable
+from mailpipe.model import Event, now_ms
 from mailpipe.redis_functions import Arg, Library, source
+from mailpipe.replies import classify
 from mailpipe.servers import ServerConfig
 from mailpipe.settings import Settings
 
@@ -123,6 +127,13 @@ def fingerprint(server: ServerConfig) -> str:
     return hashlib.sha256(f"mailpipe-credentials\0{text}".encode()).hexdigest()[:16]
 
 
+def _report_args(policy: Policy, successes: int, signals: Sequence[Signal]) -> list[Arg]:
+    args: list[Arg] = [*policy.args(), successes]
+    for s in signals:
+        args += [s.kind, s.rule, repr(s.cut), s.dedupe, s.sample[:300]]
+    return args
+
+
 def _changes(reply: Sequence[Any]) -> list[Change]:
     """The changes a function returned (after Redis time, its first value)."""
     items = [v.decode() if isinstance(v, bytes) else str(v) for v in reply[1:]]
@@ -139,10 +150,8 @@ class Pushback:
         self.namespace = namespace
 
     def report(self, server: str, policy: Policy, successes: int, signals: Sequence[Signal]) -> list[Change]:
-        args: list[Arg] = [*policy.args(), successes]
-        for s in signals:
-            args += [s.kind, s.rule, repr(s.cut), s.dedupe, s.sample[:300]]
-        return _changes(LIBRARY.call(self.client, "pb_report", server_keys(self.namespace, server), args))
+        return _changes(LIBRARY.call(self.client, "pb_report", server_keys(self.namespace, server),
+                                     _report_args(policy, successes, signals)))
 
     def pause(self, server: str, policy: Policy, reason: str) -> list[Change]:
         return _changes(LIBRARY.call(self.client, "pb_pause", server_keys(self.namespace, server),
@@ -183,15 +192,23 @@ class ConnectionLeases:
         self.namespace = namespace
         self.lease_us = int(lease_s * US)
 
-    async def open(self, server: str, concurrency: int, conn_id: str) -> int:
-        """0 when the connection may open (or stay open: a renewal), else microseconds to wait."""
+    async def open(self, server: str, concurrency: int, conn_id: str) -> tuple[int, int]:
+        """(0 when the connection may open, or stay open: a renewal, else microseconds to wait;
+        the server's connection cap now)."""
         reply = await LIBRARY.acall(self.client, "pb_conn_open", server_keys(self.namespace, server),
                                     [concurrency, conn_id, self.lease_us])
-        return 0 if int(reply[0]) else int(reply[1])
+        return (0 if int(reply[0]) else int(reply[1])), int(reply[2])
 
     async def close(self, server: str, concurrency: int, conn_id: str, clean: bool) -> None:
         await LIBRARY.acall(self.client, "pb_conn_close", server_keys(self.namespace, server),
                             [concurrency, conn_id, int(clean)])
+
+    async def report(self, server: str, policy: Policy, signals: Sequence[Signal]) -> list[Change]:
+        """Signals reported at once, not with the batch: a server broken for us is then tried
+        one connection at a time by every replica (pb_conn_open), and paused sooner. The batch's
+        own report later counts them again only once (each has its dedupe key)."""
+        return _changes(await LIBRARY.acall(self.client, "pb_report", server_keys(self.namespace, server),
+                                            _report_args(policy, 0, signals)))
 
     async def paused(self, server: str) -> bool:
         """Is the server paused (its hold not over, or by hand)? A batch for it sends nothing."""
@@ -204,6 +221,19 @@ class ConnectionLeases:
         except redis.RedisError as exc:
             raise RedisUnavailable(f"Redis: reading the server's pace failed: {exc}") from exc
         return _s(state[2] or b"") == "1" or float(state[1] or 0) > int(now[0]) * US + int(now[1])
+
+
+def tenant_events(exchange: str, server: str, tenants: Iterable[str], what: str, sample: str,
+                  batch_id: str = "") -> list[Outgoing]:
+    """``paused.<tenant>`` / ``resumed.<tenant>`` for each tenant of ``server``: which server,
+    the reply that decided it (``sample``, "" by hand) and its advice."""
+    code, _, text = sample.partition(" ")
+    reply = classify(int(code), text) if code.isdigit() else None
+    return [Outgoing(f"{what}.{tenant}", codec.encode_event(Event(
+        job_id="", tenant=tenant, server=server, outcome=what, recipients=(), attempt=0, created_ms=0,
+        at_ms=now_ms(), code=reply.code if reply else 0, text=reply.text if reply else "",
+        category=reply.category if reply else "", advice=reply.advice if reply else "", batch_id=batch_id)),
+        exchange=exchange, mandatory=False) for tenant in sorted(set(tenants))]
 
 
 def _s(value: Any) -> str:

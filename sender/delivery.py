@@ -19,15 +19,16 @@ attempt ever sends them again. Without Redis they go back to the limiter instead
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from mailpipe.errors import RedisUnavailable, SmtpError
+from mailpipe.errors import RedisUnavailable, ServerPaused, SmtpError
 from mailpipe.model import Job, now_ms
-from mailpipe.pushback import CONNECTIONS, RATE, SERVER_BROKEN, ConnectionLeases, Signal
+from mailpipe.pushback import CONNECTIONS, RATE, SERVER_BROKEN, Change, ConnectionLeases, Policy, Signal
 from mailpipe.servers import ServerConfig
 from sender import metrics
 from sender.claims import Claim, Claims
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 US = 1_000_000
 PACE_SIGNALS = (RATE, CONNECTIONS, SERVER_BROKEN)
+PAUSED = "paused"  # no connection: the server is paused
 RECLAIM_EVERY_S = 0.25  # how often recipients a live holder has are asked for again
 # What a holder that takes over a deferral left unfinished (Claim.RETRY) says in its events: the
 # recipient was deferred before, and its retry copy is published again (no mail is sent now).
@@ -93,10 +95,11 @@ class BatchDelivery:
     started: float
     ended: float
     # "", "late", "deadline", "stop", "redis", "paused" (the server is), "broken" (it said so),
-    # "throttled" (it said slow down): why mails were handed back
+    # "throttled" (it said slow down), "busy" (too many connections): why mails were handed back
     stopped_by: str = ""
     successes: int = 0  # mails the server accepted (for its pace: mailpipe/pushback.py)
     signals: list[Signal] = field(default_factory=list)  # what its replies said about it
+    changes: list[Change] = field(default_factory=list)  # to its pace, by signals reported at once
 
     def releases(self, grant: str) -> list[tuple[Job, str, str]]:
         """The claims to let go once the outputs are published: recipients whose retry copy
@@ -111,16 +114,18 @@ class BatchDelivery:
 async def deliver(jobs: Sequence[Job], server: ServerConfig, pool: ServerPool, deadline: float, *,
                   hold: Hold | None, margin_s: float = 1.0,
                   stop: Callable[[], bool] = lambda: False, plan: Planner | None = None,
-                  pace: ConnectionLeases | None = None) -> BatchDelivery:
+                  pace: ConnectionLeases | None = None, policy: Policy | None = None) -> BatchDelivery:
     """Send ``jobs`` over ``pool`` until done or the deadline less ``margin_s``. With a ``hold``,
     each recipient is claimed first and the deadline is ``hold.deadline_us`` in Redis time;
     without one (tests, benchmarks), ``deadline`` in ``time.monotonic()`` and no claims. With
-    ``pace``, a server paused since the grant gets nothing: it all goes back."""
+    ``pace``, a server paused since the grant gets nothing: it all goes back; and with its
+    ``policy`` too, a server-broken signal is reported at once."""
     outcomes = [JobOutcome(job) for job in jobs]
     run = _Run(jobs, outcomes, server, pool, hold, stop, plan)
+    run.pace, run.policy = pace, policy
     if pace is not None and await _paused(pace, server.name):
         run.waiting = {i: list(job.recipients) for i, job in enumerate(jobs)}
-        run.stop("paused")
+        run.stop(PAUSED)
     elif hold is None:
         run.cutoff = deadline - margin_s
         run.mine = {i: list(job.recipients) for i, job in enumerate(jobs)}
@@ -129,7 +134,15 @@ async def deliver(jobs: Sequence[Job], server: ServerConfig, pool: ServerPool, d
         await run.send_all()
     else:
         await run.claim_and_send(hold.deadline_us - int(margin_s * US))
-    if run.connect_failure is not None and not run.stopped_by:
+    busy = run.connect_failure is not None and run.connect_failure.signal == CONNECTIONS and run.connect_failure.code
+    if busy and not run.stopped_by:
+        # No worker could connect, the server answering that it has too many connections (not
+        # one that does not answer: that is deferred below): its cap is lowered; the mail goes
+        # back, to be granted again (not refunded: the grant paced this try, and paces the next).
+        run.stop("busy")
+        for outcome in outcomes:
+            outcome.refundable = False
+    elif run.connect_failure is not None and not run.stopped_by:
         # No worker could connect: the server is unreachable or refuses us. Defer the rest
         # (connection failures are transient: retried after a delay, through the limiter)
         # rather than knock again once per mail. A server broken for us (stopped_by "broken")
@@ -147,7 +160,8 @@ async def deliver(jobs: Sequence[Job], server: ServerConfig, pool: ServerPool, d
     for outcome in outcomes:
         outcome.refundable = outcome.refundable and not outcome.attempted and bool(outcome.back)
     return BatchDelivery(outcomes=outcomes, started=run.started, ended=time.monotonic(),
-                         stopped_by=run.stopped_by, successes=run.successes, signals=run.signals)
+                         stopped_by=run.stopped_by, successes=run.successes, signals=run.signals,
+                         changes=run.changes)
 
 
 async def _paused(pace: ConnectionLeases, server: str) -> bool:
@@ -180,22 +194,31 @@ class _Run:
         self.connect_failure: Reply | None = None
         self.successes = 0
         self.signals: list[Signal] = []
+        self.pace: ConnectionLeases | None = None
+        self.policy: Policy | None = None
+        self.changes: list[Change] = []
 
     def stop(self, why: str) -> None:
         self.stopped_by = self.stopped_by or why
 
-    def heard(self, job: Job | None, reply: Reply) -> None:
+    async def heard(self, job: Job | None, reply: Reply) -> None:
         """Note what a reply says about the server (mailpipe/pushback.py), counted once per job
         and attempt (or, for a connection this batch could not open, once per batch); the batch
-        stops at a broken server (the rest goes back), and at one that says slow down (the rest
+        stops at a broken server (the rest goes back; reported at once, so that every replica
+        tries it one connection at a time from now), and at one that says slow down (the rest
         goes back, to be granted again at the cut rate)."""
         if reply.signal not in PACE_SIGNALS:
             return
         key = f"{job.id}:{job.attempt}" if job is not None else f"{self.hold.owner if self.hold else id(self)}:connect"
-        self.signals.append(Signal(reply.signal, reply.rule, reply.cut, key, str(reply)[:300]))
+        signal = Signal(reply.signal, reply.rule, reply.cut, key, str(reply)[:300])
+        self.signals.append(signal)
         metrics.SIGNALS.labels(self.server.name, reply.signal, reply.rule).inc()
         if reply.signal == SERVER_BROKEN:
+            self.pool.broken()
             self.stop("broken")
+            if self.pace is not None and self.policy is not None:
+                with contextlib.suppress(RedisUnavailable):  # the batch's report tries again
+                    self.changes += await self.pace.report(self.server.name, self.policy, [signal])
         elif reply.signal == RATE:
             self.stop("throttled")
 
@@ -299,11 +322,17 @@ class _Run:
                 elif time.monotonic() >= self.cutoff:
                     self.stop("deadline")
                 elif conn is None:
-                    got = await _acquire(self.pool, self.cutoff)
+                    got = await _acquire(self.pool, self.cutoff, lambda: bool(self.stopped_by))
+                    if isinstance(got, str):  # PAUSED
+                        self.stop(PAUSED)
+                        return
                     if isinstance(got, Reply):
                         # This worker cannot connect: the others (if any) go on with the jobs.
                         self.connect_failure = got
-                        self.heard(None, got)
+                        try:
+                            await self.heard(None, got)
+                        finally:
+                            self.pool.trial_over()
                         return
                     if got is None:
                         self.stop("deadline")
@@ -360,7 +389,7 @@ class _Run:
         except SmtpError as exc:
             reply = reply_of(exc)
             log.info("job %s: %s", job.id, exc.reason)
-            self.heard(job, reply)
+            await self.heard(job, reply)
             for recipient in recipients:
                 self._record(outcome, recipient, reply)
             outcome.at_ms = now_ms()
@@ -379,8 +408,10 @@ class _Run:
         outcome.at_ms = now_ms()
         outcome.sent.extend(result.accepted)
         self.successes += bool(result.accepted)
+        if result.accepted or any(r.signal not in PACE_SIGNALS for r in result.refused.values()):
+            self.pool.proven()
         for recipient, reply in result.refused.items():
-            self.heard(job, reply)
+            await self.heard(job, reply)
             self._record(outcome, recipient, reply)
         if not result.accepted:
             return marking
@@ -398,12 +429,15 @@ class _Run:
             outcome.record(recipient, reply)
 
 
-async def _acquire(pool: ServerPool, cutoff: float) -> Connection | Reply | None:
-    """A connection; the reply that says why there is none; or None when the cutoff came first."""
+async def _acquire(pool: ServerPool, cutoff: float, stopped: Callable[[], bool]) -> Connection | Reply | str | None:
+    """A connection; the reply that says why there is none; PAUSED; or None when the cutoff
+    came first, or the batch stopped meanwhile."""
     try:
-        return await asyncio.wait_for(pool.acquire(), max(0.0, cutoff - time.monotonic()))
+        return await asyncio.wait_for(pool.acquire(stopped), max(0.0, cutoff - time.monotonic()))
     except TimeoutError:
         return None
+    except ServerPaused:
+        return PAUSED
     except SmtpError as exc:
         log.warning("%s", exc.reason)
         return reply_of(exc)

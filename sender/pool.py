@@ -7,8 +7,9 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Callable
 
-from mailpipe.errors import RedisUnavailable
+from mailpipe.errors import RedisUnavailable, ServerPaused, SmtpError
 from mailpipe.lanes import process_token
 from mailpipe.pushback import ConnectionLeases
 from mailpipe.servers import ServerConfig
@@ -33,6 +34,14 @@ class ServerPool:
     ``acquire()`` waits for a free slot (and a lease), then reuses an idle healthy connection or
     opens a fresh one. A connection is retired after ``max_mails_per_connection`` mails, after
     ``idle_timeout_s`` unused, and at once after a protocol error; its lease ends with it.
+
+    Until the server has taken a mail from this process (at first, and again once it said it is
+    broken for us: ``broken()``), one connection at a time is on trial; the others wait for its
+    verdict (``proven()``, or ``trial_over()``) rather than all knock with the same wrong
+    password. A trial asks first whether the server was paused meanwhile (``ServerPaused``: the
+    batch goes back). ``acquire()`` raising ``SmtpError`` leaves its trial on until the caller
+    has reported the reply (so that the next trial sees the server's pace after it) and calls
+    ``trial_over()``.
     """
 
     def __init__(self, server: ServerConfig, *, size: int, timeout_s: float, idle_timeout_s: float,
@@ -49,27 +58,90 @@ class ServerPool:
         self._idle: list[Connection] = []
         self._quitting: set[asyncio.Task[None]] = set()
         self._closed = False
+        # The cap every replica shares, as last heard. Below our size (the server said too many
+        # connections), a connection is not kept idle: its place may be what another waits for.
+        self._cap = size
+        self._proven = False
+        self._on_trial: object | None = None  # the connection on trial (a token while it opens)
+        self._verdict = asyncio.Event()  # set, and replaced, whenever a trial ends
 
-    async def acquire(self) -> Connection:
+    async def acquire(self, give_up: Callable[[], bool] = lambda: False) -> Connection | None:
+        """A connection, or None when ``give_up()`` says so after a wait for a trial's verdict."""
         await self._slots.acquire()
         try:
-            while self._idle:
-                conn = self._idle.pop()
-                if await self._usable(conn):
-                    await self._renew(conn)
-                    return conn
-            lease = await self._lease()
+            trial = await self._trial()
+            if give_up():
+                if trial is not None:
+                    self.trial_over()
+                self._slots.release()
+                return None
             try:
-                conn = await open_connection(self.server, timeout_s=self.timeout_s, resolver=self.resolver,
-                                             local_hostname=self.local_hostname)
+                conn = await self._connection()
+            except SmtpError:
+                raise  # the trial, if any, ends with trial_over(), once what the server said is reported
             except BaseException:
-                self._unlease(lease, clean=False)
+                if trial is not None and self._on_trial is trial:
+                    self.trial_over()
                 raise
-            conn.lease = lease
+            if trial is not None and self._on_trial is trial:
+                self._on_trial = conn
             return conn
         except BaseException:
             self._slots.release()
             raise
+
+    async def _connection(self) -> Connection:
+        while self._idle:
+            conn = self._idle.pop()
+            if await self._usable(conn):
+                await self._renew(conn)
+                return conn
+        lease = await self._lease()
+        try:
+            conn = await open_connection(self.server, timeout_s=self.timeout_s, resolver=self.resolver,
+                                         local_hostname=self.local_hostname)
+        except BaseException:
+            self._unlease(lease, clean=False)
+            raise
+        conn.lease = lease
+        return conn
+
+    async def _trial(self) -> object | None:
+        """Wait while another connection is on trial; a token when this one is, None when the
+        server is proven."""
+        while not self._proven and self._on_trial is not None:
+            await self._verdict.wait()
+        if self._proven:
+            return None
+        self._on_trial = token = object()
+        try:
+            paused = self.leases is not None and await self.leases.paused(self.server.name)
+        except RedisUnavailable:
+            paused = False  # the claims will say so in a moment
+        except BaseException:  # cancelled: the cutoff came
+            self.trial_over()
+            raise
+        if paused:
+            self.trial_over()
+            raise ServerPaused(f"{self.server.name} is paused")
+        return token
+
+    def trial_over(self) -> None:
+        """The connection on trial gave no verdict (it failed to open, or was given back): the
+        next waiting connection tries."""
+        self._on_trial = None
+        self._verdict.set()
+        self._verdict = asyncio.Event()
+
+    def proven(self) -> None:
+        """The server took a mail (or refused one for the recipient's sake): no more trials."""
+        if not self._proven:
+            self._proven = True
+            self.trial_over()
+
+    def broken(self) -> None:
+        """The server said it is broken for us: the next connections go one at a time again."""
+        self._proven = False
 
     async def _lease(self) -> str | None:
         """A place within the server's connection cap, waited for (the caller bounds the wait by
@@ -79,7 +151,7 @@ class ServerPool:
         lease = f"{_TOKEN}/{next(_LEASES)}"
         while True:
             try:
-                wait_us = await self.leases.open(self.server.name, self.size, lease)
+                wait_us, self._cap = await self.leases.open(self.server.name, self.size, lease)
             except RedisUnavailable:
                 return None
             if not wait_us:
@@ -89,7 +161,7 @@ class ServerPool:
     async def _renew(self, conn: Connection) -> None:
         if self.leases is not None and conn.lease is not None:
             with contextlib.suppress(RedisUnavailable):
-                await self.leases.open(self.server.name, self.size, conn.lease)
+                _, self._cap = await self.leases.open(self.server.name, self.size, conn.lease)
 
     def _unlease(self, lease: str | None, clean: bool) -> None:
         """End a connection's lease (in the background: closing never waits for Redis)."""
@@ -121,12 +193,14 @@ class ServerPool:
 
     def release(self, conn: Connection) -> None:
         """Give a connection back: kept for reuse if healthy, closed otherwise."""
+        if conn is self._on_trial:  # no verdict from it: the next waiting connection tries
+            self.trial_over()
         try:
             if self._closed or conn.broken or not conn.is_connected:
                 clean = not conn.broken
                 conn.close()
                 self._unlease(conn.lease, clean)
-            elif conn.mails >= self.server.max_mails_per_connection:
+            elif conn.mails >= self.server.max_mails_per_connection or self._cap < self.size:
                 task = asyncio.get_running_loop().create_task(conn.quit())
                 self._quitting.add(task)  # kept referenced until done; close() waits for them
                 task.add_done_callback(self._quitting.discard)

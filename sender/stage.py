@@ -43,9 +43,8 @@ from mailpipe import codec, redis_client
 from mailpipe import metrics as kernel_metrics
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.errors import BrokerUnavailable, ConfigError, InvalidMessage, RedisUnavailable
-from mailpipe.model import Batch, Category, Event, Job, Outcome, now_ms
-from mailpipe.pushback import Policy, Pushback
-from mailpipe.replies import classify
+from mailpipe.model import Batch, Category, Job, Outcome, now_ms
+from mailpipe.pushback import Policy, Pushback, tenant_events
 from mailpipe.retry import RetryPolicy
 from mailpipe.servers import ConfigWatcher, ServerConfig
 from mailpipe.settings import Settings
@@ -183,7 +182,8 @@ class SenderStage(Stage):
         return await deliver(flight.jobs, flight.server, self.smtp.pools.get(flight.server), 0.0, hold=hold,
                              plan=self.envelopes.planner(flight.server, self.watcher.current()),
                              margin_s=self.settings.send_margin_s,
-                             stop=lambda: self._stopping or flight.stopping, pace=self.smtp.pace)
+                             stop=lambda: self._stopping or flight.stopping, pace=self.smtp.pace,
+                             policy=Policy.of(flight.server, self.settings))
 
     def tick(self, broker: Broker) -> None:
         done = [f for f in self._in_flight if f.future.done()]
@@ -274,12 +274,12 @@ class SenderStage(Stage):
         server = flight.server
         if self._sync_redis is None:
             self._sync_redis = redis_client.connect(self.settings)
+        changes = list(result.changes)
         try:
-            changes = Pushback(self._sync_redis, self.settings.namespace).report(
+            changes += Pushback(self._sync_redis, self.settings.namespace).report(
                 server.name, Policy.of(server, self.settings), result.successes, result.signals)
         except RedisUnavailable as exc:
             log.warning("cannot report %d signal(s) of %s: %s", len(result.signals), server.name, exc.reason)
-            return
         samples = {s.rule: s.sample for s in result.signals}
         for change in changes:
             metrics.PACE_CHANGES.labels(server.name, change.kind).inc()
@@ -296,13 +296,7 @@ class SenderStage(Stage):
         config = self.watcher.current()
         tenants = {t.name for t in config.tenants.values() if flight.server.name in t.servers}
         tenants |= {job.tenant for job in flight.jobs}
-        code, _, text = sample.partition(" ")
-        reply = classify(int(code), text) if code.isdigit() else None
-        events = [Outgoing(f"{what}.{tenant}", codec.encode_event(Event(
-            job_id="", tenant=tenant, server=flight.server.name, outcome=what, recipients=(), attempt=0,
-            created_ms=0, at_ms=now_ms(), code=reply.code if reply else 0, text=reply.text if reply else "",
-            category=reply.category if reply else "", advice=reply.advice if reply else "",
-            batch_id=flight.batch.id)), exchange=self.topology.events, mandatory=False) for tenant in sorted(tenants)]
+        events = tenant_events(self.topology.events, flight.server.name, tenants, what, sample, flight.batch.id)
         try:
             broker.publish(events)
         except BrokerUnavailable as exc:

@@ -109,3 +109,19 @@ def test_the_connection_cap_holds_for_every_replica_together(client: redis.Redis
     assert [open_(f"s/{i}") for i in range(3)] == [True, True, True]
     client.zadd(keys[2], {"s/0": 0})
     assert open_("s/9")
+
+
+def test_a_server_that_says_it_is_broken_gets_one_connection_at_a_time(client: redis.Redis, namespace: str) -> None:
+    pb = Pushback(client, namespace)
+    policy = Policy(conf=3600.0, concurrency=3)
+    keys = server_keys(namespace, "s")
+
+    def open_(conn: str) -> bool:
+        return bool(int(LIBRARY.call(client, "pb_conn_open", keys, [3, conn, 60 * US])[0]))
+
+    pb.report("s", policy, 0, [Signal("server_broken", "auth-failed", 1.0, "x:connect", "535 5.7.8")])
+    assert [open_("sender0/1"), open_("sender1/2")] == [True, False]  # one trial, whichever replica
+    LIBRARY.call(client, "pb_conn_close", keys, [3, "sender0/1", 1])
+    assert open_("sender1/2")
+    pb.report("s", policy, 1, [])  # it took a mail: the whole cap again
+    assert [open_("sender0/3"), open_("sender0/4")] == [True, True]

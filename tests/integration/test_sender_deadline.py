@@ -69,7 +69,9 @@ def test_a_tarpit_that_holds_the_354_past_the_window_gets_no_body(settings: Sett
     [back] = bus.returned()
     assert sorted(r for raw in back.jobs for r in codec.decode_job(raw).recipients) == ["r0@example.com",
                                                                                    "r1@example.com"]
-    assert back.refund == 0  # touched under this grant: the server saw their envelopes
+    # r0 was touched under this grant (the server saw its envelope): no refund for it; r1 waited
+    # for the first connection's verdict on a server that had not yet taken a mail, untouched.
+    assert (back.refund, back.refund_tenants) == (1, {"acme": 1})
     assert bus.retries() == [] and bus.dead() == []
 
 
