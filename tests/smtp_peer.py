@@ -17,6 +17,11 @@ Behaviours a test can switch on, each before or while clients talk to it:
 - ``stall_after_data(seconds, times=None)``: hold the reply to DATA that long (the message is
   recorded once the stall is over, as a real server that is slow to answer may still deliver).
 - ``reply_delay_s``: every reply, the greeting included, is delayed that long.
+- ``limit(mails, per_s=60, connections=None)``: a server that enforces a real limit (a hosted
+  relay's plan, Microsoft 365's 30 a minute): at most ``mails`` accepted in any ``per_s``
+  seconds, ``451 4.7.1`` to RCPT above it; at most ``connections`` sessions open at once,
+  ``421 4.7.0`` at the greeting above it. ``limit(None)`` lifts it. ``throttled`` lists each
+  refusal as (time, "rate" | "connections").
 
 PIPELINING (RFC 2920) is offered unless ``pipelining=False``.
 
@@ -92,10 +97,26 @@ class _PeerSMTP(SMTP):
         await super().push(status)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._counted = True
+        if not self.peer._session_opened():
+            # One too many: refused at the greeting, as a busy server does.
+            self.peer._count_connection(transport)
+            transport.write(b"421 4.7.0 peer.test Too many connections, try again later\r\n")  # type: ignore[attr-defined]
+            transport.close()
+            self._refused = True
+            return
+        self._refused = False
         super().connection_made(transport)
         self.peer._count_connection(transport)
         if self.peer._take_drop("connect"):
             transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if getattr(self, "_counted", False):
+            self._counted = False
+            self.peer._session_closed()
+        if not getattr(self, "_refused", False):
+            super().connection_lost(exc)
 
 
 def _cut(server: SMTP) -> None:
@@ -135,6 +156,8 @@ class _Handler:
         refusal = self.peer._take_rule(self.peer._rcpt_rules, [address])
         if refusal is not None:
             return refusal
+        if self.peer._over_rate():
+            return "451 4.7.1 Rate limited: too many messages, try again later"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 OK"
@@ -185,6 +208,9 @@ class SmtpPeer:
         self._drops: dict[str, int] = {}
         self._stall_s = 0.0
         self._stall_times: int | None = None
+        self._limit: tuple[int | None, float, int | None] = (None, 60.0, None)
+        self._open = 0
+        self._throttled: list[tuple[float, str]] = []
         self._connections = 0
         self._mails = 0
         self._pipelined = 0
@@ -366,6 +392,41 @@ class SmtpPeer:
             self._stall_s = seconds
             self._stall_times = times
 
+    def limit(self, mails: int | None, per_s: float = 60.0, connections: int | None = None) -> None:
+        """Enforce (or with None, lift) a limit: ``mails`` per ``per_s`` s, ``connections`` at once."""
+        with self._lock:
+            self._limit = (mails, per_s, connections)
+
+    @property
+    def throttled(self) -> list[tuple[float, str]]:
+        with self._lock:
+            return list(self._throttled)
+
+    def _over_rate(self) -> bool:
+        with self._lock:
+            mails, per_s, _ = self._limit
+            if mails is None:
+                return False
+            since = time.time() - per_s
+            over = sum(1 for m in self._messages if m.time > since) >= mails
+            if over:
+                self._throttled.append((time.time(), "rate"))
+            return over
+
+    def _session_opened(self) -> bool:
+        """Count a session; False when it is one too many (refused at the greeting)."""
+        with self._lock:
+            self._open += 1
+            cap = self._limit[2]
+            if cap is not None and self._open > cap:
+                self._throttled.append((time.time(), "connections"))
+                return False
+            return True
+
+    def _session_closed(self) -> None:
+        with self._lock:
+            self._open -= 1
+
     def reset(self) -> None:
         """Forget every behaviour set (not the received messages)."""
         with self._lock:
@@ -373,6 +434,7 @@ class SmtpPeer:
             self._data_rules.clear()
             self._drops.clear()
             self._stall_s, self._stall_times = 0.0, None
+            self._limit = (None, 60.0, None)
 
     def _add_rule(self, rules: list[_Rule], match: Match, code: int, text: str, times: int | None) -> None:
         if not _REPLY.match(str(code)) or "\n" in text or "\r" in text:
