@@ -51,6 +51,7 @@ class Housekeeping:
         self.settings = settings
         self.next_at = 0.0
         self._finding: list[tuple[str, str]] | None = None  # (server, lane) still to look for
+        self._found = 0  # lanes found holding batches so far
 
     @property
     def marker(self) -> str:
@@ -63,7 +64,8 @@ class Housekeeping:
             return
         self.next_at = now + EVERY_S
         if self._finding is None and not self._marked():
-            log.warning("Redis does not know the lanes (restarted or flushed): looking for them in RabbitMQ")
+            log.info("Redis does not know the lanes (a first start, or Redis restarted or flushed): "
+                     "looking for them in RabbitMQ")
             self._finding = [(server, lane_id(tenant.name, priority)) for tenant in config.tenants.values()
                              for server in config.allowed_servers(tenant) for priority in ("high", "normal")]
         self._hold_off_paused_bulk(config)
@@ -104,13 +106,15 @@ class Housekeeping:
             if count is not None:
                 found.append((server, lane, count))
         self.lanes.found(found)
+        self._found += sum(1 for _, _, count in found if count)
         if not self._finding:
             self._finding = None
             try:
                 self.limiter.client.set(self.marker, int(time.time()))
             except redis.RedisError as exc:
                 raise RedisUnavailable(f"Redis: setting {self.marker} failed: {exc}") from exc
-            log.info("lanes looked for again in RabbitMQ: found every lane the servers file allows")
+            log.info("lanes looked for in RabbitMQ: %d of those the servers file allows hold batches", self._found)
+            self._found = 0
 
     def _close_idle(self, broker: Broker, config: Config) -> None:
         servers = sorted(set(config.servers) | set(self.limiter.active_servers()))

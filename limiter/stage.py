@@ -194,6 +194,7 @@ class LimiterStage(Stage):
                 self._note_credentials(config)
             self.housekeeping.run(broker, config, now)
             self._route(broker, config)
+            self.lanes.mark_pending()
             self._take(broker, config, now)
             self._decide(broker, config, now)
         except RedisUnavailable as exc:
@@ -223,6 +224,7 @@ class LimiterStage(Stage):
         dead: list[Outgoing] = []
         into_lanes: list[LaneBatch] = []
         acks: list[int] = []
+        dead_acks: list[int] = []
         try:
             for delivery in todo:
                 try:
@@ -230,12 +232,12 @@ class LimiterStage(Stage):
                     tenants = Tally(decode_job(job).tenant for job in batch.jobs)
                 except InvalidMessage as exc:
                     dead.append(self.dead_letter(delivery.body, exc.reason, Category.INVALID))
-                    acks.append(delivery.tag)
+                    dead_acks.append(delivery.tag)
                     continue
                 problem = unknown_names(batch, tenants, config)
                 if problem:
                     dead.append(self.dead_letter(delivery.body, problem, Category.CONFIG, server=batch.server))
-                    acks.append(delivery.tag)
+                    dead_acks.append(delivery.tag)
                     continue
                 if batch.refund and batch.refund_of:
                     self.limiter.refund(batch.server, batch.refund_of, batch.refund, Limits.of(
@@ -248,7 +250,12 @@ class LimiterStage(Stage):
             self.incoming = todo  # all of them again (a refund is applied once per grant)
             raise
         broker.publish(dead)
-        self.lanes.publish(broker, into_lanes)
+        broker.ack_all(dead_acks)
+        try:
+            self.lanes.publish(broker, into_lanes)
+        except RedisUnavailable:
+            self.incoming = [d for d in todo if d.tag not in dead_acks]  # kept, routed again later
+            raise
         broker.ack_all(acks)
         ROUTED.inc(len(into_lanes))
 
@@ -448,7 +455,11 @@ class LimiterStage(Stage):
         their lanes; ack; then end the holds in Redis."""
         back = [h for h in out.back if h in self.held]
         broker.publish(out.outgoing)
-        self.lanes.publish(broker, [self._rest(h) for h in back if h.remaining])
+        rests = [self._rest(h) for h in back if h.remaining]
+        try:
+            self.lanes.publish(broker, rests)
+        except RedisUnavailable:  # through ``batches`` (no Redis needed), routed again later
+            broker.publish([Outgoing(self.topology.batches, r.body, message_id=r.message_id) for r in rests])
         broker.ack_all([*out.acks, *(h.delivery.tag for h in back)])
         out.metrics(self.settings.metrics_tenant_label)
         gone = {id(h) for h in (*out.ended, *back)}

@@ -36,6 +36,19 @@ from mailpipe.settings import redact_url
 
 log = logging.getLogger(__name__)
 
+
+class _PassiveDeclares(logging.Filter):
+    """pika logs every channel the broker closes as a warning; a passive declare asking whether
+    a queue exists is answered that way (404) on the scratch channels listed here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not ("NOT_FOUND - no queue" in record.getMessage()
+                    and any(f"Channel number={n} " in record.getMessage() for n in _QUIET_CHANNELS))
+
+
+_QUIET_CHANNELS: set[int] = set()
+logging.getLogger("pika.channel").addFilter(_PassiveDeclares())
+
 PERSISTENT = pika.DeliveryMode.Persistent
 
 # pika reads 4 KB per recv(), and appends each read to its frame buffer: an 80 MB batch took
@@ -354,11 +367,13 @@ class Broker:
 
     def message_count(self, queue: str) -> int | None:
         """Messages ready in ``queue``, or None when it does not exist. A passive declare on a
-        channel of its own: the broker closes a channel that asks for a missing queue."""
+        channel of its own: the broker closes a channel that asks for a missing queue (an
+        answer here, not a warning in the log)."""
         conn = self._connection()
         with _translated(f"declare {queue} (passive)"):
             if self._scratch_ch is None or not self._scratch_ch.is_open:
                 self._scratch_ch = conn.channel()
+                _QUIET_CHANNELS.add(self._scratch_ch.channel_number)
             try:
                 return int(self._scratch_ch.queue_declare(queue, passive=True).method.message_count)
             except pika.exceptions.ChannelClosedByBroker as exc:

@@ -130,7 +130,10 @@ class LaneBatch:
 class LanePublisher:
     """Publishes batches into their lanes, confirmed, following the protocol above. Raises
     ``RedisUnavailable`` before publishing anything when Redis does not answer (the caller
-    publishes to ``batches`` instead, or retries later)."""
+    publishes to ``batches`` instead, or retries later), never after: once the batches are
+    confirmed in their lanes the inputs may be acked, and a ``lane_exit`` Redis refused is made
+    on the next publish (or ``mark_pending``); meanwhile the publish leases keep those lanes
+    from being deleted, and a lane found not empty when it is closed is marked present."""
 
     def __init__(self, client: redis.Redis, namespace: str, topology: Topology, *,
                  token: str | None = None, wait_replicas: int = 0) -> None:
@@ -140,8 +143,10 @@ class LanePublisher:
         self.token = token or process_token()
         self.wait_replicas = wait_replicas
         self._declared: dict[str, int] = {}  # queue -> generation it was declared at
+        self._unmarked: dict[tuple[str, str], int] = {}  # published, lane_exit still to make
 
     def publish(self, broker: Broker, batches: Sequence[LaneBatch]) -> None:
+        self.mark_pending()
         if not batches:
             return
         lanes = sorted({(b.server, b.lane) for b in batches})
@@ -158,10 +163,19 @@ class LanePublisher:
             for queue in {m.routing_key for m in returned}:
                 self.topology.declare_lane(broker.channel(), queue)
             returned = broker.publish(returned, allow_returns=True)
-        mails: dict[tuple[str, str], int] = {}
         for b in batches:
-            mails[(b.server, b.lane)] = mails.get((b.server, b.lane), 0) + b.mails
-        self._exit(mails)
+            self._unmarked[(b.server, b.lane)] = self._unmarked.get((b.server, b.lane), 0) + b.mails
+        self.mark_pending()
+
+    def mark_pending(self) -> None:
+        """Mark present the lanes published into whose ``lane_exit`` Redis refused (best effort)."""
+        if not self._unmarked:
+            return
+        try:
+            self._exit(self._unmarked)
+        except RedisUnavailable:
+            return
+        self._unmarked = {}
 
     def _enter(self, lanes: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
         """Register the publishes; a lane being deleted is asked for again until it is not."""

@@ -96,6 +96,7 @@ class PackerStage(Stage):
 
     def tick(self, broker: Broker) -> None:
         self.ship(broker, self.packer.due(time.monotonic()))
+        self.lanes.mark_pending()
 
     def drain(self, broker: Broker, deadline: float) -> None:
         self.ship(broker, self.packer.close_all())
