@@ -57,7 +57,6 @@ GAUGE_EVERY_S = 10.0
 # and a thread that wakes for a few reports pays for its cold caches each time (py-spy: about
 # 1.8 ms a round besides 0.6 ms a report). A report waits at most this long for others.
 ROUND_LINGER_S = 0.1
-RATIOS_SOON_S = 1.0  # a tenant's ratios after its report, on the dashboard within about this
 
 
 class InboundStage(Stage):
@@ -80,12 +79,10 @@ class InboundStage(Stage):
         self._held_since = 0.0
         self._tenants_of: Config | None = None
         self._tenant_names: tuple[str, ...] = ()
-        # Per tenant (MAILPIPE_METRICS_TENANT_LABEL): the ratios of every tenant this replica has
-        # weighed a report for, read again every GAUGE_EVERY_S, so they come down as its window
-        # slides or once it is resumed, rather than staying at the value of its last change.
-        self._ratio_tenants: set[str] = set()
-        self._ratios_due: set[str] = set()
-        self._ratios_at = 0.0
+        # Per tenant (MAILPIPE_METRICS_TENANT_LABEL): the ratios of the tenants this replica weighs
+        # reports for, as they are now (read again while exported, as the sender's are).
+        self.ratios = (feedback.RatioGauges(self.redis, settings.namespace, self.thresholds)
+                       if settings.metrics_tenant_label else None)
 
     @property
     def input_queue(self) -> str:
@@ -161,8 +158,8 @@ class InboundStage(Stage):
                                                self.thresholds))
         except redis.RedisError as exc:
             raise RedisUnavailable(f"Redis: cannot record reports: {exc}") from exc
-        if self.settings.metrics_tenant_label:
-            self._ratios_due.update(f.tenant for f in findings if f.shared)
+        if self.ratios is not None:
+            self.ratios.note(f.tenant for f in findings if feedback.weighs(f))
         out: list[Outgoing] = []
         for delivery, raw, kind, resolved in read_ones:
             out.append(self._archived(raw, kind, resolved.tenant))
@@ -217,29 +214,13 @@ class InboundStage(Stage):
         now = time.monotonic()
         if self._held and now - self._held_since >= ROUND_LINGER_S:
             self._flush(broker)
-        if self._ratios_due and now - self._ratios_at >= RATIOS_SOON_S and self._export_ratios(self._ratios_due):
-            self._ratios_due = set()
+        if self.ratios is not None:
+            self.ratios.tick()
         if now - self._gauge_at < GAUGE_EVERY_S:
             return
         self._gauge_at = now
         with contextlib.suppress(redis.RedisError):  # the gauge waits for the next tick
             feedback.PAUSED_TENANTS.set(len(reputation.paused_tenants(self.redis, self.settings.namespace)))
-        self._export_ratios(self._ratio_tenants)
-
-    def _export_ratios(self, tenants: set[str]) -> bool:
-        """Each tenant's hard-bounce and complaint ratios over its last sends on shared servers,
-        as they are now (one read each: the reputation events carry them only on a change).
-        False when Redis did not answer (the next tick tries again)."""
-        self._ratios_at = time.monotonic()
-        for tenant in sorted(tenants):
-            try:
-                standing = reputation.standing(self.redis, self.settings.namespace, tenant, self.thresholds)
-            except redis.RedisError:
-                return False
-            feedback.TENANT_BOUNCE_RATIO.labels(tenant).set(standing.bounce_ratio)
-            feedback.TENANT_COMPLAINT_RATIO.labels(tenant).set(standing.complaint_ratio)
-            self._ratio_tenants.add(tenant)
-        return True
 
     def drain(self, broker: Broker, deadline: float) -> None:
         """The reports held for their round are done; no new SMTP session or POST; what they took

@@ -14,7 +14,9 @@ contract; decoding follows the codec's rules (mailpipe/codec.py).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -132,17 +134,21 @@ TENANT_UNSUBSCRIBES = Counter("mailpipe_tenant_unsubscribes_total", "Unsubscribe
 TENANT_SUPPRESSIONS = Counter("mailpipe_tenant_suppressions_total", "Addresses newly suppressed per tenant.",
                               ["tenant", "kind"])
 TENANT_BOUNCE_RATIO = Gauge("mailpipe_tenant_bounce_ratio",
-                            "Hard bounces over the tenant's last sends on shared servers, as last weighed.",
+                            "Hard bounces over the tenant's last sends on shared servers, read again every 10 s.",
                             ["tenant"])
 TENANT_COMPLAINT_RATIO = Gauge("mailpipe_tenant_complaint_ratio",
-                               "Complaints over the tenant's last sends on shared servers, as last weighed.",
+                               "Complaints over the tenant's last sends on shared servers, read again every 10 s.",
                                ["tenant"])
+TENANT_WINDOW_SENDS = Gauge("mailpipe_tenant_window_sends",
+                            "Sends on shared servers in the window of the tenant's ratios (judged from "
+                            "MAILPIPE_REPUTATION_MIN_SENDS on), read again every 10 s.", ["tenant"])
 PAUSED_TENANTS = Gauge("mailpipe_reputation_paused_tenants",
                        "Tenants whose bulk mail to shared servers is paused (mailpipe tenants resume).")
 
 
 def count(feedback: Feedback, *, tenant_label: bool, suppression_kind: str = "") -> None:
-    """Count one event in the metrics (per tenant too when ``tenant_label``)."""
+    """Count one event in the metrics (per tenant too when ``tenant_label``). A ``reputation``
+    event's ratios are those of its moment, so they are not set here: RatioGauges reads them."""
     tenant = feedback.tenant
     if feedback.type == FeedbackType.BOUNCED:
         BOUNCES.labels(feedback.bounce_class, feedback.source).inc()
@@ -160,9 +166,102 @@ def count(feedback: Feedback, *, tenant_label: bool, suppression_kind: str = "")
         SUPPRESSIONS.labels(suppression_kind).inc()
         if tenant_label:
             TENANT_SUPPRESSIONS.labels(tenant, suppression_kind).inc()
-    elif feedback.type == FeedbackType.REPUTATION and tenant_label:
-        TENANT_BOUNCE_RATIO.labels(tenant).set(feedback.bounce_ratio)
-        TENANT_COMPLAINT_RATIO.labels(tenant).set(feedback.complaint_ratio)
+
+
+RATIOS_SOON_S = 1.0  # a tenant's ratios after its report: exported within about this
+RATIOS_EVERY_S = 10.0  # every exported ratio read again this often
+RATIOS_FORGET_S = 600.0  # a tenant at 0% and 0%, neither noted nor paused this long: its series goes
+RATIOS_MAX_TENANTS = 10_000  # beyond, the tenant that mattered least recently goes
+
+
+class RatioGauges:
+    """Per tenant (MAILPIPE_METRICS_TENANT_LABEL), the hard-bounce and complaint ratios, and the
+    sends they are over (a tenant is judged from reputation_min_sends on), as they are now, in
+    every process that weighs reports (the sender: synchronous bounces; the inbound stage: DSNs
+    and complaints). The dashboard and the alerts take ``max by (tenant)`` across processes, so
+    no process may keep a value that is no longer true: every series this process exports is
+    read again every RATIOS_EVERY_S (its window slides with sends made by any sender; ``mailpipe
+    tenants resume`` resets it), or removed.
+
+    Exported: the tenants ``note``d here (within RATIOS_SOON_S of the note), and every paused
+    tenant (a replica that starts after the pause shows it too). A tenant whose ratios read 0 and
+    0, and that was neither noted nor paused for RATIOS_FORGET_S, is forgotten and its series
+    removed: it can only come back by a report, which notes it again; one still above 0 stays, so
+    its alert holds while its sends are few. A Redis error skips the read; the next full read
+    (RATIOS_EVERY_S later) tries again. One thread: the stage's."""
+
+    def __init__(self, client: redis.Redis, namespace: str, thresholds: reputation.Thresholds, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._client = client
+        self._namespace = namespace
+        self._thresholds = thresholds
+        self._clock = clock
+        self._mattered: dict[str, float] = {}  # exported tenant -> when it last mattered, oldest first
+        self._due: set[str] = set()  # noted, not read since
+        self._soon_at = -math.inf  # the last read of the noted ones
+        self._every_at = -math.inf  # the last full read
+
+    @property
+    def tenants(self) -> frozenset[str]:
+        """The tenants whose series this process exports."""
+        return frozenset(self._mattered)
+
+    def note(self, tenants: Iterable[str]) -> None:
+        """These tenants' ratios changed (a report weighed in them): exported soon, then kept."""
+        now = self._clock()
+        for tenant in tenants:
+            self._matters(tenant, now)
+            self._due.add(tenant)
+        self._bound()
+
+    def tick(self) -> None:
+        """Read the ratios due: every one each RATIOS_EVERY_S, the noted ones within RATIOS_SOON_S."""
+        now = self._clock()
+        if now - self._every_at >= RATIOS_EVERY_S:
+            self._every_at = self._soon_at = now
+            self._read(self._mattered, full=True)
+        elif self._due and now - self._soon_at >= RATIOS_SOON_S:
+            self._soon_at = now
+            self._read(self._due, full=False)
+
+    def _read(self, tenants: Iterable[str], *, full: bool) -> None:
+        try:
+            standings = reputation.standings(self._client, self._namespace, tenants, self._thresholds,
+                                             and_paused=full)
+        except (redis.RedisError, ValueError):  # ValueError: a hash that reputation.lua did not write
+            # Not again before the next full read (it has the noted ones): a Redis that hangs
+            # would hold the stage's thread for its timeout on every try.
+            self._due.clear()
+            return
+        now = self._clock()
+        for standing in standings:
+            tenant = standing.tenant
+            self._due.discard(tenant)
+            TENANT_BOUNCE_RATIO.labels(tenant).set(standing.bounce_ratio)
+            TENANT_COMPLAINT_RATIO.labels(tenant).set(standing.complaint_ratio)
+            TENANT_WINDOW_SENDS.labels(tenant).set(standing.sends_in_window)
+            if (tenant not in self._mattered  # a paused one, new here
+                    or standing.bounce_ratio or standing.complaint_ratio or standing.after == reputation.PAUSED):
+                self._matters(tenant, now)
+        if full:
+            for tenant in [t for t, at in self._mattered.items() if now - at > RATIOS_FORGET_S]:
+                self._forget(tenant)
+        self._bound()
+
+    def _matters(self, tenant: str, now: float) -> None:
+        self._mattered.pop(tenant, None)  # to the end: the order is of when each last mattered
+        self._mattered[tenant] = now
+
+    def _bound(self) -> None:
+        while len(self._mattered) > RATIOS_MAX_TENANTS:
+            self._forget(next(iter(self._mattered)))
+
+    def _forget(self, tenant: str) -> None:
+        del self._mattered[tenant]
+        self._due.discard(tenant)
+        TENANT_BOUNCE_RATIO.remove(tenant)
+        TENANT_COMPLAINT_RATIO.remove(tenant)
+        TENANT_WINDOW_SENDS.remove(tenant)
 
 
 # -- from a finding to its records and events ---------------------------------------------------------
@@ -207,7 +306,7 @@ def apply_many(client: redis.Redis, namespace: str, findings: Sequence[Finding],
         suppression.Record(findings[i].tenant, findings[i].recipient, k, _why(findings[i], primaries[i]),
                            primaries[i].id) for i, k in todo], policy)
     events = [[p] for p in primaries]
-    weighs: list[int] = []
+    weighed: list[int] = []
     for (i, kind), done in zip(todo, recorded, strict=True):
         finding, primary = findings[i], primaries[i]
         ttl = done.ttl_s
@@ -222,12 +321,12 @@ def apply_many(client: redis.Redis, namespace: str, findings: Sequence[Finding],
                 reason=f"{kind}" + (f" ({done.soft_count} soft bounces)" if kind == suppression.Kind.SOFT_BOUNCE
                                     else ""),
                 code=primary.code, status=primary.status, text=primary.text))
-        if finding.shared and (kind == suppression.Kind.HARD_BOUNCE or finding.type == FeedbackType.COMPLAINED):
-            weighs.append(i)
+        if weighs(finding):
+            weighed.append(i)
     standings = reputation.record_reports(client, namespace, [
         (findings[i].tenant, "complaint" if findings[i].type == FeedbackType.COMPLAINED else "bounce", primaries[i].id)
-        for i in weighs], thresholds, findings[weighs[0]].at_ms if weighs else 0)
-    for i, standing in zip(weighs, standings, strict=True):
+        for i in weighed], thresholds, findings[weighed[0]].at_ms if weighed else 0)
+    for i, standing in zip(weighed, standings, strict=True):
         if standing.changed:
             events[i].append(Feedback(
                 id=event_id(primaries[i].id, FeedbackType.REPUTATION), type=FeedbackType.REPUTATION,
@@ -235,6 +334,13 @@ def apply_many(client: redis.Redis, namespace: str, findings: Sequence[Finding],
                 bounce_ratio=standing.bounce_ratio, complaint_ratio=standing.complaint_ratio,
                 reason=_reputation_reason(standing, thresholds)))
     return events
+
+
+def weighs(finding: Finding) -> bool:
+    """Whether a finding weighs in its tenant's reputation: a hard bounce or a complaint of a
+    mail sent through a shared (platform) server."""
+    return finding.shared and (finding.type == FeedbackType.COMPLAINED
+                               or _suppression_kind(finding) == suppression.Kind.HARD_BOUNCE)
 
 
 def _primary(finding: Finding) -> Feedback:

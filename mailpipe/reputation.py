@@ -19,7 +19,7 @@ bounce_ratio, complaint_ratio). A Lua script may read it directly: ``HEXISTS <ns
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, cast
@@ -163,8 +163,34 @@ def resume(client: redis.Redis, namespace: str, tenant: str) -> bool:
 
 def standing(client: redis.Redis, namespace: str, tenant: str, thresholds: Thresholds) -> Standing:
     """A tenant's ratios now, without recording anything (``mailpipe status``)."""
-    data = {_text(k): _text(v) for k, v in cast(dict[bytes, bytes],
-                                                 client.hgetall(tenant_key(namespace, tenant))).items()}
+    return _weighed(tenant, cast(dict[bytes, bytes], client.hgetall(tenant_key(namespace, tenant))), thresholds)
+
+
+READ_CHUNK = 500  # tenants read per round trip by ``standings``: a reply of a few hundred kB at most
+
+
+def standings(client: redis.Redis, namespace: str, tenants: Iterable[str], thresholds: Thresholds, *,
+              and_paused: bool = False) -> list[Standing]:
+    """``standing`` of each tenant (once each, sorted), in one round trip per READ_CHUNK tenants;
+    ``and_paused``: every paused tenant's too (one round trip more, for their names)."""
+    names = set(tenants)
+    if and_paused:
+        names.update(_text(name) for name in cast(list[bytes], client.hkeys(paused_key(namespace))))
+    ordered = sorted(names)
+    out: list[Standing] = []
+    for start in range(0, len(ordered), READ_CHUNK):
+        chunk = ordered[start:start + READ_CHUNK]
+        with client.pipeline(transaction=False) as pipe:
+            for tenant in chunk:
+                pipe.hgetall(tenant_key(namespace, tenant))
+            replies = cast(list[dict[bytes, bytes]], pipe.execute())
+        out += [_weighed(tenant, data, thresholds) for tenant, data in zip(chunk, replies, strict=True)]
+    return out
+
+
+def _weighed(tenant: str, raw: Mapping[Any, Any], thresholds: Thresholds) -> Standing:
+    """The ratios of a tenant's hash as ``reputation.lua`` weighs them (the same window)."""
+    data = {_text(k): _text(v) for k, v in raw.items()}
     size = max(1, thresholds.window_sends // 10)
     sends = int(data.get("sends", 0))
     bucket = sends // size

@@ -72,10 +72,11 @@ class Envelopes:
 
 
 def aftermath(client: redis.Redis, settings: Settings, topology: Topology, server: ServerConfig,
-              outcomes: Sequence[JobOutcome]) -> list[Outgoing]:
+              outcomes: Sequence[JobOutcome], ratios: feedback.RatioGauges | None = None) -> list[Outgoing]:
     """Record what a finished batch's replies say about its recipients and tenants; return the
-    events to publish with the batch's outputs. Redis errors propagate (the caller logs them:
-    a missed count is not worth a redelivery)."""
+    events to publish with the batch's outputs (``ratios``: told of the tenants whose reputation
+    a bounce weighed in). Redis errors propagate (the caller logs them: a missed count is not
+    worth a redelivery)."""
     delivered = [(o.job.tenant, r) for o in outcomes for r in o.sent]
     suppression.delivered(client, settings.namespace, delivered)
     if server.platform:
@@ -97,7 +98,10 @@ def aftermath(client: redis.Redis, settings: Settings, topology: Topology, serve
                              server=job.server, shared=server.platform, reply=reply, remote_mta=server.name)
                      for recipient, reply, why in final if reply.bounce != BounceClass.NONE]
     out: list[Outgoing] = []
-    for events in feedback.apply_many(client, settings.namespace, findings, policy, thresholds):
+    applied = feedback.apply_many(client, settings.namespace, findings, policy, thresholds)
+    if ratios is not None:
+        ratios.note(f.tenant for f in findings if feedback.weighs(f))
+    for events in applied:
         for event in events:
             out.append(Outgoing(event.routing_key, encode_feedback(event), exchange=topology.events,
                                 mandatory=False, message_id=event.id))

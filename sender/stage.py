@@ -43,8 +43,10 @@ from mailpipe import codec, redis_client
 from mailpipe import metrics as kernel_metrics
 from mailpipe.amqp import Broker, Delivery, Outgoing
 from mailpipe.errors import BrokerUnavailable, ConfigError, InvalidMessage, RedisUnavailable
+from mailpipe.feedback import RatioGauges
 from mailpipe.model import Batch, Category, Job, Outcome, now_ms
 from mailpipe.pushback import Policy, Pushback, tenant_events
+from mailpipe.reputation import Thresholds
 from mailpipe.retry import RetryPolicy
 from mailpipe.servers import ConfigWatcher, ServerConfig
 from mailpipe.settings import Settings
@@ -99,6 +101,7 @@ class SenderStage(Stage):
         self._in_flight: list[_InFlight] = []
         self._stopping = False
         self._sync_redis: redis.Redis | None = None  # for suppression, from the main thread
+        self._ratios: RatioGauges | None = None  # per tenant, with the sync client (issue 23)
         self._last_reap = time.monotonic()
         self._releases: list[_Release] = []
 
@@ -195,6 +198,8 @@ class SenderStage(Stage):
         if done:
             kernel_metrics.IN_FLIGHT.labels(self.name).set(len(self._in_flight))
         self._settle_releases()
+        if self._ratios is not None:
+            self._ratios.tick()
         if time.monotonic() - self._last_reap > REAP_EVERY_S and self.smtp.pools is not None:
             self._last_reap = time.monotonic()
             self.smtp.submit(self.smtp.pools.reap())
@@ -362,8 +367,11 @@ class SenderStage(Stage):
         its server again next time."""
         if self._sync_redis is None:
             self._sync_redis = redis_client.connect(self.settings)
+        if self._ratios is None and self.settings.metrics_tenant_label:
+            self._ratios = RatioGauges(self._sync_redis, self.settings.namespace,
+                                       Thresholds.from_settings(self.settings))
         try:
-            return aftermath(self._sync_redis, self.settings, self.topology, server, outcomes)
+            return aftermath(self._sync_redis, self.settings, self.topology, server, outcomes, self._ratios)
         except (redis.RedisError, OSError) as exc:
             log.warning("cannot record what the replies of %d mail(s) say: %s", len(outcomes), exc)
             return []
