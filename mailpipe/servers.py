@@ -156,6 +156,7 @@ class ServerConfig:
     # domain, whose MX is the inbound stage. None: the platform's (MAILPIPE_RETURN_PATH_DOMAIN)
     # for a platform server, no VERP for any other.
     return_path_domain: str | None = None
+    credentials_file: str | None = None  # where the credentials came from: watched for changes
 
 
 @dataclass(frozen=True)
@@ -345,6 +346,7 @@ def _server(name: str, table: dict[str, Any], where: str, environ: Any) -> Serve
         tls_verify=True if tls_verify is None else tls_verify, ca_file=ca_file,
         max_mails_per_connection=max_per_conn, platform=_typed(table, "platform", bool, where) or False,
         return_path_domain=_return_path_domain(table, where),
+        credentials_file=_typed(table, "credentials_file", str, where),
     )
 
 
@@ -522,6 +524,13 @@ def _typed(table: dict[str, Any], key: str, kind: type, where: str, required: bo
     return value
 
 
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 class ConfigWatcher:
     """Holds the current config and re-reads the file when its mtime changes.
 
@@ -531,25 +540,22 @@ class ConfigWatcher:
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self._mtime = self._stat()
         self.config = load_config(path)
+        self._mtime = self._stat()
         self.last_error: str | None = None
 
-    def _stat(self) -> float | None:
-        if self.path is None:
-            return None
-        try:
-            return self.path.stat().st_mtime_ns
-        except OSError:
-            return None
+    def _stat(self) -> tuple[int | None, ...]:
+        """The servers file's mtime, and each credentials file's: a password changed in its own
+        file (a rotated secret) is read again too, and resumes its server if it paused it."""
+        files = [self.path, *(Path(s.credentials_file) for s in self.config.servers.values() if s.credentials_file)]
+        return tuple(_mtime_ns(f) for f in files if f is not None)
 
     def current(self) -> Config:
-        mtime = self._stat()
-        if mtime != self._mtime:
-            self._mtime = mtime
+        if self._stat() != self._mtime:
             try:
                 self.config = load_config(self.path)
                 self.last_error = None
             except ConfigError as exc:
                 self.last_error = exc.reason
+            self._mtime = self._stat()  # the files the config now names
         return self.config

@@ -311,6 +311,21 @@ def test_watcher_picks_up_a_change(tmp_path: Path) -> None:
     assert watcher.last_error is None
 
 
+def test_watcher_reads_a_changed_credentials_file_again(tmp_path: Path) -> None:
+    """A rotated secret in its own file (the servers file untouched) is read again: its server,
+    paused for a wrong password, resumes on the new fingerprint (mailpipe/pushback.py)."""
+    creds = tmp_path / "relay-credentials"
+    creds.write_text("mailer old-password\n", encoding="utf-8")
+    path = write(tmp_path, f'[servers.p]\naddress = "h:587"\ncredentials_file = "{creds}"\n')
+    watcher = ConfigWatcher(path)
+    first = watcher.current()
+    assert watcher.current() is first  # nothing changed: not read again
+    creds.write_text("mailer new-password\n", encoding="utf-8")
+    bump_mtime(creds, 1)
+    credentials = watcher.current().server("p").credentials
+    assert credentials is not None and credentials.password == "new-password"
+
+
 def test_watcher_keeps_the_last_good_config(tmp_path: Path) -> None:
     path = write(tmp_path, '[servers.p]\naddress = "h"\nrate_per_hour = 100\n')
     watcher = ConfigWatcher(path)
