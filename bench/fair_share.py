@@ -48,10 +48,8 @@ import matplotlib.pyplot as plt
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from limiter.gcra import worst_window  # noqa: E402
-from mailpipe import redis_client  # noqa: E402
 from mailpipe.amqp import Broker  # noqa: E402
-from mailpipe.demo import stage_env, wait_for_consumers  # noqa: E402
-from mailpipe.lanes import known_queues  # noqa: E402
+from mailpipe.demo import delete_namespace, stage_env, wait_for_consumers  # noqa: E402
 from mailpipe.model import IntakeRequest, new_id, now_ms  # noqa: E402
 from mailpipe.services import ensure  # noqa: E402
 from mailpipe.settings import Settings  # noqa: E402
@@ -169,7 +167,7 @@ def main() -> None:
             for proc in procs.values():
                 proc.send_signal(signal.SIGTERM)
             codes = {name: proc.wait(60) for name, proc in procs.items()}
-            cleanup(settings, topology)
+            delete_namespace(settings, topology)
         received = sink.snapshot()
 
     def tenant(r: Any) -> str:
@@ -260,20 +258,6 @@ def draw(times: dict[str, list[float]], origin: float, path: Path, rate: int) ->
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def cleanup(settings: Settings, topology: Topology) -> None:
-    client = redis_client.connect(settings)
-    lanes = known_queues(client, topology.namespace)
-    broker = Broker(settings.amqp_endpoints, client_name="bench-fair-cleanup").connect()
-    channel = broker.channel()
-    for queue in (*topology.all_queues, *lanes):
-        channel.queue_delete(queue)
-    channel.exchange_delete(topology.events)
-    broker.close()
-    for key in client.scan_iter(match=f"*{topology.namespace}*", count=1000):
-        client.delete(key)
-    client.close()
 
 
 if __name__ == "__main__":

@@ -231,7 +231,7 @@ def run_pipeline(settings: Settings, mails: int, size: int, rate_per_hour: int |
             for proc in procs.values():
                 proc.send_signal(signal.SIGTERM)
             codes = {stage: _wait(proc) for stage, proc in procs.items()}
-            _delete(settings, topology)
+            delete_namespace(settings, topology)
             broker.close()
         received = sink.snapshot()
 
@@ -360,7 +360,7 @@ def _wait(proc: subprocess.Popen[bytes], timeout_s: float = 40.0) -> int:
         return proc.wait()
 
 
-def _delete(settings: Settings, topology: Topology) -> None:
+def delete_namespace(settings: Settings, topology: Topology) -> None:
     """The demo's namespace is its own: remove its queues and its Redis keys. On a connection
     of its own: the demo's may be the very thing that failed."""
     lanes: set[str] = set()
