@@ -597,6 +597,35 @@ def test_the_rules_alert_on_what_ops_asked_for() -> None:
         assert needle in exprs[alert], alert
 
 
+def test_the_send_rate_alert_measures_against_the_effective_rate(tmp_path: Path) -> None:
+    """A server that pushed back is sent at its effective rate: no "below its limit" alert for
+    that (MailpipeServerSlowedDown says it), nor while it is paused; below 80% of the effective
+    rate while batches wait, the alert fires. promtool's rule unit tests, on series written here."""
+    promtool = require_tool("promtool", "prometheus")
+    sent_per_min = {"slow": 50, "cut": 50, "paused": 0}  # mails a minute, counter steps
+    series = []
+    for server, per_min in sent_per_min.items():
+        series += [
+            {"series": f'mailpipe_sender_mails_total{{server="{server}",outcome="sent"}}',
+             "values": f"0+{per_min}x40"},
+            {"series": f'mailpipe_server_limit_mails_per_hour{{server="{server}"}}', "values": "36000x40"},
+            {"series": f'mailpipe_limiter_held_batches{{server="{server}"}}', "values": "3x40"},
+            {"series": f'mailpipe_server_effective_rate_mails_per_hour{{server="{server}"}}',
+             "values": f"{3000 if server == 'cut' else 36000}x40"},
+            {"series": f'mailpipe_server_paused{{server="{server}"}}', "values": f"{int(server == 'paused')}x40"},
+        ]
+    tests = {"rule_files": [str(DEPLOY / "prometheus" / "rules.yml")], "evaluation_interval": "1m",
+             "tests": [{"interval": "1m", "input_series": series, "alert_rule_test": [{
+                 "eval_time": "35m", "alertname": "MailpipeSendRateBelowLimit",
+                 "exp_alerts": [{"exp_labels": {"server": "slow", "severity": "warning"}, "exp_annotations": {
+                     "summary": "slow sends 3k mails/h, under 80 % of its limit, while batches wait",
+                     "description": "See the dashboard's failures, refunds and grant-wait panels for why."}}]}]}]}
+    path = tmp_path / "tests.yml"
+    path.write_text(yaml.safe_dump(tests), encoding="utf-8")
+    done = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_the_dashboard_is_grafana_json_on_the_provisioned_datasource() -> None:
     board = json.loads((DEPLOY / "grafana" / "mailpipe.json").read_text())
     datasources = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")
