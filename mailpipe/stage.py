@@ -3,6 +3,11 @@ with a capped backoff, serve metrics and health, and stop cleanly on SIGTERM.
 
 A stage subclasses ``Stage`` and reads top to bottom in its ``handle``: decide, publish
 (confirmed), then ack. The runner never acks for it.
+
+An error that reaches the runner drops the session: everything the stage held unacked is
+redelivered, and counted towards the delivery limit. So a stage that needs Redis for a message
+does not raise while Redis is away: it holds the message unacked and asks Redis again with a
+backoff (``RedisOutage``, below), as the limiter does.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, ClassVar
 
+from prometheus_client import Gauge
+
 from mailpipe import metrics
 from mailpipe.amqp import Broker, Delivery, Outgoing
-from mailpipe.errors import ConfigError, MailpipeError, TransientError
+from mailpipe.errors import ConfigError, MailpipeError, RedisUnavailable, TransientError
 from mailpipe.model import Category
 from mailpipe.settings import Settings
 from mailpipe.topology import DEAD_REASON, DEAD_STAGE, Topology
@@ -84,6 +91,77 @@ class Stage(ABC):
         return Outgoing(self.topology.dead, body, headers={
             DEAD_REASON: reason, DEAD_STAGE: self.name, "x-mailpipe-category": category,
             "x-mailpipe-at-ms": int(time.time() * 1000), **headers})
+
+
+# -- waiting for Redis: a stage fails closed and keeps its session ---------------------------------
+
+FAILING_CLOSED = Gauge("mailpipe_failing_closed",
+                       "1 while Redis does not answer: the stage holds the input that needs it unacked "
+                       "(none of it lost or dead-lettered) and asks Redis again with a backoff.", ["stage"])
+WAITING_FOR_REDIS = Gauge("mailpipe_waiting_for_redis_messages",
+                          "Messages a stage holds unacked until Redis answers again.", ["stage"])
+REDIS_BACKOFF_MIN_S = 0.5
+REDIS_BACKOFF_MAX_S = 5.0  # back to work within seconds of Redis answering again
+
+
+class RedisOutage:
+    """A stage's view of Redis while it does not answer, so that the stage holds its messages
+    rather than raising (which would drop the session and have the whole unacked window
+    redelivered, and counted, about once a second: a few minutes of outage reach the delivery
+    limit). One warning when an outage starts, one line when it ends, ``mailpipe_failing_closed``
+    meanwhile.
+
+    The stage calls ``failed`` on a RedisUnavailable, holds what needed Redis, and asks again
+    once ``retry()`` says so (after a backoff doubling from REDIS_BACKOFF_MIN_S to
+    REDIS_BACKOFF_MAX_S); while that try is under way ``ask()`` is True, and ``tried()`` ends the
+    outage if nothing failed meanwhile: a Redis that answers PING but not the stage's calls (its
+    writes paused, say) is still the same outage.
+    """
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.down = False
+        self.trying = False
+        self.since = 0.0
+        self.retry_at = 0.0
+        self.backoff_s = REDIS_BACKOFF_MIN_S
+        FAILING_CLOSED.labels(stage).set(0)
+        WAITING_FOR_REDIS.labels(stage).set(0)
+
+    def ask(self) -> bool:
+        """Whether to call Redis now: it answered last time, or a try is under way."""
+        return not self.down or self.trying
+
+    def failed(self, exc: RedisUnavailable, holding: str) -> None:
+        now = time.monotonic()
+        if not self.down:
+            self.down, self.since, self.backoff_s = True, now, REDIS_BACKOFF_MIN_S
+            FAILING_CLOSED.labels(self.stage).set(1)
+            log.warning("waiting for Redis, %s, asking again every %g s at most: %s", holding,
+                        REDIS_BACKOFF_MAX_S, exc.reason, extra={"stage": self.stage})
+        self.trying = False
+        self.retry_at = now + self.backoff_s
+        self.backoff_s = min(self.backoff_s * 2, REDIS_BACKOFF_MAX_S)
+
+    def retry(self) -> bool:
+        """Down, and its backoff is over: a try starts (``ask()`` is True until it fails)."""
+        if self.down and time.monotonic() >= self.retry_at:
+            self.trying = True
+        return self.trying
+
+    def tried(self, done: str) -> None:
+        """The try is over: if nothing failed during it, so is the outage."""
+        if not self.trying:
+            return
+        log.info("Redis answers again after %.0f s: %s", time.monotonic() - self.since, done,
+                 extra={"stage": self.stage})
+        metrics.RECONNECTS.labels(self.stage, "redis").inc()
+        FAILING_CLOSED.labels(self.stage).set(0)
+        self.down = self.trying = False
+        self.backoff_s = REDIS_BACKOFF_MIN_S
+
+    def holding(self, messages: int) -> None:
+        WAITING_FOR_REDIS.labels(self.stage).set(messages)
 
 
 class _StopFlag:

@@ -94,12 +94,17 @@ class Idempotency:
 
     def confirm(self, jobs: Sequence[Job]) -> None:
         """Mark the jobs queued: call only once the broker has confirmed their publish."""
-        if not jobs:
+        self.confirm_keys([self.key(job) for job in jobs])
+
+    def confirm_keys(self, keys: Sequence[str]) -> None:
+        """``confirm`` by the jobs' Redis keys (``key``): for jobs published while Redis refused
+        to mark them, marked once it answers again."""
+        if not keys:
             return
         try:
             with self.redis.pipeline(transaction=False) as pipe:
-                for job in jobs:
-                    pipe.set(self.key(job), QUEUED, ex=self.ttl_s)
+                for key in keys:
+                    pipe.set(key, QUEUED, ex=self.ttl_s)
                 pipe.execute()
         except redis.RedisError as exc:
             raise RedisUnavailable(f"Redis: cannot mark idempotency keys queued: {exc}") from exc

@@ -22,6 +22,17 @@ claimed (a copy in flight) is neither published nor acked: the stage holds it an
 about every second, until the key is queued (a duplicate) or its lease has run out (the holder
 died: claim it and go on).
 
+Redis unreachable (the suppression check, a claim): fail closed without losing the session. The
+requests that need Redis are held unacked, as they came (``_waiting``); a malformed one is still
+dead-lettered at once, with its reason (that needs no Redis). Redis is asked again with a backoff
+(mailpipe/stage.py ``RedisOutage``: one warning per outage, ``mailpipe_failing_closed``, not
+ready), and once it answers the held requests go through as if they had just come. Dropping
+the session instead had the whole unacked window redelivered about once a second, each time
+counted, until the quorum queue dead-lettered it at the delivery limit. Jobs published just
+before Redis refused to mark their keys "queued" are acked (they are on ``jobs``) and marked
+once it answers. Stopping during an outage leaves the held requests unacked: the broker gives
+them back once, to another replica.
+
 Acks are exact: the runner hands over redelivered messages apart from fresh ones, and held
 requests stay unacked, so a multiple ack up to the last tag would ack what is not handled yet.
 """
@@ -42,7 +53,7 @@ from mailpipe.errors import ConfigError, InvalidMessage, RedisUnavailable, Trans
 from mailpipe.model import Category, Event, IntakeRequest, Job, Outcome, now_ms
 from mailpipe.servers import Config, ConfigWatcher
 from mailpipe.settings import Settings
-from mailpipe.stage import Stage
+from mailpipe.stage import RedisOutage, Stage
 from mailpipe.verp import Signer
 from producer.compose import dkim_sign, render, validate
 from producer.domains import check_domains
@@ -82,6 +93,11 @@ class EnqueueStage(Stage):
         # on tick() at the earliest at _recheck_at (monotonic).
         self._held: dict[int, tuple[Delivery, Job]] = {}
         self._recheck_at = 0.0
+        # While Redis does not answer: requests that need it, unacked, as they came; and the
+        # Redis keys of jobs published whose claim could not be marked "queued".
+        self.outage = RedisOutage(self.name)
+        self._waiting: list[Delivery] = []
+        self._unconfirmed: list[str] = []
         self._warned: Config | None = None
         self.warn_unchecked(self.config.current())
 
@@ -97,6 +113,8 @@ class EnqueueStage(Stage):
 
     def start(self, broker: Broker) -> None:
         self._held.clear()  # unacked on the old connection: redelivered
+        self._waiting.clear()
+        self.outage.holding(0)
 
     def handle(self, broker: Broker, deliveries: list[Delivery]) -> None:
         # In chunks of at most CHUNK_BYTES of requests (or one larger request): what a request
@@ -114,9 +132,27 @@ class EnqueueStage(Stage):
             self.handle_chunk(broker, chunk)
 
     def handle_chunk(self, broker: Broker, deliveries: list[Delivery]) -> None:
+        jobs, refused = self.to_jobs(deliveries)
+        if self.outage.ask():
+            out = [dead for _delivery, dead in refused]
+            try:
+                kept = self.drop_suppressed(jobs, out)
+                self.enqueue(broker, deliveries, kept, out)
+                return
+            except RedisUnavailable as exc:  # raised before anything was published: hold them all
+                self.outage.failed(exc, "intake requests held unacked")
+        # Redis is away: what is refused needs no Redis, the rest waits for it as it came.
+        if refused:
+            broker.publish([dead for _delivery, dead in refused])
+            broker.ack_all(delivery.tag for delivery, _dead in refused)
+        self._waiting += [delivery for delivery, _job in jobs]
+        self.outage.holding(len(self._waiting))
+
+    def to_jobs(self, deliveries: list[Delivery]) -> tuple[list[tuple[Delivery, Job]], list[tuple[Delivery, Outgoing]]]:
+        """Decode, check and render each request (no Redis): its job, or its dead letter."""
         config = self.config.current()
         self.warn_unchecked(config)
-        out: list[Outgoing] = []
+        refused: list[tuple[Delivery, Outgoing]] = []
         jobs: list[tuple[Delivery, Job]] = []
         for delivery in deliveries:
             try:
@@ -124,10 +160,10 @@ class EnqueueStage(Stage):
                                                    config)))
             except InvalidMessage as exc:
                 REJECTS.labels(Category.INVALID).inc()
-                out.append(self.dead_letter(delivery.body, exc.reason, Category.INVALID))
+                refused.append((delivery, self.dead_letter(delivery.body, exc.reason, Category.INVALID)))
             except ConfigError as exc:
                 REJECTS.labels(Category.ROUTING).inc()
-                out.append(self.dead_letter(delivery.body, exc.reason, Category.ROUTING))
+                refused.append((delivery, self.dead_letter(delivery.body, exc.reason, Category.ROUTING)))
             except (TransientError, redis.RedisError):
                 raise  # RabbitMQ or Redis: the request is fine, the stage retries it
             except Exception as exc:
@@ -136,15 +172,16 @@ class EnqueueStage(Stage):
                 # stage that would redeliver it and everything with it up to the delivery limit.
                 REJECTS.labels(Category.INVALID).inc()
                 log.debug("request %s failed to render", delivery.message_id, exc_info=True)
-                out.append(self.dead_letter(delivery.body, f"message: cannot be rendered: "
-                                                           f"{type(exc).__name__}: {exc}", Category.INVALID))
-        jobs = self.drop_suppressed(jobs, out)
-        self.enqueue(broker, deliveries, jobs, out)
+                refused.append((delivery, self.dead_letter(delivery.body, f"message: cannot be rendered: "
+                                                                        f"{type(exc).__name__}: {exc}",
+                                                           Category.INVALID)))
+        return jobs, refused
 
     def enqueue(self, broker: Broker, deliveries: list[Delivery], jobs: list[tuple[Delivery, Job]],
                 out: list[Outgoing]) -> None:
         """Publish ``out`` and the jobs whose key is free or that have none, confirmed; then ack
-        every delivery except those whose key another holder has claimed: those are held."""
+        every delivery except those whose key another holder has claimed: those are held. Raises
+        RedisUnavailable only before it publishes anything."""
         keyed = [(d, j) for d, j in jobs if j.idempotency_key is not None]
         claim = self.idempotency.claim([j for _d, j in keyed])
         verdicts = {d.tag: v for (d, _j), v in zip(keyed, claim.verdicts, strict=True)}
@@ -157,7 +194,13 @@ class EnqueueStage(Stage):
         except BaseException:
             self.idempotency.release(claimed, claim.token)  # a retry need not wait out the lease
             raise
-        self.idempotency.confirm(claimed)
+        try:
+            self.idempotency.confirm(claimed)
+        except RedisUnavailable as exc:
+            # They are on ``jobs``: acked below, marked "queued" once Redis answers (until then
+            # their claims hold a copy of the request back, for their lease).
+            self._unconfirmed += [self.idempotency.key(j) for j in claimed]
+            self.outage.failed(exc, "intake requests held unacked")
         DUPLICATES.inc(sum(1 for v in verdicts.values() if v is Verdict.DUPLICATE))
         done = [d.tag for d in deliveries if d.tag not in held]
         if done:
@@ -173,18 +216,53 @@ class EnqueueStage(Stage):
         return Outgoing(self.topology.jobs_for(len(body)), body, message_id=job.id)
 
     def tick(self, broker: Broker) -> None:
+        if self.outage.down:
+            if self.outage.retry():
+                self.try_redis_again(broker)
+            if self.outage.down:
+                return
         if not self._held or time.monotonic() < self._recheck_at:
             return
         self._recheck_at = time.monotonic() + RECHECK_S
         held, self._held = list(self._held.values()), {}
-        self.enqueue(broker, [d for d, _j in held], held, [])
+        try:
+            self.enqueue(broker, [d for d, _j in held], held, [])
+        except RedisUnavailable as exc:
+            self._held.update((d.tag, (d, j)) for d, j in held)
+            self.outage.failed(exc, "intake requests held unacked")
+
+    def try_redis_again(self, broker: Broker) -> None:
+        """Redis did not answer: ask again (PING: rendering every held request for nothing costs
+        more), mark what was published meanwhile, then hand the held requests over again."""
+        try:
+            try:
+                self.redis.ping()
+            except redis.RedisError as exc:
+                raise RedisUnavailable(f"Redis: {exc}") from exc
+            self.idempotency.confirm_keys(self._unconfirmed)
+        except RedisUnavailable as exc:
+            self.outage.failed(exc, "intake requests held unacked")
+            return
+        self._unconfirmed = []
+        waiting, self._waiting = self._waiting, []
+        self.handle(broker, waiting)
+        self.outage.tried(f"{len(waiting) - len(self._waiting)} held intake request(s) handed over")
 
     def busy(self) -> bool:
-        return bool(self._held)
+        return bool(self._held or self._waiting)
 
     def drain(self, broker: Broker, deadline: float) -> None:
-        # Held requests wait for another holder: leave them unacked, they are redelivered.
+        # Held requests wait for another holder, or for Redis: leave them unacked, the broker
+        # gives them back to another replica.
+        if self._waiting:
+            log.info("%d intake request(s) held until Redis answers left unacked, for another replica",
+                     len(self._waiting))
+        if self._unconfirmed:
+            log.warning("%d idempotency key(s) of queued jobs not marked queued (Redis did not answer): "
+                        "their claims end with their lease", len(self._unconfirmed))
         self._held.clear()
+        self._waiting.clear()
+        self.outage.holding(0)
 
     def drop_suppressed(self, jobs: list[tuple[Delivery, Job]],
                         out: list[Outgoing]) -> list[tuple[Delivery, Job]]:
@@ -279,6 +357,8 @@ class EnqueueStage(Stage):
                         "verified domains", ", ".join(unchecked))
 
     def ready(self) -> bool:
+        if self.outage.down:
+            return False
         try:
             return bool(self.redis.ping())
         except redis.RedisError:

@@ -1,0 +1,208 @@
+"""A Redis outage of minutes does not dead-letter the intake (issue 21, found by the fault
+campaign): the producer holds what it consumed, unacked, and goes on once Redis is back.
+
+Before, the producer dropped its AMQP session on every Redis failure (suppression check,
+idempotency claim): its unacked intake was redelivered about once a second, each time counted,
+and the quorum queue dead-lettered it at the delivery limit (reason ``delivery_limit``): in a
+four-minute outage, 1,665 of 1,800 mails. Now: one warning per outage, not ready on /readyz,
+``mailpipe_failing_closed{stage="producer"}`` on /metrics, Redis asked again with a backoff;
+a malformed request is still dead-lettered at once with its reason; SIGTERM leaves the held
+requests unacked for another replica (returned once); Redis back, every request becomes one
+job, its idempotency key honoured, none dead-lettered.
+
+On a private Redis (the machine's is never stopped); the producer as a process.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pika
+import pytest
+
+from mailpipe.amqp import Broker, Outgoing
+from mailpipe.codec import decode_job
+from mailpipe.model import IntakeRequest, job_id_for, now_ms
+from mailpipe.settings import Settings
+from mailpipe.topology import DEAD_REASON, Topology
+from tests.faults.harness import PrivateRedis, free_port, publish, queue_depths
+from tests.stages import StageProcesses
+
+pytestmark = pytest.mark.integration
+
+SERVERS = '[servers.own]\naddress = "[127.0.0.1]:2525"\n[tenants.acme]\nserver = "own"\n'
+MAILS = 300
+COPIES = 20  # requests publishing a key again (a retrying upstream): queued once
+# With the reconnect backoff capped at 0.5 s, a producer that loses its session on each Redis
+# failure has its intake redelivered 20 times (the delivery limit) in about 15 s here.
+OUTAGE_S = 25.0
+DROPPED = "reconnected to RabbitMQ"  # the runner's line after a lost session
+WAITING = "waiting for Redis"  # the producer's one warning per outage
+BACK = "Redis answers again"
+
+
+def requests(n: int, copies: int, prefix: str) -> list[IntakeRequest]:
+    keyed = [IntakeRequest(id=job_id_for("acme", f"{prefix}-{i}"), tenant="acme", sender="hr@acme.example",
+                           created_ms=now_ms(), to=(f"user{i}@example.com",), subject=f"Mail {i}",
+                           text="Hello.\n", idempotency_key=f"{prefix}-{i}") for i in range(n - copies)]
+    return keyed + keyed[:copies]
+
+
+def depth(settings: Settings, queue: str) -> tuple[int, int]:
+    """(ready, unacked) of ``queue``; (-1, -1) while the node does not say."""
+    return (queue_depths(settings.namespace) or {}).get(queue, (-1, -1))
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def failing_closed(port: int) -> float | None:
+    _, text = get(port, "/metrics")
+    for line in text.splitlines():
+        if line.startswith('mailpipe_failing_closed{stage="producer"}'):
+            return float(line.split()[-1])
+    return None
+
+
+def dead_letters(settings: Settings, queue: str) -> list[tuple[str, str]]:
+    """(reason, first death reason) of every dead letter, left in the queue."""
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    channel = conn.channel()
+    out = []
+    while True:
+        method, props, _body = channel.basic_get(queue, auto_ack=False)
+        if method is None:
+            break
+        headers = props.headers or {}
+        out.append((str(headers.get(DEAD_REASON, "")), str(headers.get("x-first-death-reason", ""))))
+    conn.close()  # unacked: back to the queue
+    return out
+
+
+def delivery_counts(settings: Settings, queue: str) -> Counter[int]:
+    """How often each message of ``queue`` was delivered before (x-delivery-count): a look that
+    returns them, so each counts once more afterwards."""
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    channel = conn.channel()
+    counts: Counter[int] = Counter()
+    while True:
+        method, props, _body = channel.basic_get(queue, auto_ack=False)
+        if method is None:
+            break
+        counts[int((props.headers or {}).get("x-delivery-count", 0))] += 1
+    conn.close()
+    return counts
+
+
+def consume_all(settings: Settings, queue: str) -> list[bytes]:
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    channel = conn.channel()
+    out = []
+    while True:
+        method, _props, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            break
+        out.append(body)
+    conn.close()
+    return out
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, stages: StageProcesses,
+               running: bool = True) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if DROPPED in stages.logs():
+            pytest.fail(f"the producer dropped its AMQP session, its unacked intake redelivered\n{stages.logs()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout_s} s: {what}\n{queue_depths(stages.settings.namespace)}\n"
+                        f"{stages.logs()}")
+        if running and not stages.alive():
+            pytest.fail(f"the producer died while waiting for {what}\n{stages.logs()}")
+        time.sleep(0.2)
+
+
+def test_a_redis_outage_holds_the_intake_and_every_mail_goes_once_redis_is_back(
+        settings: Settings, tmp_path: Path) -> None:
+    Path(settings.servers_file).write_text(SERVERS, encoding="utf-8")
+    topology = Topology.from_settings(settings)
+    with PrivateRedis(tmp_path) as private_redis:
+        settings = settings.replace(redis_url=private_redis.url, reconnect_max_s=0.5)
+        first_logs, second_logs = tmp_path / "first", tmp_path / "second"
+        first_logs.mkdir()
+        second_logs.mkdir()
+        port = free_port()
+        stages = StageProcesses(settings, first_logs, "producer", metrics_ports={"producer": port})
+        with stages:
+            before = publish(settings, requests(5, 0, "before"))
+            wait_until(lambda: depth(settings, topology.jobs)[0] == 5, 30, "the first mails queued", stages)
+
+            private_redis.stop()
+            outage_started = time.monotonic()
+            held = requests(MAILS, COPIES, "during")
+            published = publish(settings, held)
+            broker = Broker(settings.amqp_url, client_name="test").connect()
+            broker.publish([Outgoing(topology.intake, b"\xc1 not msgpack", message_id="malformed")])
+            broker.close()
+
+            wait_until(lambda: depth(settings, topology.intake) == (0, MAILS), 20,
+                       "the producer holding every request unacked", stages)
+            wait_until(lambda: len(dead_letters(settings, topology.dead)) == 1, 10,
+                       "the malformed request dead-lettered while Redis is down", stages)
+            (reason, _), = dead_letters(settings, topology.dead)
+            assert "msgpack" in reason or "decode" in reason, reason
+            status, _ = get(port, "/readyz")
+            assert status == 503, "ready while Redis is down"
+            assert failing_closed(port) == 1.0
+
+            log = first_logs / "producer-0.log"
+            while time.monotonic() - outage_started < OUTAGE_S:  # past the delivery limit, before
+                assert len(dead_letters(settings, topology.dead)) == 1, \
+                    f"dead-lettered during the outage: {dead_letters(settings, topology.dead)}\n{stages.logs()}"
+                assert DROPPED not in log.read_text(), \
+                    f"the producer dropped its session (its intake redelivered)\n{stages.logs()}"
+                assert stages.alive(), stages.logs()
+                time.sleep(1.0)
+            assert depth(settings, topology.intake) == (0, MAILS)
+
+            # SIGTERM during the outage: a clean exit, the held requests back in intake (once).
+            asked = time.monotonic()
+            codes = stages.stop(timeout_s=settings.shutdown_timeout_s + 5)
+            assert codes == {"producer-0": 0}, stages.logs()
+            assert time.monotonic() - asked < settings.shutdown_timeout_s
+        wait_until(lambda: depth(settings, topology.intake) == (MAILS, 0), 10, "the held requests given back",
+                   stages, running=False)
+        assert delivery_counts(settings, topology.intake) == {1: MAILS}, "given back more than once"
+        text = log.read_text()
+        assert text.count(WAITING) == 1, text[-5000:]
+
+        # Another replica takes them over while Redis is still down, then Redis comes back.
+        stages = StageProcesses(settings, second_logs, "producer", metrics_ports={"producer": port})
+        with stages:
+            wait_until(lambda: depth(settings, topology.intake) == (0, MAILS), 30,
+                       "the second producer holding every request", stages)
+            private_redis.start()
+            wait_until(lambda: depth(settings, topology.intake) == (0, 0), 30,
+                       "every request handled once Redis is back", stages)
+            wait_until(lambda: failing_closed(port) == 0.0 and get(port, "/readyz")[0] == 200, 10,
+                       "ready again", stages)
+        text = (second_logs / "producer-0.log").read_text()
+        assert text.count(WAITING) == 1 and text.count(BACK) == 1, text[-5000:]
+
+    ids = Counter(decode_job(body).id for body in consume_all(settings, topology.jobs))
+    assert set(ids) == set(before) | set(published)
+    assert len(set(published)) == MAILS - COPIES
+    assert max(ids.values()) == 1, [i for i, n in ids.items() if n > 1]
+    dead = dead_letters(settings, topology.dead)
+    assert len(dead) == 1 and not any(first == "delivery_limit" for _, first in dead), dead
