@@ -72,6 +72,10 @@ DUPLICATES = Counter("mailpipe_intake_duplicates_total",
 
 CHUNK_BYTES = 16 * 1024 * 1024  # requests rendered and published at once, at most (or one larger)
 RECHECK_S = 1.0  # how often a held request asks again about the key another holder claimed
+# Redis calls of the producer fail after at most this (as the limiter's): a frozen Redis must not
+# stall the loop that also serves RabbitMQ, whose heartbeats a longer wait can miss (the broker
+# then closes the connection and redelivers, and counts, everything unacked).
+PRODUCER_REDIS_TIMEOUT_S = 1.0
 
 
 class EnqueueStage(Stage):
@@ -85,7 +89,7 @@ class EnqueueStage(Stage):
         if unknown:
             raise ConfigError(f"MAILPIPE_LINT_REFUSE: unknown rule(s) {sorted(unknown)}; "
                               f"known: {', '.join(RULES)}")
-        self.redis = redis_client.connect(settings)
+        self.redis = redis_client.connect(settings, min(PRODUCER_REDIS_TIMEOUT_S, settings.redis_timeout_s))
         self.signer = Signer.from_settings(settings)  # bulk mail's unsubscribe links
         self.idempotency = Idempotency(self.redis, settings.namespace, lease_s=settings.idempotency_lease_s,
                                        ttl_s=settings.idempotency_ttl_s)

@@ -10,11 +10,16 @@ a malformed request is still dead-lettered at once with its reason; SIGTERM leav
 requests unacked for another replica (returned once); Redis back, every request becomes one
 job, its idempotency key honoured, none dead-lettered.
 
+Frozen rather than refusing (SIGSTOP: every call waits for its timeout), Redis must not stall
+the producer's loop past its AMQP heartbeat either: the broker would close the connection and
+redeliver, and count, everything unacked.
+
 On a private Redis (the machine's is never stopped); the producer as a process.
 """
 
 from __future__ import annotations
 
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +46,7 @@ COPIES = 20  # requests publishing a key again (a retrying upstream): queued onc
 # With the reconnect backoff capped at 0.5 s, a producer that loses its session on each Redis
 # failure has its intake redelivered 20 times (the delivery limit) in about 15 s here.
 OUTAGE_S = 25.0
+FROZEN_S = 10.0  # several of the producer's tries, each waiting out its Redis timeout
 DROPPED = "reconnected to RabbitMQ"  # the runner's line after a lost session
 WAITING = "waiting for Redis"  # the producer's one warning per outage
 BACK = "Redis answers again"
@@ -206,3 +212,39 @@ def test_a_redis_outage_holds_the_intake_and_every_mail_goes_once_redis_is_back(
     assert max(ids.values()) == 1, [i for i, n in ids.items() if n > 1]
     dead = dead_letters(settings, topology.dead)
     assert len(dead) == 1 and not any(first == "delivery_limit" for _, first in dead), dead
+
+
+def test_a_frozen_redis_stalls_neither_the_session_nor_the_intake(settings: Settings, tmp_path: Path) -> None:
+    Path(settings.servers_file).write_text(SERVERS, encoding="utf-8")
+    topology = Topology.from_settings(settings)
+    with PrivateRedis(tmp_path) as private_redis:
+        # RabbitMQ closes a connection silent for about two heartbeats: here about 4 s, less than
+        # MAILPIPE_REDIS_TIMEOUT_S (5 s).
+        settings = settings.replace(redis_url=private_redis.url, heartbeat_s=2)
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        stages = StageProcesses(settings, logs, "producer")
+        with stages:
+            before = publish(settings, requests(3, 0, "before"))
+            wait_until(lambda: depth(settings, topology.jobs)[0] == 3, 30, "the first mails queued", stages)
+            assert private_redis.proc is not None
+            private_redis.proc.send_signal(signal.SIGSTOP)
+            frozen_at = time.monotonic()
+            try:
+                published = publish(settings, requests(100, 0, "frozen"))
+                wait_until(lambda: depth(settings, topology.intake) == (0, 100), 20,
+                           "the producer holding every request unacked", stages)
+                while time.monotonic() - frozen_at < FROZEN_S:
+                    assert DROPPED not in stages.logs(), \
+                        f"the producer lost its session while Redis was frozen\n{stages.logs()}"
+                    assert depth(settings, topology.dead) == (0, 0), stages.logs()
+                    time.sleep(1.0)
+            finally:
+                private_redis.proc.send_signal(signal.SIGCONT)
+            wait_until(lambda: depth(settings, topology.intake) == (0, 0), 30,
+                       "every request handled once Redis is back", stages)
+        text = (logs / "producer-0.log").read_text()
+        assert text.count(WAITING) == 1 and text.count(BACK) == 1, text[-5000:]
+    ids = Counter(decode_job(body).id for body in consume_all(settings, topology.jobs))
+    assert ids == Counter(before + published)
+    assert dead_letters(settings, topology.dead) == []
