@@ -46,3 +46,49 @@ def rss_png(samples: Samples, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# -- where the CPU per mail goes (bench/pipeline.py, issue 24) -------------------------------------
+
+PROCESSES = ("publisher", "producer", "packer", "limiter", "sender", "rabbitmq", "redis")
+
+
+def cpu_png(runs: dict[str, dict[str, float]], path: Path, title: str, target_us: float | None = 700) -> None:
+    """One horizontal bar per run (``runs[label][process]``: microseconds of CPU per delivered
+    mail), a segment per process, the total at its end; the issue's target as a line."""
+    labels = list(runs)
+    fig, ax = plt.subplots(figsize=(10, 2.2 + 0.7 * len(labels)))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    left = [0.0] * len(labels)
+    for i, process in enumerate(PROCESSES):
+        widths = [float(runs[label].get(process) or 0.0) for label in labels]
+        bars = ax.barh(labels, widths, left=left, color=colours[i % len(colours)], label=process)
+        for bar, width in zip(bars, widths, strict=True):
+            if width >= 40:
+                ax.text(bar.get_x() + width / 2, bar.get_y() + bar.get_height() / 2, f"{width:.0f}",
+                        ha="center", va="center", fontsize=8, color="white")
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    for y, total in enumerate(left):
+        ax.text(total + 8, y, f"{total:,.0f} µs", va="center", fontsize=9)
+    if target_us:
+        ax.axvline(target_us, color="black", linestyle="--", linewidth=1)
+        ax.text(target_us, len(labels) - 0.45, f" target {target_us:.0f}", fontsize=8)
+    ax.set_title(title, pad=28)
+    ax.set(xlabel="µs of CPU (user + system) per delivered mail")
+    ax.set_xlim(0, max([*left, target_us or 0]) * 1.15)
+    ax.invert_yaxis()
+    ax.legend(ncol=len(PROCESSES), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    # python bench/charts.py OUT.png RUN.json [RUN.json ...]: where the CPU per mail goes, from
+    # bench/pipeline.py's JSON of each run (its file name is its label).
+    import json
+    import sys
+
+    out, *files = sys.argv[1:]
+    cpu_png({Path(f).stem: json.loads(Path(f).read_text())["system_cpu_us_per_mail"] for f in files}, Path(out),
+            "CPU per delivered mail, every process of the system (µs)")

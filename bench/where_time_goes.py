@@ -1,0 +1,376 @@
+"""Where one mail's CPU goes (issue 24): each stage profiled under the pipeline bench's
+full-load run, and what a mail costs in messages and calls.
+
+    python bench/where_time_goes.py [--mails 20000] [--count-mails 5000] [--parts profile,count,broker]
+
+- profile: the full-load run of bench/pipeline.py (N mails of 2 KB, every stage a process of
+  its own, into smtp-sink), each stage sampled by py-spy (100 Hz, the thread holding the GIL
+  only: on two busy cores a thread waiting for a CPU after its poll returned looks active, and
+  would count as CPU) from the first publish to the last event. A stage's CPU per mail of the
+  same run is split into its system time (the kernel: system calls, socket I/O, from /proc),
+  a group of its own, and its user time, shared by the samples' groups (``GROUPS``: the first
+  group any frame of a sample belongs to); each with its share of the stage's CPU. The raw
+  stacks are kept in bench/out/profile/<stage>.txt (py-spy's raw format: flamegraph.pl or
+  speedscope read them).
+- count: a run of M mails with bench/instrument/sitecustomize.py loaded in every process
+  (stages and publisher): AMQP publishes, deliveries, gets, acks and confirms per queue,
+  msgpack encodes and decodes by codec function, Redis commands and round trips, per mail.
+- broker: what RabbitMQ's CPU costs per message and per byte, and the publishing client's: the
+  same mails published to a quorum queue of the bench's, consumed and acked, one message per
+  mail, and in bundles of 10 and 100 mails per message (the levers "publish_many", jobs and
+  events bundled), the broker's CPU from /proc.
+
+Prints one JSON object; ``--markdown`` also prints the tables of docs/design-notes.md's
+"Where the time goes".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pipeline import ROOT, full_load, own_cpu_s, service_pids, services_and_sink, system_per_mail
+from system_cpu import cpu_s
+
+from mailpipe.settings import Settings
+
+OUT = ROOT / "bench" / "out"
+PY_SPY_RATE = 100
+KERNEL = "kernel (system calls: socket I/O, poll)"
+
+# A sample's cost group: the deepest frame of its stack that one of GROUPS matches (the most
+# specific work: the AMQP publish inside the lanes' publish, the email package inside render),
+# else the deepest one LIBRARIES matches, else "other". A rule is (group, function, file): the
+# function a name, or a method with or without its class ("Broker.publish"), or ".*".
+GROUPS: list[tuple[str, str, str]] = [
+    # producer
+    ("render (MIME, email package)", r"render", r"producer/compose"),
+    ("DKIM sign", r"dkim_sign", r"producer/compose"),
+    ("validate (addresses, headers)", r"validate", r"producer/compose"),
+    ("lint + domains", r"lint|check_domains|text_from_html", r"producer/(lint|domains)"),
+    ("decode intake", r"decode_intake", r"mailpipe/codec"),
+    ("encode job", r"encode_job", r"mailpipe/codec"),
+    ("suppression + idempotency (Redis)", r"drop_suppressed|claim|confirm|release",
+     r"producer/(stage|idempotency)"),
+    # packer
+    ("decode job", r"decode_job", r"mailpipe/codec"),
+    ("encode batch", r"encode_batch", r"mailpipe/codec"),
+    ("decode batch", r"decode_batch", r"mailpipe/codec"),
+    ("pack (group jobs)", r"add|due|close_all", r"packer/packing"),
+    ("lanes (Redis)", r".*", r"mailpipe/lanes"),
+    # limiter
+    ("decide / take (Redis)", r".*", r"limiter/(redis_limiter|taking|decide|housekeeping)"),
+    # sender
+    ("SMTP session (commands, replies, writes)", r".*", r"sender/(transaction|session|smtp|pool)|aiosmtplib"),
+    ("claims + sent marks (Redis)", r".*", r"sender/(claims|check)"),
+    ("outputs (events, retries)", r".*", r"sender/(outputs|envelope)"),
+    ("encode event", r"encode_event", r"mailpipe/codec"),
+    ("delivery bookkeeping", r".*", r"sender/delivery"),
+    # every stage
+    ("AMQP publish + confirms", r"publish|_send|_on_confirm|_on_return", r"mailpipe/amqp"),
+    ("AMQP ack", r"ack|ack_all|_settled", r"mailpipe/amqp"),
+    ("AMQP receive (poll, frames, basic.get)", r"poll|_on_delivery|get|sleep", r"mailpipe/amqp"),
+    ("stage loop and logic", r".*", r"(producer|packer|limiter|sender)/(stage|packing|holding|loop)\.py"
+                                    r"|mailpipe/stage\.py"),
+]
+LIBRARIES: list[tuple[str, str, str]] = [
+    ("Redis client (other)", r".*", r"redis/|hiredis"),
+    ("pika (other: heartbeats, timers)", r".*", r"pika/"),
+    ("logging", r".*", r"logging/"),
+    ("prometheus counters", r".*", r"prometheus_client/"),
+    ("event loop (asyncio/uvloop)", r".*", r"asyncio/|uvloop|threading"),
+]
+# The metrics server's thread (the bench scrapes every 0.5 s): not mail work.
+SCRAPE = re.compile(r"socketserver|http/server|prometheus_client/exposition")
+_FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^:()]+)(?::\d+)?\)$")
+
+
+@contextmanager
+def py_spy(pids: dict[str, int], directory: Path) -> Iterator[None]:
+    """Each stage sampled by py-spy for the block; raw stacks in ``directory/<stage>.txt``."""
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        sys.exit("where_time_goes: py-spy is missing (.venv/bin/pip install py-spy)")
+    directory.mkdir(parents=True, exist_ok=True)
+    spies = [subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", str(PY_SPY_RATE), "--threads", "--gil",
+                               "--format", "raw", "--output", str(directory / f"{stage}.txt")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for stage, pid in pids.items()]
+    time.sleep(1.0)  # attached
+    try:
+        yield
+    finally:
+        for spy_proc in spies:
+            spy_proc.send_signal(signal.SIGINT)  # py-spy writes its file and exits
+        for spy_proc in spies:
+            spy_proc.wait(30)
+
+
+def read_raw(path: Path) -> list[tuple[list[tuple[str, str]], int]]:
+    """py-spy's raw stacks: [(frames root first as (function, file)), samples)]."""
+    stacks = []
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = []
+        for part in stack.split(";"):
+            match = _FRAME.match(part.strip())
+            frames.append((match["func"], match["file"]) if match else (part.strip(), ""))
+        stacks.append((frames, int(count)))
+    return stacks
+
+
+def _compiled(rules: list[tuple[str, str, str]]) -> list[tuple[str, re.Pattern[str], re.Pattern[str]]]:
+    return [(group, re.compile(func if func == ".*" else rf"(?:^|\.)(?:{func})$"), re.compile(file))
+            for group, func, file in rules]
+
+
+_GROUPS, _LIBRARIES = _compiled(GROUPS), _compiled(LIBRARIES)
+# uvloop's transport.write sends at once, in C, holding the GIL: a sample at the top of these
+# is the kernel's send() (counted in the stage's system time already), not Python's work.
+SOCKET_WRITES = {("Session.write", "sender/session.py"), ("StreamWriter.writelines", "asyncio/streams.py")}
+
+
+def group_of(frames: list[tuple[str, str]]) -> str:
+    if frames and frames[-1] in SOCKET_WRITES:
+        return KERNEL
+    if any(SCRAPE.search(path) for _, path in frames):
+        return "metrics scrape (bench)"
+    for rules in (_GROUPS, _LIBRARIES):
+        for func_name, path in reversed(frames):
+            for group, func, file in rules:
+                if file.search(path) and func.search(func_name):
+                    return group
+    return "other"
+
+
+def profile_table(path: Path, us_per_mail: float, kernel_us_per_mail: float, top: int = 12) -> dict[str, Any]:
+    """A stage's CPU per mail by group: its time in the kernel (system calls, socket I/O above all,
+    from /proc) as a group of its own, its user time shared by the samples of the thread holding
+    the GIL; each with its share of the stage's CPU. And the functions with the most samples at
+    the top of the stack (self time), for what the groups miss."""
+    stacks = read_raw(path)
+    total = sum(n for _, n in stacks) or 1
+    user_us = max(us_per_mail - kernel_us_per_mail, 0.0)
+    groups: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    for frames, n in stacks:
+        groups[group_of(frames)] += n
+        func, file = frames[-1]
+        leaves[f"{func} ({file})"] += n
+        threads[frames[0][0] if frames and frames[0][0].startswith(("thread", "process")) else "?"] += n
+    python = total - groups.pop(KERNEL, 0) or 1
+    rows = [(g, user_us * n / python) for g, n in groups.items()]
+    rows.append((KERNEL, kernel_us_per_mail))
+    rows.sort(key=lambda row: -row[1])
+    return {
+        "samples": total, "us_per_mail": us_per_mail, "kernel_us_per_mail": kernel_us_per_mail,
+        "groups": [{"group": g, "pct": round(100 * us / max(us_per_mail, 1e-9), 1), "us_per_mail": round(us, 1)}
+                   for g, us in rows],
+        "self": [{"function": f, "pct_of_user": round(100 * n / python, 1),
+                  "us_per_mail": round(user_us * n / python, 1)}
+                 for f, n in leaves.most_common(top) if not f.startswith(("Session.write", "StreamWriter.writelines"))],
+        "threads_pct_of_user": {t: round(100 * n / total, 1) for t, n in threads.most_common()},
+    }
+
+
+def run_profile(settings: Settings, mails: int, port: int) -> dict[str, Any]:
+    directory = OUT / "profile"
+    run = full_load(settings, mails, 2048, port, watch=lambda pids: py_spy(pids, directory))
+    system = system_per_mail(run)
+    per_mail = system["system_cpu_us_per_mail"]
+    kernel = {stage: s / max(run["sent"], 1) * 1e6 for stage, s in run["system"]["stage_system_cpu_s"].items()}
+    return {
+        "mails": run["sent"], "mails_per_s": run["mails_per_s"], **system,
+        "stages": {stage: profile_table(directory / f"{stage}.txt", per_mail[stage], kernel[stage])
+                   for stage in ("producer", "packer", "limiter", "sender")},
+        "raw_stacks": str(directory.relative_to(ROOT)),
+    }
+
+
+def run_count(settings: Settings, mails: int, port: int) -> dict[str, Any]:
+    directory = Path(tempfile.mkdtemp(prefix="mailpipe-counts-"))
+    instrument = str(ROOT / "bench" / "instrument")
+    path = os.pathsep.join(p for p in (instrument, os.environ.get("PYTHONPATH", "")) if p)
+    run = full_load(settings, mails, 2048, port,
+                    extra_env={"PYTHONPATH": path, "MAILPIPE_BENCH_COUNTS_DIR": str(directory)})
+    sent = max(run["sent"], 1)
+    per_process: dict[str, dict[str, dict[str, float]]] = {}
+    for file in sorted(directory.glob("*.json")):
+        counts = json.loads(file.read_text())
+        name = counts["stage"]
+        mine = per_process.setdefault(name, {})
+        for kind in ("amqp", "msgpack", "redis"):
+            table = mine.setdefault(kind, {})
+            for key, value in counts[kind].items():
+                table[key] = round(table.get(key, 0) + value / sent, 3)
+    shutil.rmtree(directory, ignore_errors=True)
+    return {"mails": run["sent"], "per_mail": per_process}
+
+
+# -- RabbitMQ per message ------------------------------------------------------------------------
+
+# (name, mails per message, bytes per mail, queue kind, acks): the pipeline's messages as they
+# are (an intake request of the bench's mail is 2,355 bytes, its job 2,617, its event 260, a
+# batch 500 jobs) and as the levers would make them.
+BROKER_CASES: list[tuple[str, int, int, str, str]] = [
+    ("intake or job: 1 mail per message", 1, 2_500, "work", "each"),
+    ("the same, acked with multiple=True", 1, 2_500, "work", "multiple"),
+    ("10 mails per message", 10, 2_500, "work", "each"),
+    ("100 mails per message", 100, 2_500, "work", "each"),
+    ("batch: 500 mails per message", 500, 2_617, "work", "each"),
+    ("event: 1 per message, topic exchange to a subscriber's queue", 1, 260, "events", "multiple"),
+    ("events: 100 per message", 100, 260, "events", "multiple"),
+]
+ROUND_MAILS = 200  # mails published per confirmed round, as the publisher and the stages do
+TAIL_S = 1.5  # a quorum queue writes its segments after the confirm: RabbitMQ's CPU counted this long after
+
+
+def broker_case(settings: Settings, rabbit: list[int], background_per_s: float, mails: int, per_message: int,
+                size: int, kind: str, acks: str) -> dict[str, Any]:
+    """``mails`` mails through RabbitMQ as ``per_message`` per message: published with confirms
+    in rounds, consumed (prefetch 1,000) and acked as they come, on mailpipe's Broker; RabbitMQ's
+    CPU (less its background) and this process's, per mail."""
+    from mailpipe.amqp import Broker, Outgoing
+    from mailpipe.topology import Topology
+
+    namespace = f"bench-broker-{os.getpid()}"
+    broker = Broker(settings.amqp_endpoints, client_name="mailpipe-bench-broker").connect()
+    channel = broker.channel()
+    if kind == "work":  # a quorum queue with the arguments of the pipeline's work queues
+        queue = f"{namespace}.case"
+        Topology(namespace).declare_lane(channel, queue)
+        exchange, key = "", queue
+    else:  # the events exchange and a subscriber's queue bound to every key (as the bench's)
+        exchange = f"{namespace}.events"
+        channel.exchange_declare(exchange, exchange_type="topic", auto_delete=True)
+        queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        channel.queue_bind(queue, exchange, routing_key="#")
+        key = "sent.demo"
+    broker.consume(queue, 1000)
+    body = os.urandom(size * per_message)
+    messages = max(1, mails // per_message)
+    step = max(1, ROUND_MAILS // per_message)
+    got = 0
+
+    def take(wait_s: float) -> int:
+        deliveries = broker.poll(wait_s)
+        if deliveries and acks == "each":
+            broker.ack_all(d.tag for d in deliveries)
+        elif deliveries:
+            broker.ack(deliveries[-1].tag, multiple=True)
+        return len(deliveries)
+
+    rabbit0, client0, started = cpu_s(rabbit), own_cpu_s(), time.monotonic()
+    for first in range(0, messages, step):
+        broker.publish([Outgoing(key, body, exchange=exchange) for _ in range(min(step, messages - first))])
+        got += take(0.0)
+    while got < messages:
+        got += take(1.0)
+    seconds, client_cpu = time.monotonic() - started, own_cpu_s() - client0
+    broker.sleep(TAIL_S)
+    rabbit_cpu = cpu_s(rabbit) - rabbit0 - background_per_s * (time.monotonic() - started)
+    if kind == "work":
+        channel.queue_delete(queue)
+    else:
+        channel.exchange_delete(exchange)
+    broker.close()
+    return {"mails_per_message": per_message, "bytes_per_message": size * per_message, "messages": messages,
+            "seconds": round(seconds, 2),
+            "rabbitmq_us_per_mail": round(rabbit_cpu / (messages * per_message) * 1e6, 1),
+            "rabbitmq_us_per_message": round(rabbit_cpu / messages * 1e6, 1),
+            "client_us_per_mail": round(client_cpu / (messages * per_message) * 1e6, 1)}
+
+
+def broker_cost(settings: Settings, mails: int = 10_000) -> dict[str, Any]:
+    """RabbitMQ's CPU per mail for the pipeline's kinds of message, one mail per message and
+    bundled: ``BROKER_CASES``. The broker's background (others' load) is measured for 2 s first
+    and taken off."""
+    rabbit = service_pids(settings)["rabbitmq"]
+    before, at = cpu_s(rabbit), time.monotonic()
+    time.sleep(2.0)
+    background_per_s = (cpu_s(rabbit) - before) / (time.monotonic() - at)
+    cases = {name: broker_case(settings, rabbit, background_per_s, mails if per < 500 else 20 * per, per, size,
+                               kind, acks)
+             for name, per, size, kind, acks in BROKER_CASES}
+    return {"mails": mails, "background_cpu_pct": round(100 * background_per_s, 1), "cases": cases,
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The tables of docs/design-notes.md's "Where the time goes", from this bench's JSON."""
+    lines: list[str] = []
+    profile = result.get("profile")
+    if profile:
+        per_mail = profile["system_cpu_us_per_mail"]
+        lines += [f"Profiled run: {profile['mails']:,} mails, {profile['mails_per_s']:,.0f}/s, "
+                  f"{per_mail['total']:,.0f} µs per mail for the whole system.", ""]
+        for stage, table in profile["stages"].items():
+            lines += [f"**{stage}** ({table['us_per_mail']:.0f} µs per mail)", "",
+                      "| cost | % of the stage | µs per mail |", "|---|---|---|"]
+            lines += [f"| {g['group']} | {g['pct']:.0f} | {g['us_per_mail']:.1f} |"
+                      for g in table["groups"] if g["us_per_mail"] >= 0.5]
+            lines += [""]
+    count = result.get("count")
+    if count:
+        amqp: dict[str, dict[str, float]] = {}
+        msgpack: dict[str, dict[str, float]] = {}
+        for process, counts in count["per_mail"].items():
+            for key, value in counts["amqp"].items():
+                if not key.startswith("publish_bytes"):
+                    amqp.setdefault(key, {})[process] = value
+            for key, value in counts["msgpack"].items():
+                msgpack.setdefault(key, {})[process] = value
+        processes = sorted(count["per_mail"])
+        for title, table in (("AMQP per mail", amqp), ("msgpack per mail", msgpack)):
+            lines += [f"| {title} | {' | '.join(processes)} |", "|---" * (len(processes) + 1) + "|"]
+            lines += [f"| {key} | {' | '.join(f'{row.get(p, 0):g}' if row.get(p) else '' for p in processes)} |"
+                      for key, row in sorted(table.items())]
+            lines += [""]
+    broker = result.get("broker")
+    if broker:
+        lines += ["| through RabbitMQ | mails per message | RabbitMQ µs per mail | client µs per mail |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {case['mails_per_message']} | {case['rabbitmq_us_per_mail']} | "
+                  f"{case['client_us_per_mail']} |" for name, case in broker["cases"].items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mails", type=int, default=20_000, help="mails of the profiled run")
+    parser.add_argument("--count-mails", type=int, default=5_000, help="mails of the counting run")
+    parser.add_argument("--parts", default="profile,count,broker")
+    parser.add_argument("--markdown", action="store_true", help="also print the tables (to stderr)")
+    args = parser.parse_args()
+    os.chdir(ROOT)
+    parts = set(args.parts.split(","))
+    settings = Settings.from_env()
+    result: dict[str, Any] = {"load_average": [round(x, 2) for x in os.getloadavg()]}
+    with services_and_sink(settings) as port:
+        if "profile" in parts:
+            result["profile"] = run_profile(settings, args.mails, port)
+        if "count" in parts:
+            result["count"] = run_count(settings, args.count_mails, port)
+    if "broker" in parts:
+        result["broker"] = broker_cost(settings)
+    print(json.dumps(result))
+    if args.markdown:
+        print(markdown(result), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
