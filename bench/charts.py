@@ -92,3 +92,28 @@ if __name__ == "__main__":
     out, *files = sys.argv[1:]
     cpu_png({Path(f).stem: json.loads(Path(f).read_text())["system_cpu_us_per_mail"] for f in files}, Path(out),
             "CPU per delivered mail, every process of the system (µs)")
+
+
+def groups_png(stages: dict[str, list[tuple[str, float]]], path: Path, title: str, min_us: float = 1.0) -> None:
+    """Where each process's CPU per mail goes: a panel per process, a bar per cost group
+    (microseconds per mail, the largest on top; groups under ``min_us`` left out)."""
+    rows = {stage: [(g, us) for g, us in groups if us >= min_us] for stage, groups in stages.items()}
+    heights = [max(len(r), 1) for r in rows.values()]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(10, 1.2 + 0.28 * sum(heights) + 0.5 * len(rows)),
+                             gridspec_kw={"height_ratios": heights}, sharex=True, squeeze=False)
+    top = max((us for r in rows.values() for _, us in r), default=1.0)
+    for ax, (stage, groups) in zip(axes[:, 0], rows.items(), strict=True):
+        total = sum(us for _, us in stages[stage])
+        ax.barh([g for g, _ in groups], [us for _, us in groups], color="tab:blue")
+        for y, (_, us) in enumerate(groups):
+            ax.text(us + top * 0.01, y, f"{us:.0f}", va="center", fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(f"{stage}: {total:.0f} µs per mail", fontsize=10, loc="left")
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel("µs of CPU per delivered mail")
+    axes[-1, 0].set_xlim(0, top * 1.12)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

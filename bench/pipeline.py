@@ -130,8 +130,8 @@ def per_mail_us(summary: dict[str, object], mails: int) -> dict[str, float]:
 
 SYSTEM = ("producer", "packer", "limiter", "sender", "rabbitmq", "redis", "publisher")
 BACKGROUND_S = 3.0  # how long RabbitMQ and Redis are watched while the pipeline idles
-# A context manager the caller wraps the timed part of the run in, given each stage's pid
-# (bench/where_time_goes.py profiles the stages with py-spy there).
+# A context manager the caller wraps the timed part of the run in, given each stage's pid and the
+# publisher's (bench/where_time_goes.py profiles them with py-spy there).
 Watch = Callable[[dict[str, int]], AbstractContextManager[object]]
 
 
@@ -206,7 +206,8 @@ def full_load(settings: Settings, mails: int, size: int, smtp_port: int, *, samp
         kernel_before = {stage: sys_s([proc.pid]) for stage, proc in procs.items()}
         if sampler is not None:
             sampler.start()
-        with (watch or (lambda _pids: nullcontext()))({stage: proc.pid for stage, proc in procs.items()}):
+        watched = {**{stage: proc.pid for stage, proc in procs.items()}, "publisher": publisher.pid}
+        with (watch or (lambda _pids: nullcontext()))(watched):
             started = time.monotonic()
             publisher.stdin.write("go\n")
             publisher.stdin.flush()
@@ -242,7 +243,9 @@ def full_load(settings: Settings, mails: int, size: int, smtp_port: int, *, samp
         system.update({
             "window_s": round(seconds, 3),
             "cpu_s": {**{k: round(after[k] - before[k], 3) for k in before}, "publisher": published.get("cpu_s")},
-            "stage_system_cpu_s": {k: round(v, 3) for k, v in kernel.items()},  # of cpu_s: in the kernel
+            # of cpu_s: in the kernel
+            "stage_system_cpu_s": {**{k: round(v, 3) for k, v in kernel.items()},
+                                   "publisher": published.get("system_cpu_s")},
             "background_cpu_s": {k: round(v, 3) for k, v in background.items()},
             "background_window_s": BACKGROUND_S,
             "service_pids": services,

@@ -42,6 +42,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from charts import groups_png
 from pipeline import ROOT, full_load, own_cpu_s, service_pids, services_and_sink, system_per_mail
 from system_cpu import cpu_s
 
@@ -63,6 +64,9 @@ GROUPS: list[tuple[str, str, str]] = [
     ("lint + domains", r"lint|check_domains|text_from_html", r"producer/(lint|domains)"),
     ("decode intake", r"decode_intake", r"mailpipe/codec"),
     ("encode job", r"encode_job", r"mailpipe/codec"),
+    # the publishing process (the client library)
+    ("encode intake", r"encode_intake", r"mailpipe/codec"),
+    ("build the requests (the bench's make_requests)", r"make_requests", r"mailpipe/demo"),
     ("suppression + idempotency (Redis)", r"drop_suppressed|claim|confirm|release",
      r"producer/(stage|idempotency)"),
     # packer
@@ -93,6 +97,20 @@ LIBRARIES: list[tuple[str, str, str]] = [
     ("prometheus counters", r".*", r"prometheus_client/"),
     ("event loop (asyncio/uvloop)", r".*", r"asyncio/|uvloop|threading"),
 ]
+# Costs that cut across the groups: a sample counts when any of its frames matches (function,
+# file; a function "" means the sample's top frame must be in the file).
+ACROSS: dict[str, tuple[str, str]] = {
+    "pika, all of it (frames, I/O loop, publish, confirms)": (".*", r"pika/"),
+    "pika's frame buffer trimming (a copy of the rest of a 128 KB read per frame)":
+        (r"Connection._trim_frame_buffer", r"pika/connection"),
+    "redis-py and hiredis, all of it": (".*", r"redis/|hiredis"),
+    "codec and msgpack, all of it": (".*", r"mailpipe/codec|msgpack/"),
+    "email_validator (address checks)": (".*", r"email_validator/"),
+    "email package (MIME rendering)": (".*", r"^email/"),
+    "prometheus_client in the mail path (labels, inc, observe)": (".*", r"prometheus_client/(metrics|values)"),
+    "dataclass __init__ (frozen: object.__setattr__ per field)": (r"__create_fn__.<locals>.__init__", r"<string>"),
+    "logging": (".*", r"^logging/"),
+}
 # The metrics server's thread (the bench scrapes every 0.5 s): not mail work.
 SCRAPE = re.compile(r"socketserver|http/server|prometheus_client/exposition")
 _FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^:()]+)(?::\d+)?\)$")
@@ -173,6 +191,13 @@ def profile_table(path: Path, us_per_mail: float, kernel_us_per_mail: float, top
         leaves[f"{func} ({file})"] += n
         threads[frames[0][0] if frames and frames[0][0].startswith(("thread", "process")) else "?"] += n
     python = total - groups.pop(KERNEL, 0) or 1
+    across: Counter[str] = Counter()
+    for frames, n in stacks:
+        if group_of(frames) in (KERNEL, "metrics scrape (bench)"):
+            continue
+        for name, (func, file) in ACROSS.items():
+            if any(re.search(file, path) and (func == ".*" or f == func) for f, path in frames):
+                across[name] += n
     rows = [(g, user_us * n / python) for g, n in groups.items()]
     rows.append((KERNEL, kernel_us_per_mail))
     rows.sort(key=lambda row: -row[1])
@@ -183,6 +208,7 @@ def profile_table(path: Path, us_per_mail: float, kernel_us_per_mail: float, top
         "self": [{"function": f, "pct_of_user": round(100 * n / python, 1),
                   "us_per_mail": round(user_us * n / python, 1)}
                  for f, n in leaves.most_common(top) if not f.startswith(("Session.write", "StreamWriter.writelines"))],
+        "across_us_per_mail": {name: round(user_us * across[name] / python, 1) for name in ACROSS},
         "threads_pct_of_user": {t: round(100 * n / total, 1) for t, n in threads.most_common()},
     }
 
@@ -192,13 +218,16 @@ def run_profile(settings: Settings, mails: int, port: int) -> dict[str, Any]:
     run = full_load(settings, mails, 2048, port, watch=lambda pids: py_spy(pids, directory))
     system = system_per_mail(run)
     per_mail = system["system_cpu_us_per_mail"]
-    kernel = {stage: s / max(run["sent"], 1) * 1e6 for stage, s in run["system"]["stage_system_cpu_s"].items()}
-    return {
-        "mails": run["sent"], "mails_per_s": run["mails_per_s"], **system,
-        "stages": {stage: profile_table(directory / f"{stage}.txt", per_mail[stage], kernel[stage])
-                   for stage in ("producer", "packer", "limiter", "sender")},
-        "raw_stacks": str(directory.relative_to(ROOT)),
-    }
+    kernel = {stage: (s or 0.0) / max(run["sent"], 1) * 1e6
+              for stage, s in run["system"]["stage_system_cpu_s"].items()}
+    tables = {stage: profile_table(directory / f"{stage}.txt", per_mail[stage], kernel[stage])
+              for stage in ("publisher", "producer", "packer", "limiter", "sender")}
+    chart = OUT / "where_time_goes.png"
+    groups_png({stage: [(g["group"], g["us_per_mail"]) for g in table["groups"]] for stage, table in tables.items()},
+               chart, f"Where the time goes: {run['sent']:,} mails of 2 KB at {run['mails_per_s']:,.0f}/s "
+                      f"(RabbitMQ {per_mail['rabbitmq']:.0f} µs, Redis {per_mail['redis']:.0f} µs per mail)")
+    return {"mails": run["sent"], "mails_per_s": run["mails_per_s"], **system, "stages": tables,
+            "raw_stacks": str(directory.relative_to(ROOT)), "chart": str(chart.relative_to(ROOT))}
 
 
 def run_count(settings: Settings, mails: int, port: int) -> dict[str, Any]:
@@ -324,18 +353,20 @@ def markdown(result: dict[str, Any]) -> str:
             lines += [f"| {g['group']} | {g['pct']:.0f} | {g['us_per_mail']:.1f} |"
                       for g in table["groups"] if g["us_per_mail"] >= 0.5]
             lines += [""]
+        stages = list(profile["stages"])
+        lines += [f"| across the groups, µs per mail | {' | '.join(stages)} |", "|---" * (len(stages) + 1) + "|"]
+        lines += [f"| {name} | {' | '.join(str(profile['stages'][st]['across_us_per_mail'][name]) for st in stages)} |"
+                  for name in ACROSS]
+        lines += [""]
     count = result.get("count")
     if count:
-        amqp: dict[str, dict[str, float]] = {}
-        msgpack: dict[str, dict[str, float]] = {}
+        tables: dict[str, dict[str, dict[str, float]]] = {"AMQP": {}, "msgpack": {}, "Redis": {}}
         for process, counts in count["per_mail"].items():
-            for key, value in counts["amqp"].items():
-                if not key.startswith("publish_bytes"):
-                    amqp.setdefault(key, {})[process] = value
-            for key, value in counts["msgpack"].items():
-                msgpack.setdefault(key, {})[process] = value
+            for kind, title in (("amqp", "AMQP"), ("msgpack", "msgpack"), ("redis", "Redis")):
+                for key, value in counts[kind].items():
+                    tables[title].setdefault(key, {})[process] = value
         processes = sorted(count["per_mail"])
-        for title, table in (("AMQP per mail", amqp), ("msgpack per mail", msgpack)):
+        for title, table in ((f"{title} per mail", table) for title, table in tables.items()):
             lines += [f"| {title} | {' | '.join(processes)} |", "|---" * (len(processes) + 1) + "|"]
             lines += [f"| {key} | {' | '.join(f'{row.get(p, 0):g}' if row.get(p) else '' for p in processes)} |"
                       for key, row in sorted(table.items())]
