@@ -21,7 +21,7 @@
 --   16 {p}:pb            the server's pace (mailpipe/pushback.lua): eff and conf (a cut rate:
 --                        the interval and the burst in proportion), state (paused: nothing
 --                        until hold_until, unless by hand: nothing; then probing: one mail,
---                        probe_at), manual
+--                        probe_at), manual, backoff_until (after a rate signal: nothing till then)
 --   17.. {<ns>}:day:<tenant> per tenant: day, end (the counted local day, epoch s), n (mails)
 -- decide ARGV: 1 server, 2 cost, 3 interval_us (0: unlimited), 4 burst, 5 per_minute (0: none),
 --   6 minute_span_us (60 s + the delivery window), 7 mark_ttl_s, 8 fair tenant ('' none),
@@ -112,7 +112,8 @@ register('decide', function(keys, args)
 
   -- 2. The server's pace: paused, nothing until its hold ends, then one probe at a time; after
   -- a cut, a longer interval and a burst in proportion.
-  local pb = redis.call('HMGET', keys[T_PB], 'eff', 'conf', 'state', 'hold_until', 'probe_at', 'manual')
+  local pb = redis.call('HMGET', keys[T_PB], 'eff', 'conf', 'state', 'hold_until', 'probe_at', 'manual',
+                        'backoff_until')
   local probing = false
   if pb[3] == 'paused' then
     local hold = tonumber(pb[4]) or 0
@@ -132,6 +133,11 @@ register('decide', function(keys, args)
       burst = math.max(1, math.floor(burst * eff / conf))
       interval = slow
     end
+  end
+  local backoff_until = tonumber(pb[7]) or 0
+  if not probing and now < backoff_until then  -- held back after a rate signal
+    if interval > 0 then load_tat(keys[T_TAT], interval, now) end  -- a cut's debt counted at its rate now
+    return refused(backoff_until - now)
   end
 
   -- 3. A tenant held off (paused), or the lane of the batch, is not released.

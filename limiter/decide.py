@@ -6,8 +6,9 @@ wins; a batch larger than what the limits allow at once is granted in parts, nev
 
 1. A part granted before (a redelivered batch) gets the same grant.
 2. The server's pace (``mailpipe/pushback.py``): a paused server gets nothing until its hold
-   ends, then one mail at a time probes it; after a cut, the interval is longer and the burst
-   smaller in proportion (the GCRA's debt is counted at the new interval at once).
+   ends, then one mail at a time probes it; after a rate signal, nothing for a back-off; after
+   a cut, the interval is longer and the burst smaller in proportion (the GCRA's debt is
+   counted at the new interval at once).
 3. A tenant held off (capped, paused), or the lane of the batch (its bulk mail paused), gets
    nothing.
 4. The daily caps: what each tenant may still send today. None left: the tenant is held off
@@ -177,6 +178,10 @@ def decide(state: State, now_us: int, part_id: str, cost: int, limits: Limits, t
         probing = True
     interval_us, burst = pace.paced(limits.interval_us, limits.burst)
     limits = limits._replace(interval_us=interval_us, burst=burst)
+    if not probing and now_us < pace.backoff_until:  # held back after a rate signal
+        if interval_us:
+            state.tat(now_us, interval_us)  # a cut's debt counted at its rate from now
+        return refused(pace.backoff_until - now_us)
 
     # 3. A tenant held off, or the lane of the batch, is not released.
     if fair is not None:

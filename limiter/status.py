@@ -47,6 +47,7 @@ def snapshot(redis_client: redis.Redis, namespace: str, config: Config,
             tat = rescale(_int(rate.get("tat")), _int(rate.get("step")), now_us, interval_us)
             tokens = tokens_available(tat, now_us, interval_us, limits.burst)
         hold_until = _int(pace.get("hold_until")) or 0
+        backoff_until = _int(pace.get("backoff_until")) or 0
         rows.append({
             "kind": "server", "name": name,
             "rate_per_hour": "unlimited" if server.unlimited else server.rate_per_hour,
@@ -54,6 +55,7 @@ def snapshot(redis_client: redis.Redis, namespace: str, config: Config,
             "state": pace.get("state") or "active",
             "paused_until": None if pace.get("manual") == "1" or hold_until <= now_us else hold_until // US,
             "paused_by_hand": pace.get("manual") == "1",
+            "held_back_until": backoff_until // US if backoff_until > now_us else None,
             "connection_cap": int(pace.get("cap") or server.concurrency or settings.send_concurrency),
             "connections_open": int(pace.get("open_connections") or 0),
             "last_change": {"reason": pace.get("reason", ""), "rule": pace.get("rule", ""),

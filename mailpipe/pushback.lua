@@ -11,15 +11,18 @@
 --                 (the last probe's grant), last_cut, last_change (us), since = successes
 --                 since the last change, streak = server-broken signals in a row, cap = the
 --                 connection cap, clean = clean sessions since the cap last moved, fp = the
---                 credentials' fingerprint, reason, rule, sample = why the last change
+--                 credentials' fingerprint, reason, rule, sample = why the last change,
+--                 backoff_us, backoff_until = a rate signal's hold on grants (doubled while
+--                 refusals go on after it, dropped by a success)
 --   2 p:pb:seen   set: the signals counted (job, attempt and class): counted once, however
 --                 many senders saw them
 --   3 p:pb:conns  zset: the connections open to the server, every sender replica's -> lease end
 --
--- ARGV[1..9] of every function but conn_*, the policy (mailpipe/pushback.py, Policy):
+-- ARGV[1..12] of every function but conn_*, the policy (mailpipe/pushback.py, Policy):
 --   1 conf: the configured rate (mails/h)   2 concurrency: the configured connections
 --   3 cut_interval_us  4 floor (mails/h)  5 quiet_us  6 quiet_mails  7 step (mails/h)
 --   8 pause_after  9 hold_us (the first hold)  10 hold_max_us  11 resume_at (share of conf)
+--   12 backoff_us (the first hold on grants after a rate signal; at most cut_interval_us)
 
 local HASH, SEEN, CONNS = 1, 2, 3
 local SEEN_TTL_S = 3600
@@ -35,12 +38,13 @@ local function f17(x) return string.format('%.17g', x) end
 -- The state as stored, with the defaults of a server never heard of: active at its rate.
 local function load(keys, args)
   local v = redis.call('HMGET', keys[HASH], 'conf', 'eff', 'state', 'manual', 'hold_until', 'hold_us',
-                       'last_cut', 'last_change', 'since', 'streak', 'cap', 'clean')
+                       'last_cut', 'last_change', 'since', 'streak', 'cap', 'clean', 'backoff_us', 'backoff_until')
   local conf = tonumber(args[1])
   local s = {conf = conf, eff = num(v[2], conf), state = v[3] or 'active', manual = v[4] == '1',
              hold_until = num(v[5], 0), hold_us = num(v[6], 0), last_cut = num(v[7], 0),
              last_change = num(v[8], 0), since = num(v[9], 0), streak = num(v[10], 0),
-             cap = num(v[11], tonumber(args[2])), clean = num(v[12], 0)}
+             cap = num(v[11], tonumber(args[2])), clean = num(v[12], 0), backoff_us = num(v[13], 0),
+             backoff_until = num(v[14], 0)}
   local stored_conf = tonumber(v[1])
   if stored_conf ~= conf then  -- the servers file changed the rate: never above it
     s.eff = math.min(s.eff, conf)
@@ -54,15 +58,20 @@ local function save(keys, s)
   redis.call('HSET', keys[HASH], 'conf', f17(s.conf), 'eff', f17(s.eff), 'state', s.state,
              'manual', s.manual and 1 or 0, 'hold_until', f17(s.hold_until), 'hold_us', f17(s.hold_us),
              'last_cut', f17(s.last_cut), 'last_change', f17(s.last_change), 'since', s.since,
-             'streak', s.streak, 'cap', s.cap, 'clean', s.clean)
+             'streak', s.streak, 'cap', s.cap, 'clean', s.clean, 'backoff_us', f17(s.backoff_us),
+             'backoff_until', f17(s.backoff_until))
 end
 
 local function why(keys, reason, rule, sample)
   redis.call('HSET', keys[HASH], 'reason', reason, 'rule', rule or '', 'sample', sample or '')
 end
 
--- report ARGV: the policy (1..11), then successes, then per signal: class, rule, cut (the
+-- report ARGV: the policy (1..12), then successes, then per signal: class, rule, cut (the
 -- share of the rate left after a cut: 0.5 explicit, 0.7 vague), dedupe key, sample reply.
+-- A rate signal also holds grants back a while (backoff): a server whose window is full
+-- refuses everything until it slides, and the mails granted meanwhile would all be refused.
+-- Doubled by a refusal after the hold ended (of a mail granted after it, not one in flight)
+-- when nothing got through, up to the cut interval; a report with successes starts it over.
 -- Returns {now_us, then the changes it made, 5 values each: kind (cut, grew, cap, paused,
 -- resumed), the effective rate before, after, the state after, the rule}.
 register('pb_report', function(keys, args)
@@ -71,7 +80,8 @@ register('pb_report', function(keys, args)
   local cut_interval, floor, quiet = tonumber(args[3]), tonumber(args[4]), tonumber(args[5])
   local quiet_mails, step, pause_after = tonumber(args[6]), tonumber(args[7]), tonumber(args[8])
   local hold_first, hold_max, resume_at = tonumber(args[9]), tonumber(args[10]), tonumber(args[11])
-  local successes = tonumber(args[12])
+  local backoff_first, successes = tonumber(args[12]), tonumber(args[13])
+  if successes > 0 then s.backoff_us = 0 end
   local out = {now}
   local function changed(kind, before, rule, reason, sample)
     out[#out + 1] = kind
@@ -81,15 +91,21 @@ register('pb_report', function(keys, args)
     out[#out + 1] = rule or ''
     why(keys, reason, rule, sample)
   end
-  for i = 13, #args, 5 do
+  for i = 14, #args, 5 do
     local class, rule, cut, dedupe, sample = args[i], args[i + 1], tonumber(args[i + 2]), args[i + 3], args[i + 4]
     if redis.call('SADD', keys[SEEN], dedupe .. ' ' .. class) == 1 then
       redis.call('EXPIRE', keys[SEEN], SEEN_TTL_S)
-      if class == 'rate' and s.state == 'active' and now - s.last_cut >= cut_interval then
-        local before = s.eff
-        s.eff = math.max(floor, s.eff * cut)
-        s.last_cut, s.last_change, s.since = now, now, 0
-        changed('cut', before, rule, 'throttled', sample)
+      if class == 'rate' then
+        if s.state == 'active' and now - s.last_cut >= cut_interval then
+          local before = s.eff
+          s.eff = math.max(floor, s.eff * cut)
+          s.last_cut, s.last_change, s.since = now, now, 0
+          changed('cut', before, rule, 'throttled', sample)
+        end
+        if now >= s.backoff_until then
+          s.backoff_us = math.min(cut_interval, s.backoff_us > 0 and s.backoff_us * 2 or backoff_first)
+          s.backoff_until = now + s.backoff_us
+        end
       elseif class == 'connections' and s.cap > 1 then
         s.cap, s.clean = s.cap - 1, 0
         changed('cap', s.eff, rule, 'too many connections', sample)
@@ -126,18 +142,18 @@ register('pb_report', function(keys, args)
   return out
 end)
 
--- pause ARGV: the policy (1..11), reason. By hand: no probe resumes it. Returns {now_us, the change}.
+-- pause ARGV: the policy (1..12), reason. By hand: no probe resumes it. Returns {now_us, the change}.
 register('pb_pause', function(keys, args)
   local now = time_us()
   local s = load(keys, args)
   local before = s.eff
   s.state, s.manual, s.hold_until = 'paused', true, now + 100 * 365 * 86400 * 1000000
   save(keys, s)
-  why(keys, args[12], 'manual', '')
+  why(keys, args[13], 'manual', '')
   return {now, 'paused', f17(before), f17(s.eff), s.state, 'manual'}
 end)
 
--- resume ARGV: the policy (1..11), reason. At once, at the effective rate it had (the password
+-- resume ARGV: the policy (1..12), reason. At once, at the effective rate it had (the password
 -- fixed, the relay allowed): nothing says the server was overloaded. Returns {now_us, the
 -- change, if any}.
 register('pb_resume', function(keys, args)
@@ -145,24 +161,24 @@ register('pb_resume', function(keys, args)
   local s = load(keys, args)
   if s.state == 'active' then save(keys, s) return {now} end
   s.state, s.manual, s.hold_until, s.hold_us, s.streak = 'active', false, 0, 0, 0
-  s.last_change, s.since = now, 0
+  s.last_change, s.since, s.backoff_us, s.backoff_until = now, 0, 0, 0
   save(keys, s)
-  why(keys, args[12], 'manual', '')
+  why(keys, args[13], 'manual', '')
   return {now, 'resumed', f17(s.eff), f17(s.eff), s.state, 'manual'}
 end)
 
--- credentials ARGV: the policy (1..11), the credentials' fingerprint (the servers file as
+-- credentials ARGV: the policy (1..12), the credentials' fingerprint (the servers file as
 -- loaded). A changed fingerprint resumes a paused server (its password was fixed). Returns
 -- {now_us, the change, if any}.
 register('pb_credentials', function(keys, args)
   local now = time_us()
   local old = redis.call('HGET', keys[HASH], 'fp')
-  redis.call('HSET', keys[HASH], 'fp', args[12])
-  if not old or old == args[12] then return {now} end
+  redis.call('HSET', keys[HASH], 'fp', args[13])
+  if not old or old == args[13] then return {now} end
   local s = load(keys, args)
   if s.state == 'active' then return {now} end
   s.state, s.manual, s.hold_until, s.hold_us, s.streak = 'active', false, 0, 0, 0
-  s.last_change, s.since = now, 0
+  s.last_change, s.since, s.backoff_us, s.backoff_until = now, 0, 0, 0
   save(keys, s)
   why(keys, 'its credentials changed', 'credentials', '')
   return {now, 'resumed', f17(s.eff), f17(s.eff), s.state, 'credentials'}

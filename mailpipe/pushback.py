@@ -76,6 +76,7 @@ class Policy:
     hold_us: int = 900 * US
     hold_max_us: int = 4 * 3600 * US
     resume_at: float = 0.25
+    backoff_us: int = 5 * US
 
     @classmethod
     def of(cls, server: ServerConfig, settings: Settings) -> Policy:
@@ -85,12 +86,13 @@ class Policy:
                    floor=max(60.0, settings.pushback_floor * conf), quiet_us=int(settings.pushback_quiet_s * US),
                    quiet_mails=settings.pushback_quiet_mails, step=settings.pushback_step * conf,
                    pause_after=settings.pushback_pause_after, hold_us=int(settings.pushback_hold_s * US),
-                   hold_max_us=int(settings.pushback_hold_max_s * US), resume_at=settings.pushback_resume_at)
+                   hold_max_us=int(settings.pushback_hold_max_s * US), resume_at=settings.pushback_resume_at,
+                   backoff_us=int(settings.pushback_backoff_s * US))
 
     def args(self) -> list[Arg]:
         return [repr(self.conf), self.concurrency, self.cut_interval_us, repr(self.floor), self.quiet_us,
                 self.quiet_mails, repr(self.step), self.pause_after, self.hold_us, self.hold_max_us,
-                repr(self.resume_at)]
+                repr(self.resume_at), self.backoff_us]
 
 
 class Signal(NamedTuple):
@@ -259,6 +261,8 @@ class Controller:
     cap: int | None = None
     clean: int = 0
     probe_at: int = 0
+    backoff_us: int = 0
+    backoff_until: int = 0
     seen: set[str] = field(default_factory=set)
 
     def _load(self, policy: Policy) -> None:
@@ -281,17 +285,24 @@ class Controller:
             assert self.eff is not None
             out.append(Change(kind, before, self.eff, self.state, rule))
 
+        if successes > 0:
+            self.backoff_us = 0  # the server took mail: a hold starts over from its first step
         for s in signals:
             key = f"{s.dedupe} {s.kind}"
             if key in self.seen:
                 continue
             self.seen.add(key)
-            if s.kind == RATE and self.state == ACTIVE and now_us - self.last_cut >= policy.cut_interval_us:
-                before = self.eff
-                self.eff = max(policy.floor, self.eff * s.cut)
-                self.last_cut = self.last_change = now_us
-                self.since = 0
-                changed("cut", before, s.rule)
+            if s.kind == RATE:
+                if self.state == ACTIVE and now_us - self.last_cut >= policy.cut_interval_us:
+                    before = self.eff
+                    self.eff = max(policy.floor, self.eff * s.cut)
+                    self.last_cut = self.last_change = now_us
+                    self.since = 0
+                    changed("cut", before, s.rule)
+                if now_us >= self.backoff_until:  # a mail granted after the hold: not one in flight
+                    self.backoff_us = min(policy.cut_interval_us,
+                                          self.backoff_us * 2 if self.backoff_us else policy.backoff_us)
+                    self.backoff_until = now_us + self.backoff_us
             elif s.kind == CONNECTIONS and self.cap > 1:
                 self.cap, self.clean = self.cap - 1, 0
                 changed("cap", self.eff, s.rule)
@@ -334,7 +345,7 @@ class Controller:
         if self.state == ACTIVE:
             return []
         self.state, self.manual, self.hold_until, self.hold_us, self.streak = ACTIVE, False, 0, 0, 0
-        self.last_change, self.since = now_us, 0
+        self.last_change, self.since, self.backoff_us, self.backoff_until = now_us, 0, 0, 0
         return [Change("resumed", self.eff, self.eff, self.state, "manual")]
 
     # What the limiter's decision reads (limiter/decide.lua).

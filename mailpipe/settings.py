@@ -99,6 +99,9 @@ class Settings:
     pushback_hold_s: float = 900.0
     pushback_hold_max_s: float = 4 * 3600.0
     pushback_resume_at: float = 0.25
+    # After a rate signal no grant for this long (doubled while refusals go on, at most the cut
+    # interval): a server whose window is full refuses all until it slides.
+    pushback_backoff_s: float = 5.0
     send_concurrency: int = 4
     smtp_timeout_s: float = 30.0
     sent_mark_ttl_s: int = 7 * 24 * 3600  # how long a mail's claims and "sent" marks are kept
@@ -198,6 +201,7 @@ class Settings:
                     "shutdown_timeout_s",
                     "send_prefetch", "limiter_prefetch", "limiter_hold_s", "lane_idle_s", "minute_window_s",
                     "pushback_cut_interval_s", "pushback_quiet_s", "pushback_pause_after", "pushback_hold_s",
+                    "pushback_backoff_s",
                     "idempotency_ttl_s", "idempotency_lease_s", "suppress_days", "reconnect_max_s")
         for name in positive:
             if getattr(self, name) <= 0:

@@ -95,6 +95,8 @@ def _state(row: dict[str, Any]) -> str:
         return "paused, probe at " + time.strftime("%H:%M", time.localtime(row["paused_until"]))
     if row["state"] == "paused" and row.get("paused_by_hand"):
         return "paused by hand"
+    if row["state"] == "active" and row.get("held_back_until"):
+        return "throttled, held to " + time.strftime("%H:%M:%S", time.localtime(row["held_back_until"]))
     return str(row["state"])
 
 

@@ -42,13 +42,14 @@ def stored(client: redis.Redis, namespace: str) -> dict[str, Any]:
     return {"eff": float(h["eff"]), "state": h["state"], "manual": h["manual"] == "1",
             "hold_until": int(float(h["hold_until"])), "hold_us": int(float(h["hold_us"])),
             "last_cut": int(float(h["last_cut"])), "last_change": int(float(h["last_change"])),
-            "since": int(h["since"]), "streak": int(h["streak"]), "cap": int(h["cap"]), "clean": int(h["clean"])}
+            "since": int(h["since"]), "streak": int(h["streak"]), "cap": int(h["cap"]), "clean": int(h["clean"]),
+            "backoff_us": int(float(h["backoff_us"])), "backoff_until": int(float(h["backoff_until"]))}
 
 
 def twin(c: Controller) -> dict[str, Any]:
     return {"eff": c.eff, "state": c.state, "manual": c.manual, "hold_until": c.hold_until, "hold_us": c.hold_us,
             "last_cut": c.last_cut, "last_change": c.last_change, "since": c.since, "streak": c.streak,
-            "cap": c.cap, "clean": c.clean}
+            "cap": c.cap, "clean": c.clean, "backoff_us": c.backoff_us, "backoff_until": c.backoff_until}
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
@@ -57,7 +58,8 @@ def test_the_pace_changes_exactly_as_the_reference(client: redis.Redis, namespac
     twin is given the Redis time each call returned."""
     rng = random.Random(seed)
     policy = Policy(conf=36_000.0, concurrency=4, cut_interval_us=40_000, floor=1800.0, quiet_us=60_000,
-                    quiet_mails=5, step=1800.0, pause_after=3, hold_us=50_000, hold_max_us=400_000)
+                    quiet_mails=5, step=1800.0, pause_after=3, hold_us=50_000, hold_max_us=400_000,
+                    backoff_us=5_000)
     keys = server_keys(namespace, "s")
     c = Controller()
     kinds = ["rate", "rate", "connections", "server_broken", "recipient"]

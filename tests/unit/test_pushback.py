@@ -34,6 +34,32 @@ def test_a_throttle_cuts_the_rate_at_most_once_per_interval_never_below_the_floo
     assert c.eff == POLICY.floor
 
 
+def test_a_throttle_holds_grants_back_doubling_while_refusals_go_on_after_it() -> None:
+    """A server whose window is full refuses every mail until it slides: after a rate signal no
+    grant for a back-off (5 s), doubled by a refusal of a mail granted after it when nothing got
+    through (up to the cut interval), not by the refusals of mails in flight when it began; a
+    report with successes starts it over."""
+    c = Controller()
+    c.report(T0, POLICY, 0, [throttle("j1")])
+    assert (c.backoff_us, c.backoff_until) == (5 * US, T0 + 5 * US)
+    c.report(T0 + 1 * US, POLICY, 0, [throttle("j2"), throttle("j3")])  # in flight: the same hold
+    assert c.backoff_until == T0 + 5 * US
+    now = T0 + 5 * US
+    for want_s in (10, 20, 40, 60, 60):  # each mail granted after the hold refused again
+        c.report(now, POLICY, 0, [throttle(f"after{now}")])
+        assert c.backoff_us == want_s * US
+        now = c.backoff_until
+    c.report(now, POLICY, 3, [])  # the server takes mail again
+    assert c.backoff_us == 0
+    c.report(now + US, POLICY, 0, [throttle("again")])
+    assert c.backoff_us == 5 * US  # from the start
+    c.report(c.backoff_until, POLICY, 0, [throttle("again2")])
+    assert c.backoff_us == 10 * US
+    mixed_at = c.backoff_until
+    c.report(mixed_at, POLICY, 2, [throttle("mixed")])  # some taken, one refused: held, from the start
+    assert (c.backoff_us, c.backoff_until) == (5 * US, mixed_at + 5 * US)
+
+
 def test_the_same_signal_seen_by_several_senders_counts_once() -> None:
     c = Controller()
     c.report(T0, POLICY, 0, [throttle("j1")])
@@ -106,9 +132,11 @@ def test_a_cut_slows_the_grants_and_shrinks_the_burst_in_proportion() -> None:
     tenants = [TenantAsk("a", 10, 10**9, local_midnights("UTC", T0 / US))]
     assert decide(state, T0, "g1", 10, limits, tenants, Fair("a")).granted == 10
     state.pushback.report(T0, POLICY, 0, [throttle("j1")])
-    refused = decide(state, T0, "g2", 5, limits, tenants, Fair("a"))
+    held = decide(state, T0, "g2", 5, limits, tenants, Fair("a"))
+    assert held.granted == 0 and held.retry_after_us == POLICY.backoff_us  # the back-off first
+    refused = decide(state, T0 + POLICY.backoff_us, "g2", 5, limits, tenants, Fair("a"))
     # 10 owed, now at 2 s each: 20 s of debt; with a burst of 5 (10 s), one mail fits in 12 s.
-    assert refused.granted == 0 and refused.retry_after_us == 12 * US
+    assert refused.granted == 0 and refused.retry_after_us == 12 * US - POLICY.backoff_us
     assert decide(state, T0 + 12 * US, "g3", 5, limits, tenants, Fair("a")).granted == 1
     assert decide(state, T0 + 13 * US, "g4", 4, limits, tenants, Fair("a")).retry_after_us == US  # 1 per 2 s
 

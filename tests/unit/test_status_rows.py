@@ -3,6 +3,7 @@ of one server's keys, and how ``mailpipe.status.share_lines`` prints them."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -119,14 +120,16 @@ def test_the_servers_come_first_with_their_state_effective_rate_and_why() -> Non
 
     lines = server_lines([
         server("platform", "active", 6000.0),
-        server("acme-smtp", "active", 1500.0, last_change={"reason": "throttled", "rule": "rate-limited",
-                                                           "reply": "451 4.7.1 Rate limited"}),
+        server("acme-smtp", "active", 1500.0, held_back_until=NOW_S + 20,
+               last_change={"reason": "throttled", "rule": "rate-limited", "reply": "451 4.7.1 Rate limited"}),
         server("globex", "paused", 6000.0, paused_until=NOW_S + 900,
                last_change={"reason": "broken", "rule": "auth-failed", "reply": "535 5.7.8 Authentication failed"}),
     ])
     assert lines[0] == "servers" and lines[1].split()[:4] == ["server", "state", "rate/h", "effective/h"]
     assert lines[2].split()[:4] == ["platform", "active", "6000", "6000"] and "40000" in lines[2]
-    assert lines[3].split()[:4] == ["acme-smtp", "active", "6000", "1500"]
+    held_to = time.strftime("%H:%M:%S", time.localtime(NOW_S + 20))
+    assert lines[3].split()[:5] == ["acme-smtp", "throttled,", "held", "to", held_to]
+    assert lines[3].split()[5:7] == ["6000", "1500"]
     assert "throttled (rate-limited): 451 4.7.1 Rate limited" in lines[4]
     assert lines[5].split()[:4] == ["globex", "paused,", "probe", "at"]
     assert "broken (auth-failed): 535 5.7.8" in lines[6] and "mailpipe servers resume globex" in lines[7]
