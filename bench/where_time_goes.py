@@ -324,18 +324,28 @@ def broker_case(settings: Settings, rabbit: list[int], background_per_s: float, 
             "client_us_per_mail": round(client_cpu / (messages * per_message) * 1e6, 1)}
 
 
-def broker_cost(settings: Settings, mails: int = 10_000) -> dict[str, Any]:
+def broker_cost(settings: Settings, mails: int = 10_000, repeats: int = 3) -> dict[str, Any]:
     """RabbitMQ's CPU per mail for the pipeline's kinds of message, one mail per message and
-    bundled: ``BROKER_CASES``. The broker's background (others' load) is measured for 2 s first
-    and taken off."""
+    bundled: ``BROKER_CASES``, each ``repeats`` times in turn (the host is noisy: the median
+    counts, every run is given). The broker's background (others' load) is measured for 2 s
+    before each round and taken off."""
     rabbit = service_pids(settings)["rabbitmq"]
-    before, at = cpu_s(rabbit), time.monotonic()
-    time.sleep(2.0)
-    background_per_s = (cpu_s(rabbit) - before) / (time.monotonic() - at)
-    cases = {name: broker_case(settings, rabbit, background_per_s, mails if per < 500 else 20 * per, per, size,
-                               kind, acks)
-             for name, per, size, kind, acks in BROKER_CASES}
-    return {"mails": mails, "background_cpu_pct": round(100 * background_per_s, 1), "cases": cases,
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in BROKER_CASES}
+    backgrounds = []
+    for _ in range(repeats):
+        before, at = cpu_s(rabbit), time.monotonic()
+        time.sleep(2.0)
+        background_per_s = (cpu_s(rabbit) - before) / (time.monotonic() - at)
+        backgrounds.append(round(100 * background_per_s, 1))
+        for name, per, size, kind, acks in BROKER_CASES:
+            runs[name].append(broker_case(settings, rabbit, background_per_s, mails if per < 500 else 20 * per,
+                                          per, size, kind, acks))
+    cases = {}
+    for name, results in runs.items():
+        median = sorted(results, key=lambda r: float(r["rabbitmq_us_per_mail"]))[len(results) // 2]
+        cases[name] = {**median, "rabbitmq_us_per_mail_runs": [r["rabbitmq_us_per_mail"] for r in results],
+                       "client_us_per_mail_runs": [r["client_us_per_mail"] for r in results]}
+    return {"mails": mails, "background_cpu_pct": backgrounds, "cases": cases,
             "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
@@ -373,10 +383,11 @@ def markdown(result: dict[str, Any]) -> str:
             lines += [""]
     broker = result.get("broker")
     if broker:
-        lines += ["| through RabbitMQ | mails per message | RabbitMQ µs per mail | client µs per mail |",
-                  "|---|---|---|---|"]
-        lines += [f"| {name} | {case['mails_per_message']} | {case['rabbitmq_us_per_mail']} | "
-                  f"{case['client_us_per_mail']} |" for name, case in broker["cases"].items()]
+        lines += ["| through RabbitMQ | mails per message | RabbitMQ µs per mail (median; runs) | "
+                  "client µs per mail (runs) |", "|---|---|---|---|"]
+        lines += [f"| {name} | {case['mails_per_message']} | {case['rabbitmq_us_per_mail']} "
+                  f"({', '.join(map(str, case['rabbitmq_us_per_mail_runs']))}) | "
+                  f"{', '.join(map(str, case['client_us_per_mail_runs']))} |" for name, case in broker["cases"].items()]
     return "\n".join(lines)
 
 
