@@ -19,6 +19,7 @@ full-load run, and what a mail costs in messages and calls.
   same mails published to a quorum queue of the bench's, consumed and acked, one message per
   mail, and in bundles of 10 and 100 mails per message (the levers "publish_many", jobs and
   events bundled), the broker's CPU from /proc.
+- micro: what a few levers could bring a cost down to, in this process (``micro``).
 
 Prints one JSON object; ``--markdown`` also prints the tables of docs/design-notes.md's
 "Where the time goes".
@@ -349,6 +350,99 @@ def broker_cost(settings: Settings, mails: int = 10_000, repeats: int = 3) -> di
             "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
+# -- the floor of a few levers, in this process ---------------------------------------------------
+
+def _per_call_us(call: Any, calls: int) -> float:
+    started = time.process_time()
+    for _ in range(calls):
+        call()
+    return round((time.process_time() - started) / calls * 1e6, 2)
+
+
+def micro(settings: Settings, calls: int = 20_000) -> dict[str, Any]:
+    """CPU per call of what a mail goes through, against the floor a lever would bring it to:
+    the codec's encodes and decodes of the bench's mail beside msgpack's bare unpackb (what a
+    leaner decoder could not go below); the address check of a new recipient (email-validator)
+    beside a regular expression for a plain ASCII address (a fast path); a round trip of the
+    sender's sent marks through redis.asyncio (a pipeline of 2 HSETs: the 0.5 round trips per mail
+    of the counting run) beside the same bytes on a plain asyncio stream, parsed by hiredis."""
+    import asyncio
+    import re as regex
+
+    import hiredis
+    import msgpack
+
+    from mailpipe import codec, redis_client
+    from mailpipe.demo import make_requests
+    from mailpipe.model import Event, Job, now_ms
+    from producer.compose import check_address, render
+
+    request = make_requests(0, 1, 2048)[0]
+    intake = codec.encode_intake(request)
+    job = Job(id=request.id, tenant="demo", server="local", sender=request.sender, recipients=request.to,
+              message=render(request, request.id), created_ms=request.created_ms, enqueued_ms=now_ms())
+    raw_job = codec.encode_job(job)
+    event = Event(job_id=job.id, tenant="demo", server="local", outcome="sent", recipients=job.recipients,
+                  attempt=0, created_ms=job.created_ms, at_ms=now_ms(), code=250, text="2.0.0 Ok")
+    raw_event = codec.encode_event(event)
+    result: dict[str, Any] = {"codec_us_per_call": {
+        "encode_intake": _per_call_us(lambda: codec.encode_intake(request), calls),
+        "decode_intake": _per_call_us(lambda: codec.decode_intake(intake, settings.max_message_bytes), calls),
+        "msgpack.unpackb of the intake (the floor)": _per_call_us(lambda: msgpack.unpackb(intake), calls),
+        "encode_job": _per_call_us(lambda: codec.encode_job(job), calls),
+        "decode_job": _per_call_us(lambda: codec.decode_job(raw_job), calls),
+        "msgpack.unpackb of the job (the floor)": _per_call_us(lambda: msgpack.unpackb(raw_job), calls),
+        "encode_event": _per_call_us(lambda: codec.encode_event(event), calls),
+        "decode_event": _per_call_us(lambda: codec.decode_event(raw_event), calls),
+    }, "bytes": {"intake": len(intake), "job": len(raw_job), "event": len(raw_event)}}
+
+    plain = regex.compile(r"[A-Za-z0-9._+-]{1,64}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}")
+    addresses = iter([f"reader{i}.{os.getpid()}@example{i % 97}.com" for i in range(2 * calls)])
+    result["address_check_us_per_new_address"] = {
+        "check_address (email-validator, not cached)": _per_call_us(lambda: check_address(next(addresses), "to"),
+                                                                    calls // 4),
+        "a regular expression for plain ASCII (the floor of a fast path)":
+            _per_call_us(lambda: plain.fullmatch(next(addresses)), calls),
+    }
+
+    async def marks(trips: int) -> dict[str, float]:
+        client = redis_client.connect_async(settings)
+        key = f"bench-marks-{os.getpid()}"
+        started = time.process_time()
+        for i in range(trips):
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.hset(f"{key}:{i}", mapping={"a@example.com": "s"})
+                pipe.hset(f"{key}:{i}b", mapping={"b@example.com": "s"})
+                await pipe.execute()
+        via_redis_py = (time.process_time() - started) / trips * 1e6
+        host, port = settings.redis_url.split("//", 1)[1].split("/")[0].split("@")[-1].split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        parser = hiredis.Reader()
+        started = time.process_time()
+        for i in range(trips):
+            writer.write(b"".join(_resp(b"HSET", f"{key}:{i}{x}".encode(), b"a@example.com", b"s") for x in "cd"))
+            replies = 0
+            while replies < 2:
+                parser.feed(await reader.read(4096))
+                while parser.gets() is not False:
+                    replies += 1
+        via_stream = (time.process_time() - started) / trips * 1e6
+        writer.close()
+        for pattern in (f"{key}:*",):
+            async for found in client.scan_iter(match=pattern, count=1000):
+                await client.delete(found)
+        await client.aclose()
+        return {"redis.asyncio pipeline of 2 HSETs": round(via_redis_py, 1),
+                "the same bytes on an asyncio stream, parsed by hiredis (the floor)": round(via_stream, 1)}
+
+    result["sent_marks_us_per_round_trip"] = asyncio.run(marks(2_000))
+    return result
+
+
+def _resp(*parts: bytes) -> bytes:
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The tables of docs/design-notes.md's "Where the time goes", from this bench's JSON."""
     lines: list[str] = []
@@ -388,6 +482,11 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"| {name} | {case['mails_per_message']} | {case['rabbitmq_us_per_mail']} "
                   f"({', '.join(map(str, case['rabbitmq_us_per_mail_runs']))}) | "
                   f"{', '.join(map(str, case['client_us_per_mail_runs']))} |" for name, case in broker["cases"].items()]
+    floors = result.get("micro")
+    if floors:
+        lines += ["", "| CPU per call, this process | µs |", "|---|---|"]
+        for section in ("codec_us_per_call", "address_check_us_per_new_address", "sent_marks_us_per_round_trip"):
+            lines += [f"| {name} | {us} |" for name, us in floors[section].items()]
     return "\n".join(lines)
 
 
@@ -395,7 +494,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mails", type=int, default=20_000, help="mails of the profiled run")
     parser.add_argument("--count-mails", type=int, default=5_000, help="mails of the counting run")
-    parser.add_argument("--parts", default="profile,count,broker")
+    parser.add_argument("--parts", default="profile,count,broker,micro")
     parser.add_argument("--markdown", action="store_true", help="also print the tables (to stderr)")
     args = parser.parse_args()
     os.chdir(ROOT)
@@ -409,6 +508,8 @@ def main() -> None:
             result["count"] = run_count(settings, args.count_mails, port)
     if "broker" in parts:
         result["broker"] = broker_cost(settings)
+    if "micro" in parts:
+        result["micro"] = micro(settings)
     print(json.dumps(result))
     if args.markdown:
         print(markdown(result), file=sys.stderr)
