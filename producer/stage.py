@@ -250,6 +250,7 @@ class EnqueueStage(Stage):
         self._unconfirmed = []
         waiting, self._waiting = self._waiting, []
         self.handle(broker, waiting)
+        self.outage.holding(len(self._waiting))
         self.outage.tried(f"{len(waiting) - len(self._waiting)} held intake request(s) handed over")
 
     def busy(self) -> bool:

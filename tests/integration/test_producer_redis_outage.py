@@ -74,10 +74,11 @@ def get(port: int, path: str) -> tuple[int, str]:
         return 0, ""
 
 
-def failing_closed(port: int) -> float | None:
+def gauge(port: int, name: str) -> float | None:
+    """The producer's ``name`` on /metrics."""
     _, text = get(port, "/metrics")
     for line in text.splitlines():
-        if line.startswith('mailpipe_failing_closed{stage="producer"}'):
+        if line.startswith(f'{name}{{stage="producer"}}'):
             return float(line.split()[-1])
     return None
 
@@ -170,7 +171,8 @@ def test_a_redis_outage_holds_the_intake_and_every_mail_goes_once_redis_is_back(
             assert "msgpack" in reason or "decode" in reason, reason
             status, _ = get(port, "/readyz")
             assert status == 503, "ready while Redis is down"
-            assert failing_closed(port) == 1.0
+            assert gauge(port, "mailpipe_failing_closed") == 1.0
+            assert gauge(port, "mailpipe_waiting_for_redis_messages") == MAILS
 
             log = first_logs / "producer-0.log"
             while time.monotonic() - outage_started < OUTAGE_S:  # past the delivery limit, before
@@ -201,8 +203,9 @@ def test_a_redis_outage_holds_the_intake_and_every_mail_goes_once_redis_is_back(
             private_redis.start()
             wait_until(lambda: depth(settings, topology.intake) == (0, 0), 30,
                        "every request handled once Redis is back", stages)
-            wait_until(lambda: failing_closed(port) == 0.0 and get(port, "/readyz")[0] == 200, 10,
-                       "ready again", stages)
+            wait_until(lambda: gauge(port, "mailpipe_failing_closed") == 0.0 and get(port, "/readyz")[0] == 200,
+                       10, "ready again", stages)
+            assert gauge(port, "mailpipe_waiting_for_redis_messages") == 0
         text = (second_logs / "producer-0.log").read_text()
         assert text.count(WAITING) == 1 and text.count(BACK) == 1, text[-5000:]
 
