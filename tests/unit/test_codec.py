@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from mailpipe import codec
 from mailpipe.errors import InvalidMessage, PermanentError
-from mailpipe.model import SCHEMA_VERSION, Attachment, Batch, Event, IntakeRequest, Job
+from mailpipe.model import SCHEMA_VERSION, Attachment, Batch, Event, IntakeRequest, Job, new_id, now_ms
 
 MAX_MESSAGE_BYTES = 1024 * 1024
 
@@ -593,3 +593,36 @@ def test_a_large_real_intake_still_decodes() -> None:
     data = codec.encode_intake(req)
     assert len(data) > codec.COUNT_FROM_BYTES
     assert decode_intake(data) == req
+
+
+# -- bundles (issue 24) ----------------------------------------------------------------------------
+
+def test_a_bundle_holds_whole_messages_each_decoded_on_its_own() -> None:
+    jobs = [Job(id=new_id(), tenant="acme", server="s", sender="a@acme.example", recipients=(f"r{i}@example.com",),
+                message=b"Subject: x\r\n\r\nhi\r\n", created_ms=now_ms(), enqueued_ms=now_ms()) for i in range(3)]
+    raws = [codec.encode_job(j) for j in jobs]
+    bundle = codec.encode_bundle("job", raws)
+    assert codec.kind_of(bundle) == "jobs" and codec.kind_of(raws[0]) == "job"
+    assert codec.items_of(bundle, "job") == raws
+    assert [codec.decode_job(r) for r in codec.items_of(bundle, "job")] == jobs
+    assert codec.items_of(raws[1], "job") == [raws[1]]  # a single message is its own item
+
+
+def test_kind_of_reads_the_kind_wherever_it_is_and_never_fails() -> None:
+    last = msgpack.packb({"v": 1, "items": [b"x"], "kind": "jobs"}, use_bin_type=True)
+    assert codec.kind_of(last) == "jobs"
+    for junk in (b"", b"\xc1", b"\x93\x01\x02\x03", msgpack.packb({"kind": 7}), msgpack.packb({1: 2}),
+                 b"\xdf\xff\xff\xff\xff", msgpack.packb({"kind": "job"})[:-2]):
+        assert codec.kind_of(junk) is None
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    (b"\x00", "jobs: expected a map"),
+    (codec.encode_bundle("intake", [b"x"]), "jobs.kind: expected 'jobs', got 'intakes'"),
+    (codec.encode_bundle("job", []), "jobs.items: empty"),
+    (msgpack.packb({"v": 1, "kind": "jobs", "items": ["text"]}), "jobs.items: expected an array of binaries"),
+])
+def test_a_bundle_that_is_not_one_is_refused_naming_what_is_wrong(body: bytes, reason: str) -> None:
+    with pytest.raises(InvalidMessage) as info:
+        codec.items_of(body, "job")
+    assert reason in info.value.reason
