@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from mailpipe.amqp import Delivery
 from mailpipe.codec import decode_job
+from mailpipe.errors import InvalidMessage
 from mailpipe.model import Batch, derived_id
 from mailpipe.servers import Config
 
@@ -31,12 +32,23 @@ class Held:
     tenant: str
     lane: str
     member: str
-    sizes: list[int]  # each job's message bytes
     since: float  # monotonic: when it was taken
     due: float  # monotonic: when to ask Redis
     ahead: bool = False  # transactional mail within its tenant's ration: no turn to wait for
     offset: int = 0
     turn: bool = False  # last refused for another tenant's turn: asks as soon as its own comes
+    sizes: list[int] | None = None  # each job's message bytes, read once the batch is split
+
+    def bytes_of(self, start: int, end: int) -> int:
+        """The message bytes of jobs ``[start, end)``: the batch's own figure for all of it, else
+        the jobs' own, decoded only when a batch is split (decoding every job of every batch
+        taken was 42% of the limiter's CPU). A job that does not decode counts its encoded size:
+        the sender dead-letters it with its reason."""
+        if start == 0 and end == self.batch.mails:
+            return self.batch.bytes
+        if self.sizes is None:
+            self.sizes = [_size(raw) for raw in self.batch.jobs]
+        return sum(self.sizes[start:end])
 
     @property
     def line(self) -> Line:
@@ -89,6 +101,13 @@ def unknown_names(batch: Batch, tenants: Mapping[str, int], config: Config) -> s
     if missing:
         return f"unknown tenant(s) {', '.join(repr(t) for t in missing)}: not in the servers file"
     return None
+
+
+def _size(raw: bytes) -> int:
+    try:
+        return decode_job(raw).size
+    except InvalidMessage:
+        return len(raw)
 
 
 def by_tenant(batch: Batch) -> list[Batch]:

@@ -326,14 +326,12 @@ class LimiterStage(Stage):
         problem, category = "", Category.CONFIG
         try:
             batch = decode_batch(delivery.body)
-            sizes = [decode_job(job).size for job in batch.jobs]
             problem = unknown_names(batch, {tenant: batch.mails}, config) or (
                 "" if batch.mails else "batch.jobs: empty")
         except InvalidMessage as exc:
-            batch, sizes = Batch(id=delivery.message_id or "", server=server, jobs=(), mails=0, bytes=0,
-                                 created_ms=0), []
+            batch = Batch(id=delivery.message_id or "", server=server, jobs=(), mails=0, bytes=0, created_ms=0)
             problem, category = exc.reason, Category.INVALID
-        held = Held(delivery, batch, tenant, lane, member, sizes, since=now, due=now)
+        held = Held(delivery, batch, tenant, lane, member, since=now, due=now)
         if problem:
             self.unfit.append((held, problem, category))
         elif batch.priority == "high":
@@ -434,7 +432,7 @@ class LimiterStage(Stage):
         if decision.published:
             return
         part = dataclasses.replace(
-            batch, id=part_id, jobs=batch.jobs[start:end], mails=end - start, bytes=sum(held.sizes[start:end]),
+            batch, id=part_id, jobs=batch.jobs[start:end], mails=end - start, bytes=held.bytes_of(start, end),
             tenants={held.tenant: end - start}, grant_id=derived_id(part_id, f"grant:{decision.now_us}"),
             granted_ms=decision.now_ms, deadline_ms=decision.now_ms + int(self._window_s(batch.server) * 1000),
             refund=0, refund_of=None, refund_tenants={})
@@ -470,7 +468,7 @@ class LimiterStage(Stage):
 
     def _rest(self, held: Held) -> LaneBatch:
         rest = held.batch if held.offset == 0 else rest_of(held.batch, held.tenant, held.offset,
-                                                            sum(held.sizes[held.offset:]))
+                                                            held.bytes_of(held.offset, held.batch.mails))
         body = held.delivery.body if held.offset == 0 else encode_batch(rest)
         return LaneBatch(rest.server, held.lane, rest.mails, body, rest.id)
 

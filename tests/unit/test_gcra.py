@@ -402,6 +402,20 @@ def test_the_rest_of_a_batch_keeps_its_jobs_in_order_under_a_stable_id() -> None
     assert rest.id == derived_id("orig", "rest:2") and rest.grant_id is None and rest.refund == 0
 
 
+def test_a_held_batch_counts_its_bytes_whole_or_split() -> None:
+    """All of it: the batch's own figure, no job decoded; a part: its jobs' message bytes; a job
+    that does not decode: its encoded size (the sender dead-letters it)."""
+    from limiter.holding import Held
+
+    batch = dataclasses.replace(_batch(["a"] * 4), bytes=999)  # a figure no job sum gives
+    held = Held(delivery=None, batch=batch, tenant="a", lane="n:a", member="m", since=0.0, due=0.0)  # type: ignore[arg-type]
+    assert held.bytes_of(0, 4) == 999 and held.sizes is None
+    assert (held.bytes_of(0, 2), held.bytes_of(2, 4)) == (10 + 11, 12 + 13)
+    broken = dataclasses.replace(batch, jobs=(batch.jobs[0], b"\x00not a job"))
+    held = Held(delivery=None, batch=broken, tenant="a", lane="n:a", member="m", since=0.0, due=0.0)  # type: ignore[arg-type]
+    assert held.bytes_of(1, 2) == len(b"\x00not a job")
+
+
 def test_unknown_server_or_tenant_is_named() -> None:
     config = parse_config({"servers": {"s": {"address": "smtp.example.com"}},
                            "tenants": {"a": {"server": "s"}}}, "test", {})
