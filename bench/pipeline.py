@@ -58,7 +58,7 @@ from system_cpu import cpu_s, listening_pids, sys_s
 
 from mailpipe import stages
 from mailpipe.amqp import Broker
-from mailpipe.codec import decode_event
+from mailpipe.codec import decode_events
 from mailpipe.demo import (
     DEMO_LINGER_MS,
     Sampler,
@@ -217,11 +217,11 @@ def full_load(settings: Settings, mails: int, size: int, smtp_port: int, *, samp
                 for delivery in deliveries:
                     if is_feedback(delivery.body):
                         continue
-                    event = decode_event(delivery.body)
-                    if event.outcome == Outcome.SENT:
-                        sent[event.job_id] = event.at_ms - event.created_ms
-                    elif event.outcome in (Outcome.FAILED, Outcome.EXPIRED):
-                        failed[event.job_id] = f"{event.code} {event.text}".strip()
+                    for event in decode_events(delivery.body):  # an event, or a batch's bundle
+                        if event.outcome == Outcome.SENT:
+                            sent[event.job_id] = event.at_ms - event.created_ms
+                        elif event.outcome in (Outcome.FAILED, Outcome.EXPIRED):
+                            failed[event.job_id] = f"{event.code} {event.text}".strip()
                 if deliveries:
                     broker.ack(deliveries[-1].tag, multiple=True)
                 now = time.monotonic()

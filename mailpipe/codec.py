@@ -308,6 +308,29 @@ def items_of(data: bytes, kind: str, max_item_bytes: int = 2**31 - 1) -> list[by
     return list(items)
 
 
+# Delivery events travel bundled (the sender: one message per outcome and tenant of a batch) or
+# alone (a server's paused/resumed, the producer's failed). Subscribers read one record per mail
+# either way: decode_events. The bound keeps a bundle under MAX_ARRAY items.
+EVENTS_PER_BUNDLE = 1_000
+EVENT_MAX_BIN = 1024 * 1024
+
+
+def decode_events(data: bytes) -> list[Event]:
+    """The delivery events of one message of the events exchange: an event (kind "event") or a
+    bundle of them (kind "events"), in order. Raises ``InvalidMessage`` naming what is wrong, and
+    which item (feedback events, kind "feedback", are read by mailpipe.feedback instead)."""
+    items = items_of(data, "event", EVENT_MAX_BIN)
+    if len(items) == 1 and items[0] is data:
+        return [decode_event(data)]
+    events = []
+    for index, item in enumerate(items):
+        try:
+            events.append(decode_event(item))
+        except InvalidMessage as exc:
+            raise InvalidMessage(f"events.items[{index}]: {exc}") from None
+    return events
+
+
 # -- job --------------------------------------------------------------------------------------
 
 def encode_job(job: Job) -> bytes:
@@ -378,7 +401,7 @@ def encode_event(event: Event) -> bytes:
 
 
 def decode_event(data: bytes) -> Event:
-    f = _Fields("event", _unpack(data, "event", max_bin=1024 * 1024))
+    f = _Fields("event", _unpack(data, "event", max_bin=EVENT_MAX_BIN))
     event = Event(
         job_id=f.text("job_id"), tenant=f.text("tenant"), server=f.text("server"),
         outcome=f.text("outcome"), recipients=f.texts("recipients"), attempt=f.integer("attempt"),

@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mailpipe import redis_client, stages
 from mailpipe.amqp import Broker
-from mailpipe.codec import decode_event
+from mailpipe.codec import decode_events
 from mailpipe.errors import MailpipeError
 from mailpipe.feedback import is_feedback
 from mailpipe.lanes import known_queues
@@ -289,14 +289,14 @@ def follow(broker: Broker, events: str, namespace: str, settings: Settings, mail
             for delivery in deliveries:
                 if is_feedback(delivery.body):  # bounced, suppressed ...: not a delivery's outcome
                     continue
-                event = decode_event(delivery.body)
-                if event.outcome == Outcome.SENT:
-                    progress.sent[event.job_id] = event.batch_id
-                    progress.latencies_ms.append(event.at_ms - event.created_ms)
-                elif event.outcome in (Outcome.FAILED, Outcome.EXPIRED):
-                    progress.failed[event.job_id] = f"{event.code} {event.text}".strip()
-                else:
-                    progress.deferred += 1
+                for event in decode_events(delivery.body):  # one event, or a batch's bundle of them
+                    if event.outcome == Outcome.SENT:
+                        progress.sent[event.job_id] = event.batch_id
+                        progress.latencies_ms.append(event.at_ms - event.created_ms)
+                    elif event.outcome in (Outcome.FAILED, Outcome.EXPIRED):
+                        progress.failed[event.job_id] = f"{event.code} {event.text}".strip()
+                    else:
+                        progress.deferred += 1
             if deliveries:
                 broker.ack(deliveries[-1].tag, multiple=True)
             now = time.monotonic()

@@ -21,7 +21,7 @@ import redis
 
 from inbound.receiver import spent_key
 from mailpipe import archive, suppression
-from mailpipe.codec import decode_event
+from mailpipe.codec import decode_events
 from mailpipe.feedback import Feedback, decode_feedback
 from mailpipe.model import Event
 from mailpipe.settings import Settings
@@ -60,7 +60,7 @@ class Listener:
             if method is None:
                 return self.feedback
             if method.routing_key.split(".")[0] in ("sent", "deferred", "failed", "expired"):
-                self.events.append(decode_event(body))
+                self.events.extend(decode_events(body))
             else:
                 self.feedback.append(decode_feedback(body))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from mailpipe.codec import decode_event
+from mailpipe.codec import decode_events
 from mailpipe.feedback import is_feedback
 from mailpipe.model import Event, IntakeRequest, new_id, now_ms
 from mailpipe.settings import Settings
@@ -56,7 +56,7 @@ class Events:
             if method is None:
                 return self.seen
             if not is_feedback(body):  # bounced, suppressed ...: issue 23's events
-                self.seen.append(decode_event(body))
+                self.seen.extend(decode_events(body))
 
     def close(self) -> None:
         self.conn.close()

@@ -108,7 +108,7 @@ class Events:
             method, _, body = channel.basic_get(self.queue, auto_ack=True)
             if method is None:
                 break
-            out.append(codec.decode_event(body))
+            out.extend(codec.decode_events(body))
         conn.close()
         return out
 

@@ -99,7 +99,8 @@ class Bus:
             out.append((body, dict(props.headers or {})))
 
     def events(self) -> list[Event]:
-        return [codec.decode_event(body) for body, _ in self.take(self.events_queue) if not is_feedback(body)]
+        return [event for body, _ in self.take(self.events_queue) if not is_feedback(body)
+                for event in codec.decode_events(body)]
 
     def dead(self) -> list[tuple[Job, dict[str, Any]]]:
         return [(codec.decode_job(body), headers) for body, headers in self.take(self.topology.dead)]
