@@ -15,7 +15,10 @@ its underlying channel's confirm callbacks instead so that a batch of publishes 
 from __future__ import annotations
 
 import logging
+import socket
+import struct
 import time
+import types
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -104,10 +107,41 @@ def _translated(what: str) -> Iterator[None]:
 
 def _read_frames_whole(conn: pika.BlockingConnection) -> None:
     """This connection's socket reads one frame at a time (``RECV_BYTES``), not pika's 4 KB.
-    pika offers no parameter for it: its transport reads the size from an attribute."""
+    pika offers no parameter for it: its transport reads the size from an attribute. And the
+    frames of a read are taken from it by offset (``_frames_by_offset``)."""
     transport = getattr(conn._impl, "_transport", None)
     if transport is not None and hasattr(transport, "_MAX_RECV_BYTES"):
         transport._MAX_RECV_BYTES = RECV_BYTES
+    impl = conn._impl
+    if hasattr(impl, "_on_data_available") and hasattr(impl, "_frame_buffer"):
+        impl._on_data_available = types.MethodType(_frames_by_offset, impl)
+
+
+def _frames_by_offset(impl: Any, data_in: bytes) -> None:
+    """pika's ``_on_data_available``, without its quadratic copy: pika cuts each frame off the
+    front of its buffer (``buffer = buffer[n:]``), copying what is left after every frame, and a
+    128 KB read of small deliveries holds a hundred frames (12 us a mail, measured). Here each
+    frame is sliced out by its offset and the rest kept once per read. Frames are decoded by
+    pika's own ``decode_frame`` and processed by pika, as before."""
+    buffer = impl._frame_buffer + data_in if impl._frame_buffer else data_in
+    if buffer[:4] == b"AMQP":  # the protocol header: pika's own path
+        impl._frame_buffer = b""
+        type(impl)._on_data_available(impl, buffer)
+        return
+    offset, end = 0, len(buffer)
+    while offset + 7 <= end:
+        frame_end = offset + 8 + struct.unpack_from(">L", buffer, offset + 3)[0]
+        if frame_end > end:
+            break
+        consumed, frame_value = pika.frame.decode_frame(buffer[offset:frame_end])
+        if not frame_value:
+            break
+        offset += consumed
+        impl.bytes_received += consumed
+        impl._process_frame(frame_value)
+        if impl._frame_buffer is None:  # the connection closed while processing
+            return
+    impl._frame_buffer = buffer[offset:] if offset else buffer
 
 
 class Broker:
@@ -207,12 +241,25 @@ class Broker:
 
     def abort(self) -> None:
         """Drop the connection without the closing handshake, after a failure: a node that
-        cannot answer (a cluster without its majority) holds a graceful close for minutes."""
+        cannot answer (a cluster without its majority) holds a graceful close for minutes.
+
+        The socket is closed here and now. pika's ``transport.abort()`` only schedules that on
+        the connection's I/O loop, which nobody runs again: until the garbage collector got to
+        it or the broker's heartbeat timed out (about 90 s at 30 s), the broker saw a live
+        connection that held every unacked delivery, and whose consumer took new messages into
+        a socket nobody read; no other session or replica could have them meanwhile."""
         conn = self._forget()
         transport = getattr(conn._impl, "_transport", None) if conn is not None else None
-        if transport is not None:
-            with suppress(Exception):  # whatever state it is in, the socket goes
-                transport.abort()
+        if transport is None:
+            return
+        sock = getattr(transport, "_sock", None)  # None once pika closed it itself
+        with suppress(Exception):  # whatever state it is in, the socket goes
+            transport.abort()
+        if isinstance(sock, socket.socket):
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # the FIN now, whoever else holds the descriptor
+            with suppress(OSError):
+                sock.close()
 
     def _forget(self) -> pika.BlockingConnection | None:
         conn, self._conn = self._conn, None
