@@ -42,8 +42,8 @@ lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-## make bench: every benchmark (about 20 minutes, the 10-minute soak included); JSON and PNGs in bench/out
-BENCHMARKS := pipeline limiter fair_share sender soak cluster inbound
+## make bench: every benchmark (about 40 minutes, the 10-minute soak included); JSON and PNGs in bench/out
+BENCHMARKS := pipeline limiter fair_share pushback sender soak cluster inbound
 bench: $(INSTALLED)
 	scripts/install-tools postfix
 	$(BIN)/python -m mailpipe.services
