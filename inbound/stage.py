@@ -21,6 +21,20 @@ Then, read top to bottom, a report goes (``_round``, on the runner's thread):
 A round of deliveries (those that came within ROUND_LINGER_S, at most half the prefetch
 window) is read first, then recorded in Redis in two pipelined round trips for all of it, then
 published in one confirmed call.
+
+Redis unreachable: fail closed without losing the session (issue 21). The reports whose
+findings or return paths need Redis are held unacked, as they came (``_waiting``); what needs
+none still goes at once (a malformed message to dead, a report nothing can read to review, an
+auto-reply ignored). Redis is asked again with a backoff (mailpipe/stage.py ``RedisOutage``: one
+warning per outage, ``mailpipe_failing_closed``, not ready), then the held reports go through
+as if they had just come. Recording is idempotent (suppression and reputation marks by event
+id), so a round Redis failed half-way is recorded once when it is read again; its events are
+published only after the whole round was recorded. Return paths Redis refused to mark spent
+after their reports went out are acked and marked once it answers (meanwhile the SMTP door
+answers their RCPT 451: it cannot tell a replay). Dropping the session instead had the
+reports redelivered about once a second, each time counted, until the quorum queue
+dead-lettered them at the delivery limit. Stopping during an outage leaves the held reports
+unacked, for another replica.
 """
 
 from __future__ import annotations
@@ -45,7 +59,7 @@ from mailpipe.feedback import encode_feedback
 from mailpipe.model import Category
 from mailpipe.servers import Config, ConfigWatcher
 from mailpipe.settings import Settings
-from mailpipe.stage import Stage
+from mailpipe.stage import RedisOutage, Stage
 from mailpipe.verp import Invalid, Signer, Token
 
 log = logging.getLogger(__name__)
@@ -57,6 +71,10 @@ GAUGE_EVERY_S = 10.0
 # and a thread that wakes for a few reports pays for its cold caches each time (py-spy: about
 # 1.8 ms a round besides 0.6 ms a report). A report waits at most this long for others.
 ROUND_LINGER_S = 0.1
+# Redis calls of this stage fail after at most this (as the limiter's and the producer's): a
+# frozen Redis must not stall the loop that also serves RabbitMQ's heartbeats.
+INBOUND_REDIS_TIMEOUT_S = 1.0
+HOLDING = "reports held unacked"  # what the outage's warning says the stage does
 
 
 class InboundStage(Stage):
@@ -68,7 +86,7 @@ class InboundStage(Stage):
         if self.signer is None:
             log.warning("inbound: no MAILPIPE_VERP_KEYS: every return path is refused at RCPT")
         self.config = ConfigWatcher(settings.servers_path)
-        self.redis = redis_client.connect(settings)
+        self.redis = redis_client.connect(settings, min(INBOUND_REDIS_TIMEOUT_S, settings.redis_timeout_s))
         self.policy = suppression.Policy.from_settings(settings)
         self.thresholds = reputation.Thresholds.from_settings(settings)
         self.publisher = Publisher(settings, self.topology)
@@ -77,6 +95,11 @@ class InboundStage(Stage):
         self._gauge_at = 0.0
         self._held: list[Delivery] = []  # fresh reports waiting for their round
         self._held_since = 0.0
+        # While Redis does not answer: the reports that need it, unacked, as they came; and the
+        # return paths of reports published whose spent mark it refused.
+        self.outage = RedisOutage(self.name)
+        self._waiting: list[Delivery] = []
+        self._unspent: list[str] = []
         self._tenants_of: Config | None = None
         self._tenant_names: tuple[str, ...] = ()
         # Per tenant (MAILPIPE_METRICS_TENANT_LABEL): the ratios of the tenants this replica weighs
@@ -94,6 +117,8 @@ class InboundStage(Stage):
 
     def start(self, broker: Broker) -> None:
         self._held = []  # what a lost connection held is being redelivered
+        self._waiting = []
+        self.outage.holding(0)
         # The doors open once the queues exist (the runner has declared them) and stay open
         # across reconnects of this connection: they publish through their own.
         self.publisher.start()
@@ -128,19 +153,38 @@ class InboundStage(Stage):
                 out.append(self.dead_letter(delivery.body, exc.reason, Category.INVALID))
                 continue
             read_ones.append((delivery, raw, *self.understand(raw)))
-        out += self.apply(read_ones)
+        done = read_ones
+        if self.outage.ask():
+            try:
+                out += self.apply(read_ones)  # raises before anything is counted or published
+            except RedisUnavailable as exc:
+                self.outage.failed(exc, HOLDING)
+        if not self.outage.ask():  # Redis is away: what needs it waits, as it came
+            done = [r for r in read_ones if not needs_redis(r[3])]
+            out += self.apply(done)
+            self._waiting += [delivery for delivery, *_, resolved in read_ones if needs_redis(resolved)]
         broker.publish(out)
-        spent = [token for *_, resolved in read_ones for token in resolved.spent]
-        if spent:
+        self.mark_spent([token.id for *_, resolved in done for token in resolved.spent])
+        waiting = {d.tag for d in self._waiting}
+        broker.ack_all([d.tag for d in deliveries if d.tag not in waiting])
+        self.outage.holding(len(self._waiting))
+
+    def mark_spent(self, token_ids: list[str]) -> None:
+        """Mark the return paths spent, their reports published: a replay is refused at RCPT.
+        Redis away, they are marked once it answers (the reports are out: acked all the same)."""
+        if not token_ids:
+            return
+        if self.outage.ask():
             try:
                 with self.redis.pipeline(transaction=False) as pipe:
-                    for token in spent:
-                        pipe.set(spent_key(self.settings.namespace, token.id), b"1",
+                    for token_id in token_ids:
+                        pipe.set(spent_key(self.settings.namespace, token_id), b"1",
                                  ex=(self.settings.verp_valid_days + 2) * 86400)
                     pipe.execute()
+                return
             except redis.RedisError as exc:
-                raise RedisUnavailable(f"Redis: cannot mark return paths as used: {exc}") from exc
-        broker.ack_all([d.tag for d in deliveries])
+                self.outage.failed(RedisUnavailable(f"Redis: cannot mark return paths as used: {exc}"), HOLDING)
+        self._unspent += token_ids
 
     def understand(self, raw: RawReport) -> tuple[str, Resolved]:
         """What a report is and what it means (pure but for the servers file)."""
@@ -211,9 +255,13 @@ class InboundStage(Stage):
             "x-mailpipe-peer": raw.peer})
 
     def tick(self, broker: Broker) -> None:
+        if self.outage.retry():
+            self.try_redis_again(broker)
         now = time.monotonic()
         if self._held and now - self._held_since >= ROUND_LINGER_S:
             self._flush(broker)
+        if self.outage.down:
+            return  # the gauges wait for Redis
         if self.ratios is not None:
             self.ratios.tick()
         if now - self._gauge_at < GAUGE_EVERY_S:
@@ -222,19 +270,49 @@ class InboundStage(Stage):
         with contextlib.suppress(redis.RedisError):  # the gauge waits for the next tick
             feedback.PAUSED_TENANTS.set(len(reputation.paused_tenants(self.redis, self.settings.namespace)))
 
+    def try_redis_again(self, broker: Broker) -> None:
+        """Redis did not answer: ask again (PING, then the spent marks it refused), then hand
+        the held reports over again, a round at a time."""
+        try:
+            self.redis.ping()
+        except redis.RedisError as exc:
+            self.outage.failed(RedisUnavailable(f"Redis: {exc}"), HOLDING)
+            return
+        unspent, self._unspent = self._unspent, []
+        self.mark_spent(unspent)
+        if not self.outage.ask():  # it failed again
+            return
+        waiting, self._waiting = self._waiting, []
+        size = max(1, self.prefetch // 2)
+        for at in range(0, len(waiting), size):
+            self._round(broker, waiting[at:at + size])
+        self.outage.holding(len(self._waiting))
+        self.outage.tried(f"{len(waiting) - len(self._waiting)} held report(s) recorded")
+
     def drain(self, broker: Broker, deadline: float) -> None:
         """The reports held for their round are done; no new SMTP session or POST; what they took
-        is published before the publisher stops."""
+        is published before the publisher stops. Reports held until Redis answers are left
+        unacked: the broker gives them back to another replica."""
         if self._held:
             self._flush(broker)
+        if self._waiting:
+            log.info("%d report(s) held until Redis answers left unacked, for another replica",
+                     len(self._waiting))
+        if self._unspent:
+            log.warning("%d return path(s) not marked spent (Redis did not answer): a replay of one "
+                        "is taken, and recorded once all the same", len(self._unspent))
+        self._waiting.clear()
+        self.outage.holding(0)
         self.receiver.stop()
         self.http.stop()
         self.publisher.stop(max(0.1, deadline - time.monotonic()))
 
     def busy(self) -> bool:
-        return bool(self._held)
+        return bool(self._held or self._waiting)
 
     def ready(self) -> bool:
+        if self.outage.down:
+            return False
         try:
             return bool(self.redis.ping()) and self.receiver.running
         except redis.RedisError:
@@ -245,3 +323,8 @@ class InboundStage(Stage):
         self.http.stop()
         self.publisher.stop(1.0)
         self.redis.close()
+
+
+def needs_redis(resolved: Resolved) -> bool:
+    """Whether recording a report needs Redis: findings to apply, or return paths to mark spent."""
+    return bool(resolved.findings or resolved.spent)
