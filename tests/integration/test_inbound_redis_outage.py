@@ -11,6 +11,9 @@ the SMTP door answers RCPT for a return path 451 (it cannot tell a replay). Redi
 report is recorded once: its events published, its suppression and reputation counted once
 even for a report that came twice, its return path spent; none dead-lettered.
 
+Frozen rather than refusing (SIGSTOP: every call waits for its timeout), Redis must not stall
+the stage's loop past its AMQP heartbeat either: its calls wait at most 1 s.
+
 On a private Redis (the machine's is never stopped); the inbound stage as a process.
 """
 
