@@ -24,6 +24,11 @@ nemesis, driven by ``random.Random(seed)``, applies one fault at a time:
 - ``release_fails``: 451 to a quarter of the recipients while Redis takes no writes for longer
   than a call waits (``CLIENT PAUSE ... WRITE``, 6 to 8 s), and a sender killed with -9 in the
   middle: deferrals, releases and marks fail or die with their holder (issue 21, item 1);
+- ``throttle``: the server takes at most 3 transactions a second and 2 connections at once for
+  a few seconds (``451 4.7.1`` above the rate, ``421 4.7.0`` at the greeting above the
+  connections), as a hosted relay's plan does: the pace is cut and the cap lowered (issue 22;
+  the pushback settings shortened here so that the rate is back within seconds), the refused
+  recipients retried through the limiter, the batches that could not connect handed back;
 - ``redis_down``: once per run, first, while confirmed mail piles up, Redis away for minutes,
   refusing connections (``SHUTDOWN SAVE``, then started again with its data) or frozen
   (SIGSTOP): nothing is lost, nothing is dead-lettered. ``CHAOS_REDIS_OUTAGE_S``: 8 s in
@@ -85,6 +90,10 @@ CHUNK = 5  # mails per publish call
 PUBLISH_PER_S = 12.0  # a little above the rate: a backlog forms, the limiter binds
 HEARTBEAT_S = 2  # the stages' AMQP heartbeat here: RabbitMQ closes a silent connection after ~2x
 HEARTBEAT_STOP_S = 3.0 * HEARTBEAT_S + 2.0  # a sender stopped past it comes back to a closed connection
+THROTTLE_PER_S, THROTTLE_CONNECTIONS = 3, 2  # the throttling peer's limit
+# Pushback (issue 22) in seconds, not minutes: a throttled server's rate is back within seconds,
+# so the rest of the run is not spent at a cut rate.
+PACE = {"pushback_cut_interval_s": 2.0, "pushback_quiet_s": 2.0, "pushback_quiet_mails": 5, "pushback_step": 0.25}
 STAGES = stages.MAIL_PATH
 
 
@@ -243,11 +252,13 @@ def schedule(rng: random.Random, mails: int) -> list[Step]:
             return Step(kind, f"sender-{rng.randrange(2)}", seconds, gap)
         if kind == "release_fails":  # longer than a Redis call waits (redis_timeout_s, 5 s)
             return Step(kind, f"sender-{rng.randrange(2)}", rng.uniform(6.0, 8.0), gap)
+        if kind == "throttle":  # long enough for a cut and a lowered cap
+            return Step(kind, "", rng.uniform(5.0, 8.0), gap)
         if kind == "redis_down":
             return Step(kind, rng.choice(("refuse", "freeze")), outage_s(mails), gap)
         return Step(kind, "", rng.uniform(2.0, 4.0), gap)
 
-    kinds = ["rabbit", "redis", "reset", "blackhole", "stop", "defer", "tarpit", "release_fails"]
+    kinds = ["rabbit", "redis", "reset", "blackhole", "stop", "defer", "tarpit", "release_fails", "throttle"]
     steps = [one("kill", f"sender-{rng.randrange(2)}"), one("kill", f"producer-{rng.randrange(2)}"),
              one("kill", f"{rng.choice(('packer', 'limiter'))}-{rng.randrange(2)}")]
     steps += [one(k) for k in kinds]
@@ -350,6 +361,14 @@ class Nemesis:
             time.sleep(step.duration_s)
             self.peer.tarpit_s = 0.0
             detail = f"{self.peer.tarpitted - before} go-aheads (354) held {1.5 + (step.duration_s - 2.0) * 0.75:.1f} s"
+        elif step.kind == "throttle":
+            before = len(self.peer.throttled)
+            self.peer.limit(THROTTLE_PER_S, 1.0, THROTTLE_CONNECTIONS)
+            time.sleep(step.duration_s)
+            self.peer.limit(None)
+            refused = self.peer.throttled[before:]
+            detail = (f"{sum(1 for _, why in refused if why == 'rate')} recipients refused over the rate, "
+                      f"{sum(1 for _, why in refused if why == 'connections')} connections")
         elif step.kind == "release_fails":
             deferred = []
             self.peer.refuse(a_quarter(deferred), 451, "4.7.1 Try again later")
@@ -478,7 +497,7 @@ def test_fault_campaign(settings: Settings, tmp_path: Path) -> None:
             amqp_url=rabbit.url, redis_url=private_redis.url, reconnect_max_s=1.0, burst_mails=BURST,
             heartbeat_s=HEARTBEAT_S,
             window_s=1.0, send_margin_s=0.2, max_batch_mails=CHUNK, linger_ms=100, smtp_timeout_s=3.0,
-            retry_base_s=1, retry_max_s=2)  # a deferred mail is back within seconds
+            retry_base_s=1, retry_max_s=2, **PACE)  # a deferred mail is back within seconds
         write_servers(settings, proxy.port, server=(
             f'[servers.tenant-smtp]\naddress = "[127.0.0.1]:{proxy.port}"\ntls = "none"\n'
             f'rate_per_hour = {RATE_PER_S * 3600}\n'
