@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from tests.unit.test_deploy import DEPLOY, require_tool
+from tests.tools import require_tool
+from tests.unit.test_deploy import DEPLOY
 
 
 def test_a_stage_failing_closed_for_a_minute_alerts_and_a_blip_does_not(tmp_path: Path) -> None:
