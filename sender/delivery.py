@@ -270,7 +270,7 @@ class _Run:
                     (outcome.back if late else self.mine.setdefault(index, [])).append(recipient)
                 elif code == Claim.SENT:
                     outcome.already_sent.append(recipient)
-                    metrics.MAILS.labels(self.server.name, "skipped", "").inc()
+                    metrics.mails(self.server.name, "skipped", "").inc()
                 elif code == Claim.HELD:
                     self.waiting.setdefault(index, []).append(recipient)
                 elif code == Claim.TOUCHED:
@@ -415,7 +415,7 @@ class _Run:
             self._record(outcome, recipient, reply)
         if not result.accepted:
             return marking
-        metrics.LATENCY_SECONDS.labels(self.server.name).observe(max(0, outcome.at_ms - job.created_ms) / 1000)
+        metrics.latency_seconds(self.server.name).observe(max(0, outcome.at_ms - job.created_ms) / 1000)
         return self.hold.claims.mark_sent(job, result.accepted) if self.hold is not None else None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import Counter, Gauge, Histogram
 
 MAILS = Counter("mailpipe_sender_mails_total",
@@ -39,3 +41,21 @@ SIGNALS = Counter("mailpipe_server_signals_total",
 PACE_CHANGES = Counter("mailpipe_server_pace_changes_total",
                        "Changes of a server's pace this sender's reports caused: cut, grew, cap, paused, resumed.",
                        ["server", "kind"])
+
+
+# The labelled children of the per-mail metrics, looked up once per label set: a labels() call
+# costs a lock, a tuple and a dict lookup (8-12 µs of the sender's CPU per mail in all, profiled).
+# Never removed: a server's series lives as long as the process, as before.
+@functools.cache
+def reply_seconds(server: str, command: str) -> Histogram:
+    return REPLY_SECONDS.labels(server, command)
+
+
+@functools.cache
+def latency_seconds(server: str) -> Histogram:
+    return LATENCY_SECONDS.labels(server)
+
+
+@functools.cache
+def mails(server: str, outcome: str, category: str) -> Counter:
+    return MAILS.labels(server, outcome, category)

@@ -60,7 +60,7 @@ class Outputs:
         sent = outcome.already_sent + outcome.sent
         if sent:  # already_sent too: an event lost with the holder that sent it is not lost
             out.append(self.event(job, batch, Outcome.SENT, sent, SENT_REPLY, at_ms))
-            metrics.MAILS.labels(job.server, Outcome.SENT, "").inc(len(outcome.sent))
+            metrics.mails(job.server, Outcome.SENT, "").inc(len(outcome.sent))
         for reply, recipients in group({**outcome.deferred, **outcome.failed}):
             step = self.retry_step(job, tuple(recipients), reply, at_ms)
             if isinstance(step, Retry):
@@ -77,7 +77,7 @@ class Outputs:
                 out.append(self.dead(step.job, reply, step.category, step.reason))
                 outcome_name, category = Outcome.FAILED, step.category
             out.append(self.event(job, batch, outcome_name, recipients, reply, at_ms))
-            metrics.MAILS.labels(job.server, outcome_name, category).inc(len(recipients))
+            metrics.mails(job.server, outcome_name, category).inc(len(recipients))
         return out
 
     def retry_step(self, job: Job, recipients: tuple[str, ...], reply: Reply, at_ms: int) -> Step:

@@ -76,7 +76,7 @@ async def send_mail(conn: Connection, sender: str, recipients: Sequence[str], me
         except _CutoffCame:
             conn.close()
             return MailResult(accepted=(), refused=refused, aborted=True, late=True)
-        metrics.REPLY_SECONDS.labels(server, "envelope").observe(time.monotonic() - started)
+        metrics.reply_seconds(server, "envelope").observe(time.monotonic() - started)
         mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
         if not mail_reply.ok:
             reply = classify(mail_reply.code, mail_reply.text, "mail")
@@ -112,7 +112,7 @@ async def send_mail(conn: Connection, sender: str, recipients: Sequence[str], me
             return MailResult(accepted=(), refused=refused, aborted=True, late=True)
         started = time.monotonic()
         final = await session.command(data_payload(message))
-        metrics.REPLY_SECONDS.labels(server, "data").observe(time.monotonic() - started)
+        metrics.reply_seconds(server, "data").observe(time.monotonic() - started)
         if not final.ok:
             refused.update(dict.fromkeys(accepted, classify(final.code, final.text, "eod")))
             await _reset(conn, [final])
