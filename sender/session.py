@@ -40,7 +40,8 @@ def address_arg(address: str) -> bytes:
 
 def data_payload(message: bytes) -> bytes:
     """The message as DATA sends it: CRLF line ends, leading dots doubled, ``.`` at the end."""
-    if message.count(b"\n") != message.count(b"\r\n") or message.count(b"\r") != message.count(b"\r\n"):
+    crlf = message.count(b"\r\n")  # once: a two-byte count is the slow one (2 µs for 2 KB)
+    if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
         message = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     if message.startswith(b".") or b"\n." in message:
         message = (b"." if message.startswith(b".") else b"") + message.replace(b"\n.", b"\n..")
