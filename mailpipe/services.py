@@ -35,10 +35,12 @@ def _amqp_ready(url: str) -> bool:
     """The port opens before RabbitMQ accepts logins: try a real connection."""
     import pika
     import pika.exceptions
+    from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
     try:
         pika.BlockingConnection(pika.URLParameters(url)).close()
-    except (pika.exceptions.AMQPError, OSError):
+    except (pika.exceptions.AMQPError, AMQPConnectorException, OSError):
+        # AMQPConnectorException: the handshake timed out (a broker still starting, or busy)
         return False
     return True
 
