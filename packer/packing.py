@@ -19,8 +19,8 @@ class OpenBatch:
     server: str
     opened_at: float
     priority: str = "normal"
-    jobs: list[bytes] = field(default_factory=list)
-    tags: list[int] = field(default_factory=list)  # the deliveries to ack once it is confirmed
+    jobs: list[bytes | memoryview] = field(default_factory=list)  # a bundle's jobs are views of it
+    tags: list[int] = field(default_factory=list)  # each job's delivery, to settle once it is confirmed
     bytes: int = 0
     tenants: Counter[str] = field(default_factory=Counter)
 
@@ -39,7 +39,7 @@ class Packer:
     def fits_alone(self, size: int) -> bool:
         return size <= self.max_bytes
 
-    def add(self, server: str, tenant: str, job: bytes, size: int, tag: int, now: float,
+    def add(self, server: str, tenant: str, job: bytes | memoryview, size: int, tag: int, now: float,
             priority: str = "normal") -> list[OpenBatch]:
         """Add a job; return the batches this closes (zero, one or two)."""
         if not self.fits_alone(size):

@@ -13,6 +13,13 @@ returns: a returned job id is durably queued. A request whose encoded body is ov
 (docs/wire-format.md, 2.1): the enqueue stage holds few large ones at a time. If the broker
 cannot be reached the call raises ``BrokerUnavailable``; it never returns without the
 confirm. One Producer per thread.
+
+Many mails at once: ``publish_many(requests)`` refuses each invalid request on its own (its
+``InvalidMessage`` in its place in the result, never published) and queues the others, their
+job ids returned once RabbitMQ has confirmed them all; ``publish_requests(requests)`` queues
+all or, if one is invalid, raises before publishing any. Both send the requests in intake
+bundles of up to 100 (docs/wire-format.md, 2.1; producer/bundles.py): RabbitMQ's cost is per
+message, and the enqueue stage still checks, queues or dead-letters each request on its own.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from mailpipe.errors import BrokerUnavailable, InvalidMessage, PublishRejected
 from mailpipe.model import Attachment, IntakeRequest, job_id_for, now_ms
 from mailpipe.settings import Settings
 from mailpipe.topology import Topology
+from producer.bundles import bundled
 from producer.compose import validate
 
 _DEFAULTS = Settings()
@@ -100,15 +108,37 @@ class Producer:
         return self.publish_requests([req])[0]
 
     def publish_requests(self, requests: Sequence[IntakeRequest]) -> list[str]:
-        """Queue many at once (one confirm round trip for all); returns their job ids."""
+        """Queue many at once, in bundles, with one confirm round trip for all; returns their job
+        ids, each durably queued. All or nothing: the first invalid request raises
+        ``InvalidMessage`` before anything is published."""
         for req in requests:
             validate(req, self._max_message_bytes, self._max_recipients)
-        messages = [intake_message(self._topology, r) for r in requests]
-        with self._lock:
-            self._publish_until_confirmed(messages)
+        self._publish_until_confirmed(intake_messages(self._topology, requests))
         return [r.id for r in requests]
 
+    def publish_many(self, requests: Sequence[IntakeRequest]) -> list[str | InvalidMessage]:
+        """Queue many at once, each on its own: for each request, in order, its job id (durably
+        queued: returned only once RabbitMQ has confirmed every request of the call) or, for an
+        invalid one, the ``InvalidMessage`` naming the field (that request is not published).
+        One confirm round trip for all; ``BrokerUnavailable`` if they cannot be confirmed."""
+        results: list[str | InvalidMessage] = []
+        valid: list[IntakeRequest] = []
+        for req in requests:
+            try:
+                validate(req, self._max_message_bytes, self._max_recipients)
+            except InvalidMessage as exc:
+                results.append(exc)
+                continue
+            valid.append(req)
+            results.append(req.id)
+        self._publish_until_confirmed(intake_messages(self._topology, valid))
+        return results
+
     def _publish_until_confirmed(self, messages: list[Outgoing]) -> None:
+        with self._lock:
+            self._publish_locked(messages)
+
+    def _publish_locked(self, messages: list[Outgoing]) -> None:
         # The payloads stay in `messages` until confirmed: after a lost connection, all of them
         # are published again (the intake dedupes by idempotency key where one is given).
         give_up = time.monotonic() + self._reconnect_s
@@ -127,11 +157,12 @@ class Producer:
                 delay_s = min(delay_s * 2, 2.0)
 
 
-def intake_message(topology: Topology, req: IntakeRequest) -> Outgoing:
-    """The message for ``req``: on ``<ns>.intake``, or ``<ns>.intake.large`` when its encoded
-    body is over the topology's ``large_message_bytes``."""
-    body = encode_intake(req)
-    return Outgoing(topology.intake_for(len(body)), body, message_id=req.id)
+def intake_messages(topology: Topology, requests: Sequence[IntakeRequest]) -> list[Outgoing]:
+    """The messages for ``requests``: intake bundles of up to 100 requests and
+    ``large_message_bytes`` on ``<ns>.intake``; a request alone as itself, on ``<ns>.intake``,
+    or ``<ns>.intake.large`` when its encoded body is over the topology's ``large_message_bytes``."""
+    return bundled("intake", [(r.id, encode_intake(r)) for r in requests], topology.intake_for,
+                   topology.large_message_bytes)
 
 
 def _epoch_ms(when: datetime | float | None) -> int | None:

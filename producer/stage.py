@@ -33,6 +33,16 @@ before Redis refused to mark their keys "queued" are acked (they are on ``jobs``
 once it answers. Stopping during an outage leaves the held requests unacked: the broker gives
 them back once, to another replica.
 
+Bundles (issue 24; producer/bundles.py): a delivery is one request or an intake bundle of up to
+100. Each request of a bundle is handled exactly as a request alone (checks, idempotency,
+suppression, rendering, routing; held for a claim or for Redis on its own), an invalid one
+dead-lettered alone with its own bytes (so ``mailpipe dead replay`` puts it back as a request
+alone); the delivery is acked once every request in it is done: queued, dead-lettered or a
+duplicate. The jobs of a round go to the packer bundled in the same way. The prefetch counts
+deliveries, and a bundle is at most ``large_message_bytes`` like a request alone on intake, so
+what the stage holds is bounded in bytes as before (prefetch x ``large_message_bytes`` +
+``large_prefetch`` x the largest request); in mails it is up to 100 times more.
+
 Acks are exact: the runner hands over redelivered messages apart from fresh ones, and held
 requests stay unacked, so a multiple ack up to the last tag would ack what is not handled yet.
 """
@@ -41,20 +51,23 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import TypeVar
 
 import redis
 from prometheus_client import Counter
 
 from mailpipe import redis_client, suppression
 from mailpipe.amqp import Broker, Delivery, Outgoing
-from mailpipe.codec import decode_intake, encode_event, encode_job
+from mailpipe.codec import BUNDLES, decode_intake, encode_event, encode_job, items_of, kind_of
 from mailpipe.errors import ConfigError, InvalidMessage, RedisUnavailable, TransientError
 from mailpipe.model import Category, Event, IntakeRequest, Job, Outcome, now_ms
 from mailpipe.servers import Config, ConfigWatcher
 from mailpipe.settings import Settings
 from mailpipe.stage import RedisOutage, Stage
 from mailpipe.verp import Signer
+from producer.bundles import bundled
 from producer.compose import dkim_sign, render, validate
 from producer.domains import check_domains
 from producer.idempotency import Idempotency, Verdict
@@ -76,6 +89,37 @@ RECHECK_S = 1.0  # how often a held request asks again about the key another hol
 # stall the loop that also serves RabbitMQ, whose heartbeats a longer wait can miss (the broker
 # then closes the connection and redelivers, and counts, everything unacked).
 PRODUCER_REDIS_TIMEOUT_S = 1.0
+HOLDING = "intake requests held unacked"
+INTAKE_BUNDLE = BUNDLES["intake"]
+
+T = TypeVar("T")
+
+
+class Item:
+    """One intake request of a delivery (the delivery's body, or one item of its bundle): the
+    delivery's tag, to ack it once its last request is done, and the request's own bytes (its
+    dead letter's body). Not the delivery: a request held through an outage keeps its own bytes,
+    not its whole bundle's as well."""
+
+    __slots__ = ("body", "tag")
+
+    def __init__(self, tag: int, body: bytes) -> None:
+        self.tag = tag
+        self.body = body
+
+
+def _chunks(things: list[T], size: Callable[[T], int]) -> Iterator[list[T]]:
+    """``things`` in chunks of at most CHUNK_BYTES (or one larger thing)."""
+    chunk: list[T] = []
+    total = 0
+    for thing in things:
+        if chunk and total + size(thing) > CHUNK_BYTES:
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(thing)
+        total += size(thing)
+    if chunk:
+        yield chunk
 
 
 class EnqueueStage(Stage):
@@ -93,14 +137,17 @@ class EnqueueStage(Stage):
         self.signer = Signer.from_settings(settings)  # bulk mail's unsubscribe links
         self.idempotency = Idempotency(self.redis, settings.namespace, lease_s=settings.idempotency_lease_s,
                                        ttl_s=settings.idempotency_ttl_s)
-        # Requests whose key another holder has claimed, unacked, by delivery tag; asked again
-        # on tick() at the earliest at _recheck_at (monotonic).
-        self._held: dict[int, tuple[Delivery, Job]] = {}
+        # Deliveries not acked yet: by tag, how many of their requests are not done (queued,
+        # dead-lettered or a duplicate). A delivery is acked when its count reaches 0.
+        self._open: dict[int, int] = {}
+        # Requests whose key another holder has claimed, unacked; asked again on tick() at the
+        # earliest at _recheck_at (monotonic).
+        self._held: list[tuple[Item, Job]] = []
         self._recheck_at = 0.0
         # While Redis does not answer: requests that need it, unacked, as they came; and the
         # Redis keys of jobs published whose claim could not be marked "queued".
         self.outage = RedisOutage(self.name)
-        self._waiting: list[Delivery] = []
+        self._waiting: list[Item] = []
         self._unconfirmed: list[str] = []
         self._warned: Config | None = None
         self.warn_unchecked(self.config.current())
@@ -111,63 +158,82 @@ class EnqueueStage(Stage):
 
     @property
     def inputs(self) -> list[tuple[str, int]]:
-        # Requests of at most large_message_bytes on intake, the larger ones few at a time.
+        # Requests and bundles of at most large_message_bytes on intake, the larger requests few
+        # at a time.
         return [(self.topology.intake, self.prefetch),
                 (self.topology.intake_large, self.settings.large_prefetch)]
 
     def start(self, broker: Broker) -> None:
-        self._held.clear()  # unacked on the old connection: redelivered
+        self._open.clear()  # unacked on the old connection: redelivered
+        self._held.clear()
         self._waiting.clear()
         self.outage.holding(0)
 
     def handle(self, broker: Broker, deliveries: list[Delivery]) -> None:
-        # In chunks of at most CHUNK_BYTES of requests (or one larger request): what a request
-        # costs beyond its delivery (decoded, rendered, encoded, in pika's buffer) is then
-        # held for one chunk at a time, not for the whole unacked window.
-        chunk: list[Delivery] = []
-        size = 0
-        for delivery in deliveries:
-            if chunk and size + len(delivery.body) > CHUNK_BYTES:
-                self.handle_chunk(broker, chunk)
-                chunk, size = [], 0
-            chunk.append(delivery)
-            size += len(delivery.body)
-        if chunk:
-            self.handle_chunk(broker, chunk)
+        # In chunks of at most CHUNK_BYTES of deliveries (or one larger delivery): what a request
+        # costs beyond its delivery (its own bytes out of a bundle, decoded, rendered, encoded, in
+        # pika's buffer) is then held for one chunk at a time, not for the whole unacked window.
+        for chunk in _chunks(deliveries, lambda delivery: len(delivery.body)):
+            items, refused = self.split(chunk)
+            self.handle_items(broker, items, refused)
 
-    def handle_chunk(self, broker: Broker, deliveries: list[Delivery]) -> None:
-        jobs, refused = self.to_jobs(deliveries)
+    def split(self, deliveries: list[Delivery]) -> tuple[list[Item], list[tuple[Item, Outgoing]]]:
+        """The requests of each delivery: itself, or the items of its bundle. A bundle that does
+        not decode as one is a single dead letter, with its reason."""
+        items: list[Item] = []
+        refused: list[tuple[Item, Outgoing]] = []
+        for delivery in deliveries:
+            if kind_of(delivery.body) != INTAKE_BUNDLE:  # a request alone (its decoder says what is wrong)
+                self._open[delivery.tag] = 1
+                items.append(Item(delivery.tag, delivery.body))
+                continue
+            try:
+                bodies = items_of(delivery.body, "intake")
+            except InvalidMessage as exc:
+                REJECTS.labels(Category.INVALID).inc()
+                self._open[delivery.tag] = 1
+                refused.append((Item(delivery.tag, delivery.body),
+                                self.dead_letter(delivery.body, exc.reason, Category.INVALID)))
+                continue
+            self._open[delivery.tag] = len(bodies)
+            items += [Item(delivery.tag, body) for body in bodies]
+        return items, refused
+
+    def handle_items(self, broker: Broker, items: list[Item], refused: list[tuple[Item, Outgoing]]) -> None:
+        jobs, invalid = self.to_jobs(items)
+        refused = refused + invalid
         if self.outage.ask():
-            out = [dead for _delivery, dead in refused]
+            out = [dead for _item, dead in refused]
             try:
                 kept = self.drop_suppressed(jobs, out)
-                self.enqueue(broker, deliveries, kept, out)
+                self.enqueue(broker, [item for item, _dead in refused] + [item for item, _job in jobs], kept, out)
                 return
             except RedisUnavailable as exc:  # raised before anything was published: hold them all
-                self.outage.failed(exc, "intake requests held unacked")
+                self.outage.failed(exc, HOLDING)
         # Redis is away: what is refused needs no Redis, the rest waits for it as it came.
         if refused:
-            broker.publish([dead for _delivery, dead in refused])
-            broker.ack_all(delivery.tag for delivery, _dead in refused)
-        self._waiting += [delivery for delivery, _job in jobs]
+            broker.publish([dead for _item, dead in refused])
+            self.settle(broker, [item for item, _dead in refused])
+        self._waiting += [item for item, _job in jobs]
         self.outage.holding(len(self._waiting))
 
-    def to_jobs(self, deliveries: list[Delivery]) -> tuple[list[tuple[Delivery, Job]], list[tuple[Delivery, Outgoing]]]:
+    def to_jobs(self, items: list[Item]) -> tuple[list[tuple[Item, Job]], list[tuple[Item, Outgoing]]]:
         """Decode, check and render each request (no Redis): its job, or its dead letter."""
         config = self.config.current()
         self.warn_unchecked(config)
-        refused: list[tuple[Delivery, Outgoing]] = []
-        jobs: list[tuple[Delivery, Job]] = []
-        for delivery in deliveries:
+        refused: list[tuple[Item, Outgoing]] = []
+        jobs: list[tuple[Item, Job]] = []
+        for item in items:
+            req: IntakeRequest | None = None
             try:
-                jobs.append((delivery, self.to_job(decode_intake(delivery.body, self.settings.max_message_bytes),
-                                                   config)))
+                req = decode_intake(item.body, self.settings.max_message_bytes)
+                jobs.append((item, self.to_job(req, config)))
             except InvalidMessage as exc:
                 REJECTS.labels(Category.INVALID).inc()
-                refused.append((delivery, self.dead_letter(delivery.body, exc.reason, Category.INVALID)))
+                refused.append((item, self.dead_letter(item.body, exc.reason, Category.INVALID)))
             except ConfigError as exc:
                 REJECTS.labels(Category.ROUTING).inc()
-                refused.append((delivery, self.dead_letter(delivery.body, exc.reason, Category.ROUTING)))
+                refused.append((item, self.dead_letter(item.body, exc.reason, Category.ROUTING)))
             except (TransientError, redis.RedisError):
                 raise  # RabbitMQ or Redis: the request is fine, the stage retries it
             except Exception as exc:
@@ -175,24 +241,23 @@ class EnqueueStage(Stage):
                 # ValueError on a header, a UnicodeError): its dead letter, not a crash of the
                 # stage that would redeliver it and everything with it up to the delivery limit.
                 REJECTS.labels(Category.INVALID).inc()
-                log.debug("request %s failed to render", delivery.message_id, exc_info=True)
-                refused.append((delivery, self.dead_letter(delivery.body, f"message: cannot be rendered: "
-                                                                        f"{type(exc).__name__}: {exc}",
-                                                           Category.INVALID)))
+                log.debug("request %s failed to render", req.id if req else "?", exc_info=True)
+                refused.append((item, self.dead_letter(item.body, f"message: cannot be rendered: "
+                                                                  f"{type(exc).__name__}: {exc}",
+                                                       Category.INVALID)))
         return jobs, refused
 
-    def enqueue(self, broker: Broker, deliveries: list[Delivery], jobs: list[tuple[Delivery, Job]],
-                out: list[Outgoing]) -> None:
-        """Publish ``out`` and the jobs whose key is free or that have none, confirmed; then ack
-        every delivery except those whose key another holder has claimed: those are held. Raises
-        RedisUnavailable only before it publishes anything."""
-        keyed = [(d, j) for d, j in jobs if j.idempotency_key is not None]
-        claim = self.idempotency.claim([j for _d, j in keyed])
-        verdicts = {d.tag: v for (d, _j), v in zip(keyed, claim.verdicts, strict=True)}
-        queued = [j for d, j in jobs if verdicts.get(d.tag, Verdict.MINE) is Verdict.MINE]
-        claimed = [j for d, j in keyed if verdicts[d.tag] is Verdict.MINE]
-        held = {d.tag: (d, j) for d, j in keyed if verdicts[d.tag] is Verdict.PENDING}
-        out += [self.job_message(j) for j in queued]
+    def enqueue(self, broker: Broker, items: list[Item], jobs: list[tuple[Item, Job]], out: list[Outgoing]) -> None:
+        """Publish ``out`` and the jobs whose key is free or that have none, confirmed; then
+        settle every request of ``items`` except those whose key another holder has claimed:
+        those are held. Raises RedisUnavailable only before it publishes anything."""
+        keyed = [(i, j) for i, j in jobs if j.idempotency_key is not None]
+        claim = self.idempotency.claim([j for _i, j in keyed])
+        verdicts = {id(i): v for (i, _j), v in zip(keyed, claim.verdicts, strict=True)}
+        queued = [j for i, j in jobs if verdicts.get(id(i), Verdict.MINE) is Verdict.MINE]
+        claimed = [j for i, j in keyed if verdicts[id(i)] is Verdict.MINE]
+        held = [(i, j) for i, j in keyed if verdicts[id(i)] is Verdict.PENDING]
+        out += self.job_messages(queued)
         try:
             broker.publish(out)
         except BaseException:
@@ -204,20 +269,34 @@ class EnqueueStage(Stage):
             # They are on ``jobs``: acked below, marked "queued" once Redis answers (until then
             # their claims hold a copy of the request back, for their lease).
             self._unconfirmed += [self.idempotency.key(j) for j in claimed]
-            self.outage.failed(exc, "intake requests held unacked")
+            self.outage.failed(exc, HOLDING)
         DUPLICATES.inc(sum(1 for v in verdicts.values() if v is Verdict.DUPLICATE))
-        done = [d.tag for d in deliveries if d.tag not in held]
-        if done:
-            broker.ack_all(done)
+        waiting = {id(i) for i, _j in held}
+        self.settle(broker, [i for i in items if id(i) not in waiting])
         if held and not self._held:
             self._recheck_at = time.monotonic() + RECHECK_S
-        self._held.update(held)
+        self._held += held
 
-    def job_message(self, job: Job) -> Outgoing:
-        """The job on ``jobs``, or on ``jobs.large`` when its encoded body is over
-        ``large_message_bytes``: the packer holds few large ones at a time."""
-        body = encode_job(job)
-        return Outgoing(self.topology.jobs_for(len(body)), body, message_id=job.id)
+    def settle(self, broker: Broker, items: list[Item]) -> None:
+        """These requests are done (queued, dead-lettered, duplicates): ack each delivery whose
+        last request was among them, in one write."""
+        done = []
+        for item in items:
+            left = self._open[item.tag] - 1
+            if left:
+                self._open[item.tag] = left
+            else:
+                del self._open[item.tag]
+                done.append(item.tag)
+        if done:
+            broker.ack_all(done)
+
+    def job_messages(self, jobs: list[Job]) -> list[Outgoing]:
+        """The jobs on ``jobs`` in bundles of up to 100 and ``large_message_bytes``; a job whose
+        encoded body is over that alone on ``jobs.large``: the packer holds few large ones at a
+        time."""
+        return bundled("job", [(job.id, encode_job(job)) for job in jobs], self.topology.jobs_for,
+                       self.topology.large_message_bytes)
 
     def tick(self, broker: Broker) -> None:
         if self.outage.down:
@@ -228,12 +307,12 @@ class EnqueueStage(Stage):
         if not self._held or time.monotonic() < self._recheck_at:
             return
         self._recheck_at = time.monotonic() + RECHECK_S
-        held, self._held = list(self._held.values()), {}
+        held, self._held = self._held, []
         try:
-            self.enqueue(broker, [d for d, _j in held], held, [])
+            self.enqueue(broker, [i for i, _j in held], held, [])
         except RedisUnavailable as exc:
-            self._held.update((d.tag, (d, j)) for d, j in held)
-            self.outage.failed(exc, "intake requests held unacked")
+            self._held = held
+            self.outage.failed(exc, HOLDING)
 
     def try_redis_again(self, broker: Broker) -> None:
         """Redis did not answer: ask again (PING: rendering every held request for nothing costs
@@ -245,11 +324,12 @@ class EnqueueStage(Stage):
                 raise RedisUnavailable(f"Redis: {exc}") from exc
             self.idempotency.confirm_keys(self._unconfirmed)
         except RedisUnavailable as exc:
-            self.outage.failed(exc, "intake requests held unacked")
+            self.outage.failed(exc, HOLDING)
             return
         self._unconfirmed = []
         waiting, self._waiting = self._waiting, []
-        self.handle(broker, waiting)
+        for chunk in _chunks(waiting, lambda item: len(item.body)):
+            self.handle_items(broker, chunk, [])
         self.outage.holding(len(self._waiting))
         self.outage.tried(f"{len(waiting) - len(self._waiting)} held intake request(s) handed over")
 
@@ -258,19 +338,20 @@ class EnqueueStage(Stage):
 
     def drain(self, broker: Broker, deadline: float) -> None:
         # Held requests wait for another holder, or for Redis: leave them unacked, the broker
-        # gives them back to another replica.
+        # gives them back to another replica (a bundle whole, its requests done already
+        # included: those are duplicates then, or queued again without an idempotency key).
         if self._waiting:
             log.info("%d intake request(s) held until Redis answers left unacked, for another replica",
                      len(self._waiting))
         if self._unconfirmed:
             log.warning("%d idempotency key(s) of queued jobs not marked queued (Redis did not answer): "
                         "their claims end with their lease", len(self._unconfirmed))
+        self._open.clear()
         self._held.clear()
         self._waiting.clear()
         self.outage.holding(0)
 
-    def drop_suppressed(self, jobs: list[tuple[Delivery, Job]],
-                        out: list[Outgoing]) -> list[tuple[Delivery, Job]]:
+    def drop_suppressed(self, jobs: list[tuple[Item, Job]], out: list[Outgoing]) -> list[tuple[Item, Job]]:
         """Fail the recipients suppressed for their tenant (an event each; the whole job to the
         dead-letter queue when none is left); return the jobs with what remains."""
         if not jobs:
@@ -282,9 +363,9 @@ class EnqueueStage(Stage):
         except redis.RedisError as exc:
             raise RedisUnavailable(f"Redis: cannot check suppressed recipients: {exc}") from exc
         kept = []
-        for (delivery, job), blocked in zip(jobs, found, strict=True):
+        for (item, job), blocked in zip(jobs, found, strict=True):
             if not blocked:
-                kept.append((delivery, job))
+                kept.append((item, job))
                 continue
             REJECTS.labels(Category.SUPPRESSED).inc(len(blocked))
             reason = "suppressed: " + "; ".join(f"{r} ({why})" for r, why in blocked.items())
@@ -297,7 +378,7 @@ class EnqueueStage(Stage):
                 mandatory=False))
             remaining = tuple(r for r in job.recipients if r not in blocked)
             if remaining:
-                kept.append((delivery, replace(job, recipients=remaining)))
+                kept.append((item, replace(job, recipients=remaining)))
             else:
                 out.append(self.dead_letter(encode_job(job), reason, Category.SUPPRESSED,
                                             **{"x-mailpipe-tenant": job.tenant, "x-mailpipe-job-id": job.id}))

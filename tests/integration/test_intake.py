@@ -12,7 +12,7 @@ import redis
 
 from mailpipe import suppression
 from mailpipe.amqp import Broker, Outgoing
-from mailpipe.codec import decode_job, encode_intake
+from mailpipe.codec import decode_job, encode_intake, items_of
 from mailpipe.model import Attachment, IntakeRequest, Job, new_id, now_ms
 from mailpipe.settings import Settings
 from mailpipe.stage import run
@@ -95,7 +95,7 @@ def test_1000_requests_with_a_mix_of_faults_each_end_where_they_should(settings:
 
     assert run(EnqueueStage(settings), burst=True) == 0
 
-    jobs = [decode_job(body) for _h, body in consume_all(settings, topology.jobs)]
+    jobs = [decode_job(job) for _h, body in consume_all(settings, topology.jobs) for job in items_of(body, "job")]
     assert {j.id for j in jobs} == expected_jobs
     assert all(j.server == "own" and j.recipients for j in jobs)
     dead = consume_all(settings, topology.dead)
@@ -124,5 +124,6 @@ def test_publishing_twice_with_one_idempotency_key_queues_once(settings: Setting
                                  subject="Reset your password", text="Click.", idempotency_key="reset-43")
     assert second == first != other
     assert run(EnqueueStage(settings), burst=True) == 0
-    jobs: list[Job] = [decode_job(body) for _h, body in consume_all(settings, topology.jobs)]
+    jobs: list[Job] = [decode_job(job) for _h, body in consume_all(settings, topology.jobs)
+                       for job in items_of(body, "job")]
     assert sorted(j.id for j in jobs) == sorted([first, other])

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from mailpipe.amqp import Broker, Delivery, Outgoing
-from mailpipe.codec import decode_job, encode_intake
+from mailpipe.codec import decode_job, encode_intake, items_of
 from mailpipe.errors import BrokerUnavailable, RedisUnavailable
 from mailpipe.model import IntakeRequest, Job, new_id, now_ms
 from mailpipe.settings import Settings
@@ -103,7 +103,8 @@ def run_intake(settings: Settings, requests: list[IntakeRequest],
     assert reconnects() == before, "the stage reconnected: something crashed it"
     assert not [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
     topology = Topology.from_settings(settings)
-    jobs = {j.id: j for j in (decode_job(body) for _h, body in drain(settings, topology.jobs))}
+    jobs = {j.id: j for j in (decode_job(job) for _h, body in drain(settings, topology.jobs)
+                              for job in items_of(body, "job"))}
     dead = {}
     for headers, body in drain(settings, topology.dead):
         ids = [r.id for r in requests if encode_intake(r) == body]

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from mailpipe.amqp import Broker, Delivery, Outgoing
-from mailpipe.codec import decode_batch, decode_job, encode_intake, encode_job
+from mailpipe.codec import decode_batch, decode_job, encode_bundle, encode_intake, encode_job
 from mailpipe.lanes import lane_id, queue_name
 from mailpipe.model import Attachment, IntakeRequest, Job, new_id, now_ms
 from mailpipe.settings import MIB, Settings
@@ -31,6 +31,7 @@ from mailpipe.stage import Stage, _handle
 from mailpipe.topology import Topology
 from packer.stage import PackerStage
 from producer import Producer
+from producer.client import intake_messages
 from producer.stage import EnqueueStage
 from tests.stages import settings_env
 
@@ -114,16 +115,20 @@ def test_large_and_small_mail_flow_with_the_bytes_held_bounded(settings: Setting
     declare.close()
     with Producer(settings.amqp_url, settings.namespace) as producer:
         producer.publish_requests(small + large)
-    assert depth(settings, topology.intake) == 460
+    # The small ones in bundles of 100 (each under 256 KiB), the large ones alone.
+    bundles = [m for m in intake_messages(topology, small + large) if m.routing_key == topology.intake]
+    assert len(bundles) == 5
+    assert depth(settings, topology.intake) == len(bundles)
     assert depth(settings, topology.intake_large) == 40
 
     enqueue = Driven(EnqueueStage(settings))
     try:
-        enqueue.run_until(lambda: depth(settings, topology.jobs) + depth(settings, topology.jobs_large) == 500)
+        enqueue.run_until(lambda: depth(settings, topology.intake) == depth(settings, topology.intake_large) == 0
+                          and depth(settings, topology.jobs_large) == 40 and enqueue.broker.unacked_bytes == 0)
         held, bound = enqueue.broker.peak_unacked_bytes, enqueue.bound()
     finally:
         enqueue.close()
-    assert depth(settings, topology.jobs) == 460 and depth(settings, topology.jobs_large) == 40
+    assert depth(settings, topology.jobs_large) == 40 and depth(settings, topology.jobs) >= 1  # bundled
     assert depth(settings, topology.dead) == 0
     assert enqueue.largest[topology.intake] <= settings.large_message_bytes < enqueue.largest[topology.intake_large]
     assert 2 * MIB < held <= bound, (held, bound)
@@ -222,26 +227,37 @@ def test_the_enqueue_stage_fits_its_manifest_under_the_worst_input(settings: Set
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="os.wait4's ru_maxrss in KiB is Linux's")
-def test_the_packer_fits_its_manifest_under_the_worst_input(settings: Settings, tmp_path: Path) -> None:
-    """The defaults' worst input for the packer: a full window (1,000) of jobs just under
-    256 KiB on jobs and jobs of 24 MiB on jobs.large, for one server: its open batches hold
-    the window and close at 80 MB. Its peak RSS stays under the manifest's memory limit."""
+@pytest.mark.parametrize("per_message", [1, 2], ids=["alone", "bundled"])
+def test_the_packer_fits_its_manifest_under_the_worst_input(settings: Settings, tmp_path: Path,
+                                                            per_message: int) -> None:
+    """The defaults' worst input for the packer: a full window (1,000) of messages just under
+    256 KiB on jobs, a job each or a jobs bundle of two (whose jobs the packer keeps as views of
+    the delivery, not copies: with copies a window of bundles would be held twice over), and
+    jobs of 24 MiB on jobs.large, for one server: its open batches hold the window and close at
+    80 MB. Its peak RSS stays under the manifest's memory limit."""
     topology = Topology.from_settings(settings)
     stage = PackerStage(settings)
     window = stage.prefetch
 
-    def job(i: int, size: int) -> Outgoing:
-        body = encode_job(Job(id=new_id(), tenant="acme", server="tenant-smtp", sender="hr@acme.example",
+    def job(i: int, size: int) -> bytes:
+        return encode_job(Job(id=new_id(), tenant="acme", server="tenant-smtp", sender="hr@acme.example",
                               recipients=(f"user{i}@example.com",), message=raw_mail(i, size),
                               created_ms=now_ms(), enqueued_ms=now_ms()))
-        return Outgoing(topology.jobs_for(len(body)), body)
+
+    def message(i: int) -> Outgoing:
+        jobs = [job(i * per_message + k, (settings.large_message_bytes - 2 * KIB) // per_message - KIB)
+                for k in range(per_message)]
+        body = jobs[0] if per_message == 1 else encode_bundle("job", jobs)
+        assert len(body) <= settings.large_message_bytes
+        return Outgoing(topology.jobs, body)
 
     broker = Broker(settings.amqp_url, client_name="test-declare").connect()
     topology.declare(broker.channel())
     for start in range(0, window, 100):
-        broker.publish([job(i, settings.large_message_bytes - 2 * KIB) for i in range(start, start + 100)])
+        broker.publish([message(i) for i in range(start, start + 100)])
     for i in range(2 * settings.large_prefetch):
-        broker.publish([job(i, 24 * MIB)])
+        body = job(i, 24 * MIB)
+        broker.publish([Outgoing(topology.jobs_for(len(body)), body)])
     broker.close()
     assert depth(settings, topology.jobs) == window
     assert depth(settings, topology.jobs_large) == 2 * settings.large_prefetch
@@ -254,7 +270,7 @@ def test_the_packer_fits_its_manifest_under_the_worst_input(settings: Settings, 
     def all_packed() -> bool:
         while (got := channel.basic_get(lane, auto_ack=True))[0] is not None:
             packed.append(decode_batch(got[2]).mails)
-        return sum(packed) == window + 2 * settings.large_prefetch
+        return sum(packed) == window * per_message + 2 * settings.large_prefetch
 
     try:
         peak, output = _peak_rss(settings, tmp_path, "packer", all_packed)

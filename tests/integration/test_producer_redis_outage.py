@@ -31,10 +31,11 @@ import pika
 import pytest
 
 from mailpipe.amqp import Broker, Outgoing
-from mailpipe.codec import decode_job
+from mailpipe.codec import decode_job, items_of
 from mailpipe.model import IntakeRequest, job_id_for, now_ms
 from mailpipe.settings import Settings
 from mailpipe.topology import DEAD_REASON, Topology
+from producer.client import intake_messages
 from tests.faults.harness import PrivateRedis, free_port, publish, queue_depths
 from tests.stages import StageProcesses
 
@@ -57,6 +58,17 @@ def requests(n: int, copies: int, prefix: str) -> list[IntakeRequest]:
                            created_ms=now_ms(), to=(f"user{i}@example.com",), subject=f"Mail {i}",
                            text="Hello.\n", idempotency_key=f"{prefix}-{i}") for i in range(n - copies)]
     return keyed + keyed[:copies]
+
+
+def messages(topology: Topology, requests: list[IntakeRequest]) -> int:
+    """How many intake messages the client sends for ``requests`` (published in one call): they
+    travel in bundles of up to 100, and the queue counts messages."""
+    return len(intake_messages(topology, requests))
+
+
+def job_ids(settings: Settings, topology: Topology) -> Counter[str]:
+    """The ids of the jobs on ``jobs`` (taken), each job of a bundle counted."""
+    return Counter(decode_job(job).id for body in consume_all(settings, topology.jobs) for job in items_of(body, "job"))
 
 
 def depth(settings: Settings, queue: str) -> tuple[int, int]:
@@ -153,17 +165,18 @@ def test_a_redis_outage_holds_the_intake_and_every_mail_goes_once_redis_is_back(
         stages = StageProcesses(settings, first_logs, "producer", metrics_ports={"producer": port})
         with stages:
             before = publish(settings, requests(5, 0, "before"))
-            wait_until(lambda: depth(settings, topology.jobs)[0] == 5, 30, "the first mails queued", stages)
+            wait_until(lambda: depth(settings, topology.intake) == (0, 0), 30, "the first mails queued", stages)
 
             private_redis.stop()
             outage_started = time.monotonic()
             held = requests(MAILS, COPIES, "during")
-            published = publish(settings, held)
+            published = publish(settings, held, chunk=MAILS)
+            sent = messages(topology, held)  # 3 bundles
             broker = Broker(settings.amqp_url, client_name="test").connect()
             broker.publish([Outgoing(topology.intake, b"\xc1 not msgpack", message_id="malformed")])
             broker.close()
 
-            wait_until(lambda: depth(settings, topology.intake) == (0, MAILS), 20,
+            wait_until(lambda: depth(settings, topology.intake) == (0, sent), 20,
                        "the producer holding every request unacked", stages)
             wait_until(lambda: len(dead_letters(settings, topology.dead)) == 1, 10,
                        "the malformed request dead-lettered while Redis is down", stages)
@@ -182,24 +195,26 @@ def test_a_redis_outage_holds_the_intake_and_every_mail_goes_once_redis_is_back(
                     f"the producer dropped its session (its intake redelivered)\n{stages.logs()}"
                 assert stages.alive(), stages.logs()
                 time.sleep(1.0)
-            assert depth(settings, topology.intake) == (0, MAILS)
+            assert depth(settings, topology.intake) == (0, sent)
 
             # SIGTERM during the outage: a clean exit, the held requests back in intake (once).
             asked = time.monotonic()
             codes = stages.stop(timeout_s=settings.shutdown_timeout_s + 5)
             assert codes == {"producer-0": 0}, stages.logs()
             assert time.monotonic() - asked < settings.shutdown_timeout_s
-        wait_until(lambda: depth(settings, topology.intake) == (MAILS, 0), 10, "the held requests given back",
+        wait_until(lambda: depth(settings, topology.intake) == (sent, 0), 10, "the held requests given back",
                    stages, running=False)
-        assert delivery_counts(settings, topology.intake) == {1: MAILS}, "given back more than once"
+        assert delivery_counts(settings, topology.intake) == {1: sent}, "given back more than once"
         text = log.read_text()
         assert text.count(WAITING) == 1, text[-5000:]
 
         # Another replica takes them over while Redis is still down, then Redis comes back.
         stages = StageProcesses(settings, second_logs, "producer", metrics_ports={"producer": port})
         with stages:
-            wait_until(lambda: depth(settings, topology.intake) == (0, MAILS), 30,
+            wait_until(lambda: depth(settings, topology.intake) == (0, sent), 30,
                        "the second producer holding every request", stages)
+            wait_until(lambda: gauge(port, "mailpipe_waiting_for_redis_messages") == MAILS, 10,
+                       "every request of the bundles counted as held", stages)
             private_redis.start()
             wait_until(lambda: depth(settings, topology.intake) == (0, 0), 30,
                        "every request handled once Redis is back", stages)
@@ -209,7 +224,7 @@ def test_a_redis_outage_holds_the_intake_and_every_mail_goes_once_redis_is_back(
         text = (second_logs / "producer-0.log").read_text()
         assert text.count(WAITING) == 1 and text.count(BACK) == 1, text[-5000:]
 
-    ids = Counter(decode_job(body).id for body in consume_all(settings, topology.jobs))
+    ids = job_ids(settings, topology)
     assert set(ids) == set(before) | set(published)
     assert len(set(published)) == MAILS - COPIES
     assert max(ids.values()) == 1, [i for i, n in ids.items() if n > 1]
@@ -229,13 +244,14 @@ def test_a_frozen_redis_stalls_neither_the_session_nor_the_intake(settings: Sett
         stages = StageProcesses(settings, logs, "producer")
         with stages:
             before = publish(settings, requests(3, 0, "before"))
-            wait_until(lambda: depth(settings, topology.jobs)[0] == 3, 30, "the first mails queued", stages)
+            wait_until(lambda: depth(settings, topology.intake) == (0, 0), 30, "the first mails queued", stages)
             assert private_redis.proc is not None
             private_redis.proc.send_signal(signal.SIGSTOP)
             frozen_at = time.monotonic()
             try:
-                published = publish(settings, requests(100, 0, "frozen"))
-                wait_until(lambda: depth(settings, topology.intake) == (0, 100), 20,
+                frozen = requests(100, 0, "frozen")
+                published = publish(settings, frozen, chunk=100)
+                wait_until(lambda: depth(settings, topology.intake) == (0, messages(topology, frozen)), 20,
                            "the producer holding every request unacked", stages)
                 while time.monotonic() - frozen_at < FROZEN_S:
                     assert DROPPED not in stages.logs(), \
@@ -248,6 +264,5 @@ def test_a_frozen_redis_stalls_neither_the_session_nor_the_intake(settings: Sett
                        "every request handled once Redis is back", stages)
         text = (logs / "producer-0.log").read_text()
         assert text.count(WAITING) == 1 and text.count(BACK) == 1, text[-5000:]
-    ids = Counter(decode_job(body).id for body in consume_all(settings, topology.jobs))
-    assert ids == Counter(before + published)
+    assert job_ids(settings, topology) == Counter(before + published)
     assert dead_letters(settings, topology.dead) == []
