@@ -26,6 +26,7 @@
 
 local HASH, SEEN, CONNS = 1, 2, 3
 local SEEN_TTL_S = 3600
+local WANTED_US = 2000000  -- a refused connection keeps the server wanted this long (polled every 0.5 s)
 
 local function time_us()
   local t = redis.call('TIME')
@@ -185,7 +186,9 @@ register('pb_credentials', function(keys, args)
 end)
 
 -- conn_open ARGV: concurrency, connection id, lease_us. A connection may open while fewer than
--- the cap are open (every sender replica's), one while server-broken signals run in a row.
+-- the cap are open (every sender replica's), one while server-broken signals run in a row. A
+-- refusal marks the server wanted for WANTED_US: a replica that keeps connections idle closes
+-- them rather than hold places another waits for (conn_wanted).
 -- Returns {1, 0, cap} or {0, retry_after_us, cap}.
 register('pb_conn_open', function(keys, args)
   local now = time_us()
@@ -200,8 +203,14 @@ register('pb_conn_open', function(keys, args)
     redis.call('PEXPIRE', keys[CONNS], math.floor(tonumber(args[3]) / 1000) + 1000)
     return {1, 0, cap}
   end
+  redis.call('HSET', keys[HASH], 'wanted_until', now + WANTED_US)
   local first = redis.call('ZRANGE', keys[CONNS], 0, 0, 'WITHSCORES')
   return {0, math.max(1000, tonumber(first[2]) - now), cap}
+end)
+
+-- conn_wanted: 1 while a replica waits for a place under the cap (see conn_open), else 0.
+register('pb_conn_wanted', function(keys, args)
+  return num(redis.call('HGET', keys[HASH], 'wanted_until'), 0) > time_us() and 1 or 0
 end)
 
 -- conn_close ARGV: concurrency, connection id, clean (1: the session ended without a connection

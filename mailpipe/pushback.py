@@ -201,6 +201,10 @@ class ConnectionLeases:
                                     [concurrency, conn_id, self.lease_us])
         return (0 if int(reply[0]) else int(reply[1])), int(reply[2])
 
+    async def wanted(self, server: str) -> bool:
+        """Does a connection (of any replica) wait for a place under the server's cap?"""
+        return bool(int(await LIBRARY.acall(self.client, "pb_conn_wanted", server_keys(self.namespace, server), [])))
+
     async def close(self, server: str, concurrency: int, conn_id: str, clean: bool) -> None:
         await LIBRARY.acall(self.client, "pb_conn_close", server_keys(self.namespace, server),
                             [concurrency, conn_id, int(clean)])

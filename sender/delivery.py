@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 US = 1_000_000
 PACE_SIGNALS = (RATE, CONNECTIONS, SERVER_BROKEN)
 PAUSED = "paused"  # no connection: the server is paused
+DOUBTS = 3  # without a pushback policy: relaying-denied refusals in a row that are the server's
 RECLAIM_EVERY_S = 0.25  # how often recipients a live holder has are asked for again
 # What a holder that takes over a deferral left unfinished (Claim.RETRY) says in its events: the
 # recipient was deferred before, and its retry copy is published again (no mail is sent now).
@@ -193,6 +194,10 @@ class _Run:
         self.stopped_by = ""
         self.connect_failure: Reply | None = None
         self.successes = 0
+        # Recipients refused at RCPT as if the server were broken for us (relaying denied), not
+        # judged yet: the next mails tell. One taken means the refusals were the recipients'
+        # (failed, like any 5xx); ``pause_after`` of them in a row, the server's (signals).
+        self.doubtful: list[tuple[JobOutcome, str, Reply]] = []
         self.signals: list[Signal] = []
         self.pace: ConnectionLeases | None = None
         self.policy: Policy | None = None
@@ -202,14 +207,17 @@ class _Run:
         self.stopped_by = self.stopped_by or why
 
     async def heard(self, job: Job | None, reply: Reply) -> None:
-        """Note what a reply says about the server (mailpipe/pushback.py), counted once per job
-        and attempt (or, for a connection this batch could not open, once per batch); the batch
+        """Note what a reply says about the server (mailpipe/pushback.py), counted once per job,
+        attempt and grant (or, for a connection this batch could not open, once per batch); the batch
         stops at a broken server (the rest goes back; reported at once, so that every replica
         tries it one connection at a time from now), and at one that says slow down (the rest
         goes back, to be granted again at the cut rate)."""
         if reply.signal not in PACE_SIGNALS:
             return
-        key = f"{job.id}:{job.attempt}" if job is not None else f"{self.hold.owner if self.hold else id(self)}:connect"
+        # Per hold, not per job only: a job given back by a broken server and refused again
+        # under its next grant counts again (towards the pause), however often it comes back.
+        grant = self.hold.grant if self.hold else str(id(self))
+        key = f"{job.id}:{job.attempt}:{grant}" if job is not None else f"{grant}:connect"
         signal = Signal(reply.signal, reply.rule, reply.cut, key, str(reply)[:300])
         self.signals.append(signal)
         metrics.SIGNALS.labels(self.server.name, reply.signal, reply.rule).inc()
@@ -311,6 +319,15 @@ class _Run:
         todo = sorted(self.mine, reverse=True)  # pop() from the end takes them in order
         workers = max(1, min(self.pool.size, len(todo)))
         await asyncio.gather(*(self._worker(todo) for _ in range(workers)))
+        await self.doubts_confirmed()
+
+    async def doubts_confirmed(self) -> None:
+        """No mail taken after the doubtful refusals: they were the server's. Each is a signal
+        (the batch stops; reported at once), its recipient goes back to wait in its lane."""
+        doubtful, self.doubtful = self.doubtful, []
+        for outcome, recipient, reply in doubtful:
+            await self.heard(outcome.job, reply)
+            outcome.back.append(recipient)
 
     async def _worker(self, todo: list[int]) -> None:
         conn: Connection | None = None
@@ -410,9 +427,23 @@ class _Run:
         self.successes += bool(result.accepted)
         if result.accepted or any(r.signal not in PACE_SIGNALS for r in result.refused.values()):
             self.pool.proven()
+        if result.accepted:
+            doubtful, self.doubtful = self.doubtful, []
+            for earlier, recipient, reply in doubtful:  # the server takes mail: theirs alone
+                earlier.record(recipient, reply)
         for recipient, reply in result.refused.items():
+            if reply.signal == SERVER_BROKEN:
+                # Relaying denied for one recipient while others go through is that recipient's
+                # failure: judged by the mails around it, or by this recipient's last try.
+                if result.accepted or self.pool.refused_alone(job.id, recipient):
+                    outcome.record(recipient, reply)
+                else:
+                    self.doubtful.append((outcome, recipient, reply))
+                continue
             await self.heard(job, reply)
             self._record(outcome, recipient, reply)
+        if len(self.doubtful) >= (self.policy.pause_after if self.policy else DOUBTS):
+            await self.doubts_confirmed()
         if not result.accepted:
             return marking
         metrics.latency_seconds(self.server.name).observe(max(0, outcome.at_ms - job.created_ms) / 1000)

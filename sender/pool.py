@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # sessions (often after 60 s to 5 min) and a mail should not be deferred for that.
 PROBE_AFTER_S = 5.0
 LEASE_POLL_S = 0.5  # a connection waiting for a place under the cap asks again this often
+SUSPECTS_KEPT = 10_000  # recipients refused as if the server were broken, remembered per server
 _TOKEN = process_token()  # this process's name in the connection leases
 _LEASES = itertools.count(1)
 
@@ -62,6 +63,12 @@ class ServerPool:
         # connections), a connection is not kept idle: its place may be what another waits for.
         self._cap = size
         self._proven = False
+        self._last_good = float("-inf")  # monotonic: the server last took a mail from us
+        # Recipients it refused as if broken for us (relaying denied) at RCPT, by "job-id
+        # recipient": when first, whether it was proven then, and how many such refusals (of
+        # any recipient) there had been. The oldest is dropped past SUSPECTS_KEPT.
+        self._suspects: dict[str, tuple[float, bool, int]] = {}
+        self._refusals = 0
         self._on_trial: object | None = None  # the connection on trial (a token while it opens)
         self._verdict = asyncio.Event()  # set, and replaced, whenever a trial ends
 
@@ -135,9 +142,30 @@ class ServerPool:
 
     def proven(self) -> None:
         """The server took a mail (or refused one for the recipient's sake): no more trials."""
+        self._last_good = time.monotonic()
         if not self._proven:
             self._proven = True
             self.trial_over()
+
+    def refused_alone(self, job_id: str, recipient: str) -> bool:
+        """The server refused ``recipient`` as if broken for us (relaying denied) at RCPT: is the
+        refusal the recipient's rather than the server's? Yes when it refused this recipient
+        before and has taken a mail since; or when it had been taking mail up to that first
+        refusal and has refused nobody else so since (a server that breaks refuses every mail
+        in flight). Otherwise the refusal is remembered, and the answer is no."""
+        key = f"{job_id} {recipient}"
+        seen = self._suspects.get(key)
+        self._refusals += 1
+        if seen is not None:
+            first, was_proven, refusals = seen
+            if self._last_good > first or (was_proven and self._refusals == refusals + 2):
+                del self._suspects[key]
+                return True
+            return False
+        if len(self._suspects) >= SUSPECTS_KEPT:
+            del self._suspects[next(iter(self._suspects))]
+        self._suspects[key] = (time.monotonic(), self._proven, self._refusals - 1)
+        return False
 
     def broken(self) -> None:
         """The server said it is broken for us: the next connections go one at a time again."""
@@ -219,11 +247,18 @@ class ServerPool:
         self._unlease(conn.lease, clean)
 
     async def reap(self) -> None:
-        """Close connections idle longer than the idle timeout."""
+        """Close connections idle longer than the idle timeout; every idle one while another
+        connection (of any replica) waits for a place under the server's cap: kept idle, they
+        would hold those places for the idle timeout. Busy ones are not closed for it: handing
+        a place over costs a new session (TLS, AUTH) per batch, and the server's cap is in use."""
+        wanted = False
+        if self._idle and self.leases is not None:
+            with contextlib.suppress(RedisUnavailable):
+                wanted = await self.leases.wanted(self.server.name)
         now = time.monotonic()
         keep = []
         for conn in self._idle:
-            if now - conn.last_used > self.idle_timeout_s:
+            if wanted or now - conn.last_used > self.idle_timeout_s:
                 await self._retire(conn)
             else:
                 keep.append(conn)

@@ -127,3 +127,23 @@ def test_a_server_that_says_it_is_broken_gets_one_connection_at_a_time(client: r
     assert open_("sender1/2")
     pb.report("s", policy, 1, [])  # it took a mail: the whole cap again
     assert [open_("sender0/3"), open_("sender0/4")] == [True, True]
+
+
+def test_a_connection_refused_a_place_marks_the_server_wanted_for_the_holders(client: redis.Redis,
+                                                                             namespace: str) -> None:
+    """A replica that keeps idle connections learns from its reaper that another waits for a
+    place: it closes them instead of holding the cap for the idle timeout (sender/pool.py)."""
+    keys = server_keys(namespace, "s")
+
+    def open_(conn: str) -> bool:
+        return bool(int(LIBRARY.call(client, "pb_conn_open", keys, [2, conn, 60 * US])[0]))
+
+    def wanted() -> bool:
+        return bool(int(LIBRARY.call(client, "pb_conn_wanted", keys, [])))
+
+    assert [open_("a/1"), open_("a/2"), wanted()] == [True, True, False]  # nobody waits yet
+    assert not open_("b/1")
+    assert wanted()
+    assert open_("a/1")  # a renewal is no refusal
+    client.hset(keys[0], "wanted_until", 0)  # the wait is over (it lapses 2 s after the last refusal)
+    assert not wanted()
