@@ -41,8 +41,8 @@ from mailpipe.topology import Topology
 
 # The counter of mails each stage has passed on, as its /metrics reports it.
 MAIL_COUNTERS = {
-    "producer": ("mailpipe_messages_out_total", {"stage": "producer"}),
-    "packer": ("mailpipe_messages_in_total", {"stage": "packer"}),
+    "producer": ("mailpipe_intake_queued_total", {}),
+    "packer": ("mailpipe_batch_mails_sum", {}),  # mails, not messages: jobs travel bundled
     "limiter": ("mailpipe_limiter_released_mails_total", {}),
     "sender": ("mailpipe_sender_mails_total", {"outcome": "sent"}),
 }

@@ -82,6 +82,8 @@ LINT_FINDINGS = Counter("mailpipe_intake_lint_findings_total",
                         "Deliverability warnings found on queued mail, by rule.", ["rule"])
 DUPLICATES = Counter("mailpipe_intake_duplicates_total",
                      "Intake requests dropped because their idempotency key was queued already.")
+# Mails, not messages: an intake bundle and a jobs bundle each carry up to 100.
+QUEUED = Counter("mailpipe_intake_queued_total", "Jobs queued for the packer (each mail of a bundle counted).")
 
 CHUNK_BYTES = 16 * 1024 * 1024  # requests rendered and published at once, at most (or one larger)
 RECHECK_S = 1.0  # how often a held request asks again about the key another holder claimed
@@ -270,6 +272,7 @@ class EnqueueStage(Stage):
             # their claims hold a copy of the request back, for their lease).
             self._unconfirmed += [self.idempotency.key(j) for j in claimed]
             self.outage.failed(exc, HOLDING)
+        QUEUED.inc(len(queued))
         DUPLICATES.inc(sum(1 for v in verdicts.values() if v is Verdict.DUPLICATE))
         waiting = {id(i) for i, _j in held}
         self.settle(broker, [i for i in items if id(i) not in waiting])
