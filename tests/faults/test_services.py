@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from limiter.redis_limiter import server_prefix
+from mailpipe.codec import decode_intake, items_of
 from mailpipe.errors import BrokerUnavailable
 from mailpipe.settings import Settings
 from mailpipe.topology import Topology
@@ -163,10 +164,10 @@ def test_a_publish_that_returned_survives_kill_9_of_the_broker(tmp_path: Path) -
         channel = conn.channel()
         queued = set()
         while True:
-            method, props, _body = channel.basic_get(Topology(namespace).intake, auto_ack=True)
+            method, _props, body = channel.basic_get(Topology(namespace).intake, auto_ack=True)
             if method is None:
                 break
-            queued.add(props.message_id)
+            queued.update(decode_intake(item, 2**31).id for item in items_of(body, "intake"))  # bundles of 20
         conn.close()
     finally:
         rabbit.kill()
