@@ -20,7 +20,7 @@ from mailpipe.pushback import ConnectionLeases
 from mailpipe.settings import Settings
 from sender.claims import Claims
 from sender.mx import MxResolver
-from sender.pool import Pools
+from sender.pool import LEASE_S, Pools
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,7 @@ class LoopHost:
     async def _open(self) -> None:
         s = self.settings
         self._redis = redis_client.connect_async(s)
-        # A connection's lease outlives its idle time and the longest session a window allows.
-        leases = ConnectionLeases(self._redis, s.namespace, 2 * (s.smtp_idle_timeout_s + s.window_s + s.smtp_timeout_s))
+        leases = ConnectionLeases(self._redis, s.namespace, LEASE_S)  # renewed by the reaper
         self.pools = Pools(default_size=s.send_concurrency, timeout_s=s.smtp_timeout_s,
                            idle_timeout_s=s.smtp_idle_timeout_s, resolver=MxResolver(), leases=leases)
         self.pace = leases

@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 # sessions (often after 60 s to 5 min) and a mail should not be deferred for that.
 PROBE_AFTER_S = 5.0
 LEASE_POLL_S = 0.5  # a connection waiting for a place under the cap asks again this often
+# A connection's lease in Redis lasts this long and is renewed by the reaper (every 5 s,
+# sender/stage.py REAP_EVERY_S) while the connection lives: a sender killed with its connections
+# open frees their places under the cap within this, not after the idle timeout and a window.
+LEASE_S = 20.0
 SUSPECTS_KEPT = 10_000  # recipients refused as if the server were broken, remembered per server
 _TOKEN = process_token()  # this process's name in the connection leases
 _LEASES = itertools.count(1)
@@ -58,6 +62,7 @@ class ServerPool:
         self._slots = asyncio.Semaphore(size)
         self._idle: list[Connection] = []
         self._quitting: set[asyncio.Task[None]] = set()
+        self._leased: set[str] = set()  # the leases of this pool's open connections
         self._closed = False
         # The cap every replica shares, as last heard. Below our size (the server said too many
         # connections), a connection is not kept idle: its place may be what another waits for.
@@ -111,6 +116,8 @@ class ServerPool:
             self._unlease(lease, clean=False)
             raise
         conn.lease = lease
+        if lease is not None:
+            self._leased.add(lease)
         return conn
 
     async def _trial(self) -> object | None:
@@ -195,6 +202,7 @@ class ServerPool:
         """End a connection's lease (in the background: closing never waits for Redis)."""
         if self.leases is None or lease is None:
             return
+        self._leased.discard(lease)
         task = asyncio.get_running_loop().create_task(self._close_lease(lease, clean))
         self._quitting.add(task)
         task.add_done_callback(self._quitting.discard)
@@ -247,14 +255,18 @@ class ServerPool:
         self._unlease(conn.lease, clean)
 
     async def reap(self) -> None:
-        """Close connections idle longer than the idle timeout; every idle one while another
+        """Renew the leases of the open connections. Close connections idle longer than the idle
+        timeout; every idle one while another
         connection (of any replica) waits for a place under the server's cap: kept idle, they
         would hold those places for the idle timeout. Busy ones are not closed for it: handing
         a place over costs a new session (TLS, AUTH) per batch, and the server's cap is in use."""
         wanted = False
-        if self._idle and self.leases is not None:
+        if self.leases is not None:
             with contextlib.suppress(RedisUnavailable):
-                wanted = await self.leases.wanted(self.server.name)
+                for lease in list(self._leased):  # busy or idle, they live: their places too
+                    await self.leases.open(self.server.name, self.size, lease)
+                if self._idle:
+                    wanted = await self.leases.wanted(self.server.name)
         now = time.monotonic()
         keep = []
         for conn in self._idle:
