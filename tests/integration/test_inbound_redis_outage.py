@@ -29,7 +29,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
-import pika
 import pytest
 import redis
 
@@ -37,8 +36,8 @@ from inbound.wire import SMTP, RawReport, encode_report, report_id
 from mailpipe import reputation, suppression
 from mailpipe.amqp import Broker, Outgoing
 from mailpipe.settings import Settings
-from mailpipe.topology import DEAD_REASON, Topology
-from tests.faults.harness import PrivateRedis, free_port, queue_depths, wait_port
+from mailpipe.topology import Topology
+from tests.faults.harness import PrivateRedis, dead_letters, free_port, http_get, queue_depths, stage_gauge, wait_port
 from tests.integration.test_inbound import DOMAIN, JOB, KEYS, SIGNER, Listener, report, return_path
 from tests.stages import StageProcesses
 
@@ -59,37 +58,8 @@ WAITING = "waiting for Redis"  # one warning per outage
 BACK = "Redis answers again"
 
 
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError:
-        return 0, ""
-
-
 def gauge(port: int, name: str) -> float | None:
-    _, text = get(port, "/metrics")
-    for line in text.splitlines():
-        if line.startswith(f'{name}{{stage="inbound"}}'):
-            return float(line.split()[-1])
-    return None
-
-
-def dead_letters(settings: Settings, queue: str) -> list[tuple[str, str]]:
-    """(reason, first death reason) of every dead letter, left in the queue."""
-    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
-    channel = conn.channel()
-    out = []
-    while True:
-        method, props, _body = channel.basic_get(queue, auto_ack=False)
-        if method is None:
-            break
-        headers = props.headers or {}
-        out.append((str(headers.get(DEAD_REASON, "")), str(headers.get("x-first-death-reason", ""))))
-    conn.close()  # unacked: back to the queue
-    return out
+    return stage_gauge(port, "inbound", name)
 
 
 def rcpt(settings: Settings, address: str) -> tuple[int, str, float]:
@@ -163,7 +133,7 @@ def test_a_redis_outage_holds_the_reports_and_records_each_once_redis_is_back(
                 time.sleep(0.2)
 
         with stages:
-            wait_until(lambda: wait_port(settings.inbound_smtp_port, 0.2) and get(port, "/readyz")[0] == 200,
+            wait_until(lambda: wait_port(settings.inbound_smtp_port, 0.2) and http_get(port, "/readyz")[0] == 200,
                        30, "the inbound stage ready")
             first_rp, first = dsn("first@example.net")
             with smtplib.SMTP("127.0.0.1", settings.inbound_smtp_port, timeout=30) as client:
@@ -202,7 +172,7 @@ def test_a_redis_outage_holds_the_reports_and_records_each_once_redis_is_back(
                        10, "the malformed one dead-lettered, the unreadable one in review, while Redis is down")
             (reason, _), = dead_letters(settings, topology.dead)
             assert "msgpack" in reason or "decode" in reason, reason
-            assert get(port, "/readyz")[0] == 503, "ready while Redis is down"
+            assert http_get(port, "/readyz")[0] == 503, "ready while Redis is down"
             assert gauge(port, "mailpipe_failing_closed") == 1.0
 
             log = logs / "inbound-0.log"
@@ -218,7 +188,7 @@ def test_a_redis_outage_holds_the_reports_and_records_each_once_redis_is_back(
 
             private_redis.start()  # empty: what came before the outage is forgotten, not what was held
             wait_until(lambda: gauge(port, "mailpipe_waiting_for_redis_messages") == 0
-                       and gauge(port, "mailpipe_failing_closed") == 0.0 and get(port, "/readyz")[0] == 200,
+                       and gauge(port, "mailpipe_failing_closed") == 0.0 and http_get(port, "/readyz")[0] == 200,
                        20, "every held report recorded once Redis is back")
             wait_until(lambda: (queue_depths(ns) or {}).get(topology.reports) == (0, 0), 20,
                        "the reports queue empty")
@@ -268,7 +238,7 @@ def test_a_frozen_redis_stalls_neither_the_session_nor_the_reports(settings: Set
         bounced = [f"frozen{i}@example.net" for i in range(20)]
         with stages:
             deadline = time.monotonic() + 30
-            while get(port, "/readyz")[0] != 200:
+            while http_get(port, "/readyz")[0] != 200:
                 assert time.monotonic() < deadline and stages.alive(), stages.logs()
                 time.sleep(0.2)
             assert private_redis.proc is not None

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import signal
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -34,9 +32,9 @@ from mailpipe.amqp import Broker, Outgoing
 from mailpipe.codec import decode_job, items_of
 from mailpipe.model import IntakeRequest, job_id_for, now_ms
 from mailpipe.settings import Settings
-from mailpipe.topology import DEAD_REASON, Topology
+from mailpipe.topology import Topology
 from producer.client import intake_messages
-from tests.faults.harness import PrivateRedis, free_port, publish, queue_depths
+from tests.faults.harness import PrivateRedis, dead_letters, free_port, http_get, publish, queue_depths, stage_gauge
 from tests.stages import StageProcesses
 
 pytestmark = pytest.mark.integration
@@ -76,38 +74,8 @@ def depth(settings: Settings, queue: str) -> tuple[int, int]:
     return (queue_depths(settings.namespace) or {}).get(queue, (-1, -1))
 
 
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError:
-        return 0, ""
-
-
 def gauge(port: int, name: str) -> float | None:
-    """The producer's ``name`` on /metrics."""
-    _, text = get(port, "/metrics")
-    for line in text.splitlines():
-        if line.startswith(f'{name}{{stage="producer"}}'):
-            return float(line.split()[-1])
-    return None
-
-
-def dead_letters(settings: Settings, queue: str) -> list[tuple[str, str]]:
-    """(reason, first death reason) of every dead letter, left in the queue."""
-    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
-    channel = conn.channel()
-    out = []
-    while True:
-        method, props, _body = channel.basic_get(queue, auto_ack=False)
-        if method is None:
-            break
-        headers = props.headers or {}
-        out.append((str(headers.get(DEAD_REASON, "")), str(headers.get("x-first-death-reason", ""))))
-    conn.close()  # unacked: back to the queue
-    return out
+    return stage_gauge(port, "producer", name)
 
 
 def delivery_counts(settings: Settings, queue: str) -> Counter[int]:
@@ -182,7 +150,7 @@ def test_a_redis_outage_holds_the_intake_and_every_mail_goes_once_redis_is_back(
                        "the malformed request dead-lettered while Redis is down", stages)
             (reason, _), = dead_letters(settings, topology.dead)
             assert "msgpack" in reason or "decode" in reason, reason
-            status, _ = get(port, "/readyz")
+            status, _ = http_get(port, "/readyz")
             assert status == 503, "ready while Redis is down"
             assert gauge(port, "mailpipe_failing_closed") == 1.0
             assert gauge(port, "mailpipe_waiting_for_redis_messages") == MAILS
@@ -218,7 +186,7 @@ def test_a_redis_outage_holds_the_intake_and_every_mail_goes_once_redis_is_back(
             private_redis.start()
             wait_until(lambda: depth(settings, topology.intake) == (0, 0), 30,
                        "every request handled once Redis is back", stages)
-            wait_until(lambda: gauge(port, "mailpipe_failing_closed") == 0.0 and get(port, "/readyz")[0] == 200,
+            wait_until(lambda: gauge(port, "mailpipe_failing_closed") == 0.0 and http_get(port, "/readyz")[0] == 200,
                        10, "ready again", stages)
             assert gauge(port, "mailpipe_waiting_for_redis_messages") == 0
         text = (second_logs / "producer-0.log").read_text()
