@@ -16,11 +16,11 @@ demo: $(INSTALLED)
 	$(BIN)/python -m mailpipe.services
 	$(BIN)/mailpipe demo $(ARGS)
 
-## make check: what CI runs: make test, then make test-cluster (about 21 minutes here)
+## make check: what CI runs: make test, then make test-cluster (about 37 minutes here)
 check: test test-cluster
 
 ## make test: lint, types, then every test (unit, integration, faults) against real services,
-## but the ones that start a local cluster (under 20 minutes here)
+## but the ones that start a local cluster (about 32 minutes here)
 test: $(INSTALLED)
 	scripts/install-tools prometheus docker-compose openssl
 	$(BIN)/python -m mailpipe.services
