@@ -240,6 +240,17 @@ def render(req: IntakeRequest, job_id: str) -> bytes:
     return plain or render_mime(req, job_id)
 
 
+@functools.lru_cache(maxsize=256)
+def _date_of_second(second: int) -> str:
+    return formatdate(second, localtime=False, usegmt=True)
+
+
+def date_header(created_ms: int) -> str:
+    """The Date header of a mail created at ``created_ms``: formatted once per second (a burst
+    of mails shares its seconds; formatdate cost 12 µs a mail, issue 24's profile)."""
+    return _date_of_second(created_ms // 1000)
+
+
 def _headers(req: IntakeRequest, job_id: str) -> list[tuple[str, str]]:
     headers = [("From", req.sender)]
     if req.to:
@@ -248,7 +259,7 @@ def _headers(req: IntakeRequest, job_id: str) -> list[tuple[str, str]]:
         headers.append(("Cc", ", ".join(req.cc)))
     if req.subject is not None:
         headers.append(("Subject", req.subject))
-    headers.append(("Date", formatdate(req.created_ms / 1000, localtime=False, usegmt=True)))
+    headers.append(("Date", date_header(req.created_ms)))
     headers.append(("Message-ID", f"<{job_id}@{req.sender.rpartition('@')[2]}>"))
     return headers + list(req.headers.items())
 
@@ -327,7 +338,7 @@ def _render_mime(req: IntakeRequest, job_id: str) -> bytes:
         msg["Cc"] = ", ".join(req.cc)
     if req.subject is not None:
         msg["Subject"] = req.subject
-    msg["Date"] = formatdate(req.created_ms / 1000, localtime=False, usegmt=True)
+    msg["Date"] = date_header(req.created_ms)
     domain = req.sender.rpartition("@")[2]
     msg["Message-ID"] = f"<{job_id}@{domain}>"
     for name, value in req.headers.items():
