@@ -30,8 +30,9 @@ import contextlib
 import dataclasses
 import threading
 import time
+import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from mailpipe.settings import Settings
 from mailpipe.stage import POLL_S
 from mailpipe.topology import Topology
 from producer import Producer
-from tests.conftest import lane_queues
+from tests.conftest import delete_namespace, lane_queues
 from tests.faults.harness import ALL_STAGES, Pipeline, queue_depths
 from tests.smtp_peer import Received, SmtpPeer
 
@@ -204,14 +205,28 @@ def share_windows(c: list[float], a: list[float], start: float, end: float) -> l
     return [(s, count(c, s, s + length), count(a, s, s + length)) for s in starts]
 
 
-@pytest.mark.parametrize("shape_name", list(SHAPES))
-def test_weights_hold_at_the_server_however_the_backlog_is_cut_into_batches(
-        settings: Settings, tmp_path: Path, shape_name: str) -> None:
-    shape = SHAPES[shape_name]
+@dataclass
+class Measured:
+    """What one shape's run saw at its server, for the assertions of its test."""
+
+    shape: Shape
+    namespace: str
+    received: list[Received]
+    at_idle: list[Received]
+    b_sent_at: float
+    bound_s: float
+    waiting: int
+    hop_s: float
+    d_samples: list[float]
+    e_sent: int
+    exits: dict[str, list[int]]
+    wall_s: float
+
+
+def measure(shape: Shape, settings: Settings, logs: Path) -> Measured:
+    """One shape's run, the whole pipeline of its own (namespace, servers, peers)."""
     settings = settings.replace(burst_mails=shape.burst, window_s=shape.window_s, max_batch_mails=shape.max_batch_mails)
     linger_s = settings.linger_ms / 1000
-    logs = tmp_path / "logs"
-    logs.mkdir()
     started = time.monotonic()
     with SmtpPeer() as peer, SmtpPeer() as idle:
         Path(settings.servers_file).write_text(servers_toml(peer.port, idle.port, shape.rate_per_s), encoding="utf-8")
@@ -219,6 +234,7 @@ def test_weights_hold_at_the_server_however_the_backlog_is_cut_into_batches(
         for name in ("producer-1", "packer-1", "sender-1", *(["limiter-1"] if shape.limiters == 1 else [])):
             pipeline.names.remove(name)
         with pipeline:
+            e = Transactional(settings)
             try:
                 def count(tenant: str) -> int:
                     return sum(1 for m in peer.messages if tenant_of(m) == tenant)
@@ -233,7 +249,6 @@ def test_weights_hold_at_the_server_however_the_backlog_is_cut_into_batches(
                         return idle.messages[index].time - sent_at
 
                     d_latency(0)  # the stages are up once a mail goes through
-                    e = Transactional(settings)
                     if shape.transactional:
                         e.start()
                     chunk = 500 if not shape.mail_bytes else 20
@@ -266,35 +281,77 @@ def test_weights_hold_at_the_server_however_the_backlog_is_cut_into_batches(
                 e.stopping.set()
                 purge(settings)  # before the stop: the stages have nothing more to pick up
         purge(settings)  # what the limiters handed back on their way out
-        received, at_idle = peer.messages, idle.messages
-    wall_s = time.monotonic() - started
+        return Measured(shape, settings.namespace, peer.messages, idle.messages, b_sent_at, bound_s, waiting, hop_s,
+                        d_samples, e.sent, pipeline.exits, time.monotonic() - started)
 
-    a, b, c, e_times = (times_of(received, t) for t in "abce")
-    b_wait_s = b[0] - b_sent_at
+
+@pytest.fixture(scope="module")
+def measured(amqp_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
+        dict[str, Measured | BaseException]]:
+    """Every shape measured at once, each on a pipeline, namespace and servers of its own: the
+    runs mostly wait for their servers' rates (10 and 2 mails a second), so side by side they
+    take the time of the longest instead of the sum (make check's budget). Each shape's hop
+    allowance is measured under the load it meets, the others' runs included."""
+    results: dict[str, Measured | BaseException] = {}
+    namespaces = []
+
+    def run(name: str, base: Path) -> None:
+        try:
+            namespace = f"test-{uuid.uuid4().hex[:10]}"
+            namespaces.append(namespace)
+            settings = Settings(amqp_url=amqp_url, redis_url=redis_url, namespace=namespace,
+                                servers_file=str(base / "servers.toml"), linger_ms=200, retry_base_s=1,
+                                retry_max_s=2, shutdown_timeout_s=10)
+            (base / "logs").mkdir()
+            results[name] = measure(SHAPES[name], settings, base / "logs")
+        except BaseException as exc:  # pytest.fail's too: the shape's test re-raises it
+            results[name] = exc
+
+    threads = [threading.Thread(target=run, args=(name, tmp_path_factory.mktemp("fair-share")),
+                                name=f"fair-share {name}") for name in SHAPES]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    yield results
+    for namespace in namespaces:
+        delete_namespace(namespace, amqp_url, redis_url)
+
+
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_weights_hold_at_the_server_however_the_backlog_is_cut_into_batches(
+        measured: dict[str, Measured | BaseException], shape_name: str) -> None:
+    run = measured[shape_name]
+    if isinstance(run, BaseException):
+        raise run
+    shape = run.shape
+    a, b, c, e_times = (times_of(run.received, t) for t in "abce")
+    b_wait_s = b[0] - run.b_sent_at
     c_first, c_last = c[0], c[-1]
     shares = [(s, nc / (na + nc) if na + nc else 0.0, nc, na) for s, nc, na in share_windows(c, a, c_first, c_last)]
     worst_share = max(shares, key=lambda w: abs(w[1] - C_SHARE))
-    at_server = [(int(t * 1000), 1) for t in sorted(m.time for m in received)]
+    at_server = [(int(t * 1000), 1) for t in sorted(m.time for m in run.received)]
     worst = {w: worst_window(at_server, w * 1000) for w in (1, 10, 60)}
     bounds = {w: shape.rate_per_s * w + shape.burst for w in (1, 10, 60)}
     alone_rate = sum(1 for t in a if c_last < t <= c_last + ALONE_S) / ALONE_S
-    twice = {r: n for r, n in Counter(r for m in [*received, *at_idle] for r in m.recipients).items() if n > 1}
+    twice = {r: n for r, n in Counter(r for m in [*run.received, *run.at_idle] for r in m.recipients).items() if n > 1}
 
-    print(f"\n{shape_name} (namespace {settings.namespace}): hop {hop_s:.3f} s (d under load: "
-          f"{', '.join(f'{s:.3f}' for s in d_samples)})")
-    print(f"b's first mail {b_wait_s:.3f} s after its publish, bound {bound_s:.3f} s ({waiting} tenants waiting); "
-          f"e's transactional mails {len(e_times)} of {e.sent}")
+    print(f"\n{shape_name} (namespace {run.namespace}): hop {run.hop_s:.3f} s (d under load: "
+          f"{', '.join(f'{s:.3f}' for s in run.d_samples)})")
+    print(f"b's first mail {b_wait_s:.3f} s after its publish, bound {run.bound_s:.3f} s ({run.waiting} tenants "
+          f"waiting); e's transactional mails {len(e_times)} of {run.e_sent}")
     print(f"a and c backlogged {c_last - c_first:.1f} s: {len(shares)} windows of {SHARE_WINDOW_S:g} s; worst c share "
           f"{worst_share[1]:.3f} (c {worst_share[2]}, a {worst_share[3]}, from t={worst_share[0] - c_first:.0f} s)")
     print("worst windows at the server: " + ", ".join(f"{worst[w]} in {w} s (bound {bounds[w]})" for w in worst))
-    print(f"a alone after c: {alone_rate:.2f}/s; arrived a {len(a)}, b {len(b)}, c {len(c)}; exits {pipeline.exits}; "
-          f"wall {wall_s:.0f} s")
+    print(f"a alone after c: {alone_rate:.2f}/s; arrived a {len(a)}, b {len(b)}, c {len(c)}; exits {run.exits}; "
+          f"wall {run.wall_s:.0f} s")
 
     off = [(round(s - c_first), round(share, 3)) for s, share, _, _ in shares if abs(share - C_SHARE) > SHARE_TOLERANCE]
     assert not off, f"c's share of a + c off {C_SHARE} +- {SHARE_TOLERANCE} in windows (start s, share): {off}"
-    assert b_wait_s <= bound_s, f"b waited {b_wait_s:.3f} s for its first mail, bound {bound_s:.3f} s"
+    assert b_wait_s <= run.bound_s, f"b waited {b_wait_s:.3f} s for its first mail, bound {run.bound_s:.3f} s"
     assert all(worst[w] <= bounds[w] for w in worst), f"over rate x window + burst: {worst} vs {bounds}"
     assert alone_rate >= 0.9 * shape.rate_per_s, f"a alone got {alone_rate:.2f}/s"
     assert len(b) == shape.b_mails and len(c) == shape.c_mails, f"b {len(b)}, c {len(c)}"
-    assert len(e_times) >= e.sent - 2, f"e's transactional mails: {len(e_times)} of {e.sent} arrived"
+    assert len(e_times) >= run.e_sent - 2, (
+        f"e's transactional mails: {len(e_times)} of {run.e_sent} arrived")
     assert not twice, f"recipients received more than once: {sorted(twice.items())[:20]}"
