@@ -56,28 +56,22 @@ def _twins(obj: dict[str, Any], fast: Any, checked: Any, kind: str) -> None:
     assert quick is None or quick == slow
 
 
+TWINS = {"job": (JOB, codec._job_fast, codec._job_checked),
+         "intake": (INTAKE, codec._intake_fast, codec._intake_checked)}
+
+
+@pytest.mark.parametrize("kind", list(TWINS))
 @settings(max_examples=600, deadline=None)
-@given(field=st.sampled_from([*sorted(set(JOB) - {"v", "kind"}), "absent"]), value=ODD_VALUES,
-       drop=st.booleans())
-def test_job_fast_path_is_the_checked_ones_twin(field: str, value: Any, drop: bool) -> None:
-    obj = dict(JOB)
+@given(data=st.data(), value=ODD_VALUES, drop=st.booleans())
+def test_the_fast_path_is_the_checked_ones_twin(kind: str, data: st.DataObject, value: Any, drop: bool) -> None:
+    template, fast, checked = TWINS[kind]
+    field = data.draw(st.sampled_from([*sorted(set(template) - {"v", "kind"}), "absent"]), label="field")
+    obj = dict(template)
     if drop:
         obj.pop(field, None)
     else:
         obj[field] = value
-    _twins(obj, codec._job_fast, codec._job_checked, "job")
-
-
-@settings(max_examples=600, deadline=None)
-@given(field=st.sampled_from([*sorted(set(INTAKE) - {"v", "kind"}), "absent"]), value=ODD_VALUES,
-       drop=st.booleans())
-def test_intake_fast_path_is_the_checked_ones_twin(field: str, value: Any, drop: bool) -> None:
-    obj = dict(INTAKE)
-    if drop:
-        obj.pop(field, None)
-    else:
-        obj[field] = value
-    _twins(obj, codec._intake_fast, codec._intake_checked, "intake")
+    _twins(obj, fast, checked, kind)
 
 
 @pytest.mark.parametrize(("fast", "template"), [(codec._job_fast, JOB), (codec._intake_fast, INTAKE)])
