@@ -10,11 +10,12 @@ cut into many small batches, which the limiter could not see past.
 - ``small batches``: one server at 10 mails/s, a burst of 110 with a 10 s delivery window,
   batches of at most 50 mails, a 200 ms linger. Tenant a (weight 1) publishes 2,000 mails; once
   they arrive at the steady rate and are all packed, b (weight 1) publishes 10 and c (weight 3)
-  600. With 1 and with 2 limiter replicas.
+  400 (a minute of both backlogged: 30-odd windows of 30 s). With 1 and with 2 limiter replicas,
+  side by side.
   Meanwhile tenant e sends a transactional (high-priority) mail every 0.5 s, within its ration
   of the server (10%): it goes ahead of every turn.
 - ``1 MB mails``: the same, at 2 mails/s, with 1 MB mails at the default batch settings (the
-  large mails' prefetch cuts them into batches of a few mails by itself): a 300, c 90.
+  large mails' prefetch cuts them into batches of a few mails by itself): a 300, c 60, alone.
 
 Asserted: while a and c are both backlogged (c's first to c's last arrival), c has 0.75 +- 0.05
 of the a + c arrivals in every 30 s window (step 1 s); b's first mail arrives within
@@ -86,12 +87,12 @@ class Shape:
         return self.burst - int(self.rate_per_s * self.window_s) + 3 * self.rate_per_s
 
 
-SMALL_BATCHES = Shape(rate_per_s=10, burst=110, window_s=10, a_mails=2000, b_mails=10, c_mails=600, limiters=1,
+SMALL_BATCHES = Shape(rate_per_s=10, burst=110, window_s=10, a_mails=2000, b_mails=10, c_mails=400, limiters=1,
                       max_batch_mails=50, transactional=True)
 SHAPES = {
     "small batches, 1 limiter": SMALL_BATCHES,
     "small batches, 2 limiters": dataclasses.replace(SMALL_BATCHES, limiters=2),
-    "1 MB mails, 2 limiters": Shape(rate_per_s=2, burst=22, window_s=10, a_mails=300, b_mails=4, c_mails=90,
+    "1 MB mails, 2 limiters": Shape(rate_per_s=2, burst=22, window_s=10, a_mails=300, b_mails=4, c_mails=60,
                                     limiters=2, mail_bytes=MB),
 }
 
@@ -288,15 +289,23 @@ def measure(shape: Shape, settings: Settings, logs: Path) -> Measured:
 @pytest.fixture(scope="module")
 def measured(amqp_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         dict[str, Measured | BaseException]]:
-    """Every shape measured at once, each on a pipeline, namespace and servers of its own: the
-    runs mostly wait for their servers' rates (10 and 2 mails a second), so side by side they
-    take the time of the longest instead of the sum (make check's budget). Each shape's hop
-    allowance is measured under the load it meets, the others' runs included."""
+    """The small-batch shapes measured side by side, each on a pipeline, namespace and servers of
+    its own: they mostly wait for their server's rate (10 mails a second), so together they take
+    the time of one (make check's budget). Each one's hop allowance is measured under the load it
+    meets, the other's run included.
+
+    The 1 MB shape runs after them, alone: its 300 MB of backlog published beside their runs is a
+    load that comes and goes faster than a hop measured a moment before can allow for (seen in
+    CI, all three side by side: b's first 1 MB mail after 2.5 s, against a bound of 1.8)."""
     results: dict[str, Measured | BaseException] = {}
     namespaces = []
+    finished = {name: threading.Event() for name in SHAPES}
 
     def run(name: str, base: Path) -> None:
         try:
+            for other in SHAPES:
+                if SHAPES[name].mail_bytes and not SHAPES[other].mail_bytes:
+                    finished[other].wait()
             namespace = f"test-{uuid.uuid4().hex[:10]}"
             namespaces.append(namespace)
             settings = Settings(amqp_url=amqp_url, redis_url=redis_url, namespace=namespace,
@@ -306,6 +315,8 @@ def measured(amqp_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFac
             results[name] = measure(SHAPES[name], settings, base / "logs")
         except BaseException as exc:  # pytest.fail's too: the shape's test re-raises it
             results[name] = exc
+        finally:
+            finished[name].set()
 
     threads = [threading.Thread(target=run, args=(name, tmp_path_factory.mktemp("fair-share")),
                                 name=f"fair-share {name}") for name in SHAPES]
