@@ -276,22 +276,24 @@ def observed_run(settings: Settings, tmp_path: Path, prometheus_binary: str,
     # Per-tenant series on: the fair-share panels have data too. Fewer sends than the minimum
     # to judge a tenant: the complaint warns nobody (1 in 202 would), so the ratio panels show
     # what the inbound stage exports for every tenant it has a report for, warned or not.
-    *metrics_ports, smtp_port, http_port = free_ports(len(STAGES) + 2)
-    settings = settings.replace(log_format="json", metrics_tenant_label=True, burst_mails=BURST_MAILS,
-                                window_s=1.0, send_margin_s=0.2,
-                                rabbitmq_api_url=os.environ.get("MAILPIPE_RABBITMQ_API_URL", API_URL),
-                                verp_keys=f"7:{VERP_SECRET}", return_path_domain=RETURN_PATH_DOMAIN,
-                                inbound_smtp_host="127.0.0.1", inbound_smtp_port=smtp_port,
-                                inbound_http_port=http_port, inbound_feedback_addresses=FEEDBACK_ADDRESS,
-                                unsubscribe_url="https://mail.obs.test/unsubscribe", reputation_min_sends=1000)
-    monkeypatch.setenv("OBS_SMTP_CREDENTIALS", f"{SMTP_USER} {SMTP_PASSWORD}")
-    ports = dict(zip(STAGES, metrics_ports, strict=True))
-    prom_dir = tmp_path / "prometheus"
-    prom_dir.mkdir()
-    log_dir = tmp_path / "logs"
-    log_dir.mkdir()
     certs = make_test_ca(tmp_path / "ca")
     with SmtpPeer(auth={SMTP_USER: SMTP_PASSWORD}, starttls_context=certs.server_context()) as peer:
+        # The ports after the peer's: a port free_ports saw free may be the one the peer's
+        # listener is given next (seen: a stage's /readyz answered by the peer's SMTP banner).
+        *metrics_ports, smtp_port, http_port = free_ports(len(STAGES) + 2)
+        settings = settings.replace(log_format="json", metrics_tenant_label=True, burst_mails=BURST_MAILS,
+                                    window_s=1.0, send_margin_s=0.2,
+                                    rabbitmq_api_url=os.environ.get("MAILPIPE_RABBITMQ_API_URL", API_URL),
+                                    verp_keys=f"7:{VERP_SECRET}", return_path_domain=RETURN_PATH_DOMAIN,
+                                    inbound_smtp_host="127.0.0.1", inbound_smtp_port=smtp_port,
+                                    inbound_http_port=http_port, inbound_feedback_addresses=FEEDBACK_ADDRESS,
+                                    unsubscribe_url="https://mail.obs.test/unsubscribe", reputation_min_sends=1000)
+        monkeypatch.setenv("OBS_SMTP_CREDENTIALS", f"{SMTP_USER} {SMTP_PASSWORD}")
+        ports = dict(zip(STAGES, metrics_ports, strict=True))
+        prom_dir = tmp_path / "prometheus"
+        prom_dir.mkdir()
+        log_dir = tmp_path / "logs"
+        log_dir.mkdir()
         peer.refuse("spam-trap@example.com", 550, "5.7.1 High probability of spam")
         peer.refuse("busy@example.com", 451, "4.7.1 Try again later", times=1)
         write_servers(settings, peer.port, certs.ca_file)
