@@ -118,6 +118,13 @@ def lane_queues(ns: str, redis_url: str) -> set[str]:
     return set()
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What exists once the tests are collected (modules, hypothesis, test functions) lives to
+    the end: frozen out of the collector's sight, so the collection after each test scans only
+    what tests made (gc.collect over everything cost 30 ms a test, half of the unit tests' time)."""
+    gc.freeze()
+
+
 @pytest.fixture(autouse=True)
 def collect_garbage() -> Iterator[None]:
     """A leaked socket or transport is reported by the GC, as an unraisable warning (an error
