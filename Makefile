@@ -26,7 +26,7 @@ test: $(INSTALLED)
 	$(BIN)/python -m mailpipe.services
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/pytest -m "not cluster" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not cluster" --durations=15 $(PYTEST_ARGS)
 
 ## make test-cluster: the tests on a local three-node RabbitMQ cluster with Redis Sentinel,
 ## started and stopped by the tests on ports of their own (about 4 minutes)
