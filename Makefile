@@ -16,11 +16,11 @@ demo: $(INSTALLED)
 	$(BIN)/python -m mailpipe.services
 	$(BIN)/mailpipe demo $(ARGS)
 
-## make check: what CI runs: make test, then make test-cluster (about 37 minutes here)
+## make check: what CI runs: make test, then make test-cluster (about 25 minutes here, the install included)
 check: test test-cluster
 
 ## make test: lint, types, then every test (unit, integration, faults) against real services,
-## but the ones that start a local cluster (about 32 minutes here)
+## but the ones that start a local cluster (about 23 minutes here)
 test: $(INSTALLED)
 	scripts/install-tools prometheus docker-compose openssl
 	$(BIN)/python -m mailpipe.services
@@ -29,7 +29,7 @@ test: $(INSTALLED)
 	$(BIN)/pytest -m "not cluster" --durations=15 $(PYTEST_ARGS)
 
 ## make test-cluster: the tests on a local three-node RabbitMQ cluster with Redis Sentinel,
-## started and stopped by the tests on ports of their own (about 4 minutes)
+## started and stopped by the tests on ports of their own (about 2.5 minutes)
 test-cluster: $(INSTALLED)
 	$(BIN)/python -m mailpipe.services
 	$(BIN)/pytest -m cluster $(PYTEST_ARGS)
