@@ -33,7 +33,7 @@ from mailpipe.amqp import Broker
 from mailpipe.dead import contents
 from mailpipe.model import IntakeRequest, new_id, now_ms
 from mailpipe.settings import Settings
-from mailpipe.topology import DEAD_REASON, Topology
+from mailpipe.topology import Topology
 from producer import Producer
 from tests.faults.checker import Dead, claim_held
 from tests.faults.ledger import Acceptance, Cut, Report, job_id_of, read_dead, reconcile
@@ -223,7 +223,6 @@ class Pipeline:
                          for p in sorted(self.log_dir.glob("*.log")))
 
 
-
 def http_get(port: int, path: str) -> tuple[int, str]:
     """(status, body) of a stage's HTTP ``path`` (/metrics, /readyz); (0, "") when it does not answer."""
     try:
@@ -243,20 +242,6 @@ def stage_gauge(port: int, stage: str, name: str) -> float | None:
             return float(line.split()[-1])
     return None
 
-
-def dead_letters(settings: Settings, queue: str) -> list[tuple[str, str]]:
-    """(reason, first death reason) of every dead letter, left in the queue."""
-    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
-    channel = conn.channel()
-    out = []
-    while True:
-        method, props, _body = channel.basic_get(queue, auto_ack=False)
-        if method is None:
-            break
-        headers = props.headers or {}
-        out.append((str(headers.get(DEAD_REASON, "")), str(headers.get("x-first-death-reason", ""))))
-    conn.close()  # unacked: back to the queue
-    return out
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, pipeline: Pipeline | None = None,
                expect_dead: Iterable[str] = ()) -> None:

@@ -37,7 +37,8 @@ from mailpipe import reputation, suppression
 from mailpipe.amqp import Broker, Outgoing
 from mailpipe.settings import Settings
 from mailpipe.topology import Topology
-from tests.faults.harness import PrivateRedis, dead_letters, free_port, http_get, queue_depths, stage_gauge, wait_port
+from tests.faults.harness import PrivateRedis, free_port, http_get, queue_depths, stage_gauge, wait_port
+from tests.faults.ledger import read_dead
 from tests.integration.test_inbound import DOMAIN, JOB, KEYS, SIGNER, Listener, report, return_path
 from tests.stages import StageProcesses
 
@@ -170,7 +171,8 @@ def test_a_redis_outage_holds_the_reports_and_records_each_once_redis_is_back(
                        "the inbound stage holding every report unacked")
             wait_until(lambda: events.count(topology.dead) == 1 and events.count(topology.reports_review) == 1,
                        10, "the malformed one dead-lettered, the unreadable one in review, while Redis is down")
-            (reason, _), = dead_letters(settings, topology.dead)
+            (dead_letter,) = read_dead(settings.amqp_url, settings.namespace)
+            reason = dead_letter.reason
             assert "msgpack" in reason or "decode" in reason, reason
             assert http_get(port, "/readyz")[0] == 503, "ready while Redis is down"
             assert gauge(port, "mailpipe_failing_closed") == 1.0
@@ -178,7 +180,8 @@ def test_a_redis_outage_holds_the_reports_and_records_each_once_redis_is_back(
             log = logs / "inbound-0.log"
             while time.monotonic() - outage_started < OUTAGE_S:  # past the delivery limit, before
                 assert events.count(topology.dead) == 1, \
-                    f"dead-lettered during the outage: {dead_letters(settings, topology.dead)}\n{stages.logs()}"
+                    f"dead-lettered during the outage: {read_dead(settings.amqp_url, settings.namespace)}\n" \
+                    f"{stages.logs()}"
                 assert DROPPED not in log.read_text(), \
                     f"the inbound stage dropped its session (its reports redelivered)\n{stages.logs()}"
                 assert stages.alive(), stages.logs()
@@ -218,8 +221,8 @@ def test_a_redis_outage_holds_the_reports_and_records_each_once_redis_is_back(
         assert set(seen) >= set(whom), f"no {kind} event for {set(whom) - set(seen)}"
         assert all(n == (2 if who in copied else 1) for who, n in seen.items() if who in whom), seen
     assert all(n <= 2 for n in ids.values())
-    dead = dead_letters(settings, topology.dead)
-    assert len(dead) == 1 and not any(first == "delivery_limit" for _, first in dead), dead
+    dead = read_dead(settings.amqp_url, settings.namespace)
+    assert len(dead) == 1 and not any(d.first_death_reason == "delivery_limit" for d in dead), dead
 
 
 def test_a_frozen_redis_stalls_neither_the_session_nor_the_reports(settings: Settings, tmp_path: Path) -> None:
@@ -265,4 +268,4 @@ def test_a_frozen_redis_stalls_neither_the_session_nor_the_reports(settings: Set
         store = redis.Redis.from_url(private_redis.url)
         assert set(suppression.suppressed(store, settings.namespace, [("acme", bounced)])[0]) == set(bounced)
         store.close()
-    assert dead_letters(settings, topology.dead) == []
+    assert read_dead(settings.amqp_url, settings.namespace) == []

@@ -34,7 +34,8 @@ from mailpipe.model import IntakeRequest, job_id_for, now_ms
 from mailpipe.settings import Settings
 from mailpipe.topology import Topology
 from producer.client import intake_messages
-from tests.faults.harness import PrivateRedis, dead_letters, free_port, http_get, publish, queue_depths, stage_gauge
+from tests.faults.harness import PrivateRedis, free_port, http_get, publish, queue_depths, stage_gauge
+from tests.faults.ledger import read_dead
 from tests.stages import StageProcesses
 
 pytestmark = pytest.mark.integration
@@ -146,9 +147,10 @@ def test_a_redis_outage_holds_the_intake_and_every_mail_goes_once_redis_is_back(
 
             wait_until(lambda: depth(settings, topology.intake) == (0, sent), 20,
                        "the producer holding every request unacked", stages)
-            wait_until(lambda: len(dead_letters(settings, topology.dead)) == 1, 10,
+            wait_until(lambda: len(read_dead(settings.amqp_url, settings.namespace)) == 1, 10,
                        "the malformed request dead-lettered while Redis is down", stages)
-            (reason, _), = dead_letters(settings, topology.dead)
+            (dead_letter,) = read_dead(settings.amqp_url, settings.namespace)
+            reason = dead_letter.reason
             assert "msgpack" in reason or "decode" in reason, reason
             status, _ = http_get(port, "/readyz")
             assert status == 503, "ready while Redis is down"
@@ -157,8 +159,8 @@ def test_a_redis_outage_holds_the_intake_and_every_mail_goes_once_redis_is_back(
 
             log = first_logs / "producer-0.log"
             while time.monotonic() - outage_started < OUTAGE_S:  # past the delivery limit, before
-                assert len(dead_letters(settings, topology.dead)) == 1, \
-                    f"dead-lettered during the outage: {dead_letters(settings, topology.dead)}\n{stages.logs()}"
+                dead = read_dead(settings.amqp_url, settings.namespace)
+                assert len(dead) == 1, f"dead-lettered during the outage: {dead}\n{stages.logs()}"
                 assert DROPPED not in log.read_text(), \
                     f"the producer dropped its session (its intake redelivered)\n{stages.logs()}"
                 assert stages.alive(), stages.logs()
@@ -196,8 +198,8 @@ def test_a_redis_outage_holds_the_intake_and_every_mail_goes_once_redis_is_back(
     assert set(ids) == set(before) | set(published)
     assert len(set(published)) == MAILS - COPIES
     assert max(ids.values()) == 1, [i for i, n in ids.items() if n > 1]
-    dead = dead_letters(settings, topology.dead)
-    assert len(dead) == 1 and not any(first == "delivery_limit" for _, first in dead), dead
+    dead = read_dead(settings.amqp_url, settings.namespace)
+    assert len(dead) == 1 and not any(d.first_death_reason == "delivery_limit" for d in dead), dead
 
 
 def test_a_frozen_redis_stalls_neither_the_session_nor_the_intake(settings: Settings, tmp_path: Path) -> None:
@@ -233,4 +235,4 @@ def test_a_frozen_redis_stalls_neither_the_session_nor_the_intake(settings: Sett
         text = (logs / "producer-0.log").read_text()
         assert text.count(WAITING) == 1 and text.count(BACK) == 1, text[-5000:]
     assert job_ids(settings, topology) == Counter(before + published)
-    assert dead_letters(settings, topology.dead) == []
+    assert read_dead(settings.amqp_url, settings.namespace) == []
