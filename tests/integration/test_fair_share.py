@@ -82,6 +82,11 @@ class Shape:
         return 1 / self.rate_per_s
 
     @property
+    def tenants_waiting(self) -> int:
+        """When b publishes: a, b and c, and e when it sends its transactional mail."""
+        return TENANTS_WAITING + int(self.transactional)
+
+    @property
     def steady_after(self) -> int:
         """a's grant burst (the burst less one window at the rate), then 3 s at the rate."""
         return self.burst - int(self.rate_per_s * self.window_s) + 3 * self.rate_per_s
@@ -216,7 +221,6 @@ class Measured:
     at_idle: list[Received]
     b_sent_at: float
     bound_s: float
-    waiting: int
     hop_s: float
     d_samples: list[float]
     e_sent: int
@@ -263,8 +267,7 @@ def measure(shape: Shape, settings: Settings, logs: Path) -> Measured:
                     # asked again on the limiter's loop, up to one poll late: added to the hop.
                     d_samples = [d_latency(i) for i in range(1, 1 + HOP_SAMPLES)]
                     hop_s = max(0.0, max(d_samples) - linger_s) + POLL_S
-                    waiting = TENANTS_WAITING + int(shape.transactional)
-                    bound_s = waiting * shape.interval_s + linger_s + hop_s
+                    bound_s = shape.tenants_waiting * shape.interval_s + linger_s + hop_s
                     b_sent_at = time.time()
                     producer.publish_requests(requests("b", shape.b_mails, size=shape.mail_bytes))
                     for first in range(0, shape.c_mails, chunk):
@@ -282,7 +285,7 @@ def measure(shape: Shape, settings: Settings, logs: Path) -> Measured:
                 e.stopping.set()
                 purge(settings)  # before the stop: the stages have nothing more to pick up
         purge(settings)  # what the limiters handed back on their way out
-        return Measured(shape, settings.namespace, peer.messages, idle.messages, b_sent_at, bound_s, waiting, hop_s,
+        return Measured(shape, settings.namespace, peer.messages, idle.messages, b_sent_at, bound_s, hop_s,
                         d_samples, e.sent, pipeline.exits, time.monotonic() - started)
 
 
@@ -349,8 +352,8 @@ def test_weights_hold_at_the_server_however_the_backlog_is_cut_into_batches(
 
     print(f"\n{shape_name} (namespace {run.namespace}): hop {run.hop_s:.3f} s (d under load: "
           f"{', '.join(f'{s:.3f}' for s in run.d_samples)})")
-    print(f"b's first mail {b_wait_s:.3f} s after its publish, bound {run.bound_s:.3f} s ({run.waiting} tenants "
-          f"waiting); e's transactional mails {len(e_times)} of {run.e_sent}")
+    print(f"b's first mail {b_wait_s:.3f} s after its publish, bound {run.bound_s:.3f} s "
+          f"({shape.tenants_waiting} tenants waiting); e's transactional mails {len(e_times)} of {run.e_sent}")
     print(f"a and c backlogged {c_last - c_first:.1f} s: {len(shares)} windows of {SHARE_WINDOW_S:g} s; worst c share "
           f"{worst_share[1]:.3f} (c {worst_share[2]}, a {worst_share[3]}, from t={worst_share[0] - c_first:.0f} s)")
     print("worst windows at the server: " + ", ".join(f"{worst[w]} in {w} s (bound {bounds[w]})" for w in worst))
